@@ -1,0 +1,181 @@
+"""The ``medsynth`` command: parse arguments, then delegate to the library.
+
+User mistakes (:class:`~medsynth.errors.MedsynthError`) end as one ``error:`` line and exit code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import MedsynthError
+
+log = logging.getLogger("medsynth")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.debug)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except MedsynthError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medsynth", description="Medical image contrast synthesis.")
+    parser.add_argument("--version", action="version", version=f"medsynth {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    data = commands.add_parser("data", help="build the demo cohort or check a data folder")
+    data_commands = data.add_subparsers(title="data commands", metavar="ACTION")
+    demo = data_commands.add_parser("demo", help="build the synthetic multi-contrast demo cohort")
+    demo.add_argument("--out", required=True, type=Path, help="output folder (BIDS-like layout)")
+    demo.add_argument("--subjects", type=int, default=12)
+    demo.add_argument("--spacing", type=float, default=1.0, help="voxel size in mm (2 for the fast demo)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--dicom", action="store_true", help="also write DICOM series under OUT/dicom")
+    demo.set_defaults(handler=_data_demo)
+    check = data_commands.add_parser("check", help="list subjects, modalities, geometry and problems")
+    check.add_argument("root", type=Path)
+    check.add_argument("--manifest", type=Path, help="CSV manifest subject,modality,path")
+    check.add_argument("--modalities", help="modalities training will need, e.g. t1,t2")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.set_defaults(handler=_data_check)
+
+    train = commands.add_parser("train", help="train a synthesis model, e.g. medsynth train 't1->t2' --data DIR")
+    train.add_argument("task", nargs="?", help="'t1->t2', t1:t2, 't1,t2,pd->flair' or unified")
+    train.add_argument("--source", help="source modality (or comma list), instead of TASK")
+    train.add_argument("--target", help="target modality, instead of TASK")
+    train.add_argument("--modalities", help="modality set of a unified task, e.g. t1,t2,pd,flair")
+    train.add_argument("--data", help="data folder (any supported layout)")
+    train.add_argument("--config", help="recipe: a YAML path or a name in configs/ (default t1_to_t2_unet2d)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe value, e.g. --set train.epochs=5 (repeatable)")  # fmt: skip
+    train.add_argument("--name", help="run name (default from task and generator)")
+    train.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    train.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in this folder")
+    train.add_argument("--epochs", type=int, help="epochs at the initial learning rate")
+    train.add_argument("--decay-epochs", type=int, help="epochs of linear learning-rate decay")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    train.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    train.set_defaults(handler=_train)
+
+    infer = commands.add_parser("infer", help="synthesise a volume with a trained checkpoint")
+    infer.add_argument("--volume", action="append", default=[], metavar="[MOD=]PATH",
+                       help="input volume (NIfTI, MHA/NRRD or a DICOM folder); repeat for several sources")  # fmt: skip
+    infer.add_argument("--inputs", type=Path, metavar="DIR_OR_LIST",
+                       help="batch: a folder of volumes or a text file with one path per line (one-source models)")  # fmt: skip
+    infer.add_argument("--checkpoint", required=True, type=Path, help="checkpoint .pt or run folder")
+    infer.add_argument("--out", required=True, type=Path, help="output file (.nii.gz, .mha, .nrrd) or folder")
+    infer.add_argument("--target", help="modality to synthesise (unified models; 'missing' = all absent ones)")
+    infer.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    infer.add_argument("--batch-size", type=int, default=16)
+    infer.add_argument("--tta", action="store_true", help="average with the left-right flipped prediction")
+    infer.add_argument("--series-uid", help="pick this series when a DICOM folder holds several")
+    infer.add_argument("--volume-index", type=int, help="pick this volume of a 4D input")
+    infer.add_argument("--quiet", action="store_true")
+    infer.set_defaults(handler=_infer)
+
+    evaluate = commands.add_parser("evaluate", help="score a run on its held-out subjects")
+    evaluate.add_argument("--run", type=Path, help="run folder (uses its splits and best checkpoint)")
+    evaluate.add_argument("--checkpoint", type=Path, help="checkpoint, with --data")
+    evaluate.add_argument("--data", type=Path, help="data folder (default: the run's)")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    evaluate.add_argument("--space", default="normalised", choices=["normalised", "native"])
+    evaluate.add_argument("--out", type=Path, help="output folder (default RUN/eval)")
+    evaluate.add_argument("--baselines", action="store_true", help="also score the identity and LUT baselines")
+    evaluate.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.set_defaults(handler=_evaluate)
+
+    job = commands.add_parser("demo", help="the main job: demo cohort -> train -> evaluate -> table")
+    job.add_argument("--workdir", type=Path, default=Path("demo"))
+    job.add_argument("--config", default="demo_cpu", help="recipe (default: the fast CPU recipe)")
+    job.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    job.add_argument("--subjects", type=int, default=12)
+    job.add_argument("--quiet", action="store_true")
+    job.set_defaults(handler=_demo_job)
+
+    try:
+        from .convert.cli import add_convert_parser
+    except ImportError:  # the convert package is optional at import time only while it is being built
+        pass
+    else:
+        add_convert_parser(commands)
+    return parser
+
+
+def _configure_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+# ------------------------------------------------------------------------------------- data
+def _data_demo(args: argparse.Namespace) -> int:
+    from .data.demo import make_demo_cohort
+
+    make_demo_cohort(args.out, n_subjects=args.subjects, spacing_mm=args.spacing, seed=args.seed, dicom=args.dicom)
+    print(f"demo cohort: {args.subjects} subjects x T1w, T2w, PDw, FLAIR at {args.spacing:g} mm in {args.out}")
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from .data.check import check_dataset
+    from .modalities import canonical_modality
+
+    modalities = [canonical_modality(m) for m in args.modalities.split(",")] if args.modalities else None
+    report = check_dataset(args.root, args.manifest, modalities=modalities)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+    return 1 if report.blocking else 0
+
+
+# ------------------------------------------------------------------------------------ train
+def _train(args: argparse.Namespace) -> int:
+    from .engine.run import train_from_args
+
+    train_from_args(args)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ infer
+def _infer(args: argparse.Namespace) -> int:
+    from .inference.run import infer_from_args
+
+    return infer_from_args(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_from_args
+
+    return evaluate_from_args(args)
+
+
+def _demo_job(args: argparse.Namespace) -> int:
+    from .engine.demo_job import run_demo_job
+
+    return run_demo_job(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

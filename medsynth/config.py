@@ -1,0 +1,250 @@
+"""Typed run configuration: YAML recipes in ``configs/`` → dataclasses, with dotted overrides.
+
+A recipe is plain YAML with four sections (``task``, ``data``, ``model``, ``train``). Loading is strict:
+an unknown key or a value of the wrong type is a :class:`~medsynth.errors.ConfigError` that names the
+key, the file and the valid choices, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .io.atomic import atomic_write_text
+from .task import Task
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how volumes become training samples."""
+
+    root: str | None = None
+    manifest: str | None = None
+    #: Shared preprocessed cache; default ``<runs root>/.cache``. Never inside the input tree.
+    cache_dir: str | None = None
+    #: Slicing axis in canonical RAS: 2 = axial, 1 = coronal, 0 = sagittal.
+    axis: int = 2
+    #: 2.5D: number of neighbouring slices per source given as channels (odd; 1 = plain 2D).
+    context: int = 1
+    #: In-plane crop (2D) or patch size (3D); None derives it from the foreground bounding boxes.
+    crop_size: list[int] | None = None
+    val: float = 0.15
+    test: float = 0.15
+    split_seed: int = 0
+    #: A user-provided splits.json (subject ids under "train", "val", "test").
+    splits_file: str | None = None
+    #: Per-modality normalisation: {"t1": {"scheme": "percentile", "lower_percentile": 0.5, ...}}.
+    normalization: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Pick one volume of 4D inputs.
+    volume_index: int | None = None
+    #: 3D only: random patches drawn per epoch.
+    patches_per_epoch: int = 64
+
+    def validate(self) -> None:
+        if self.axis not in (0, 1, 2):
+            raise ConfigError(f"data.axis must be 0, 1 or 2, got {self.axis}")
+        if self.context < 1 or self.context % 2 == 0:
+            raise ConfigError(f"data.context must be an odd number >= 1 (slices per source), got {self.context}")
+        for name in ("val", "test"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ConfigError(f"data.{name} must be >= 0 (a fraction or a subject count), got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """Which networks, with which constructor arguments (passed through to the registry)."""
+
+    spatial_dims: int = 2
+    generator: str = "unet"
+    generator_args: dict[str, Any] = field(default_factory=dict)
+    critic: str = "patchgan"
+    critic_args: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ConfigError(f"model.spatial_dims must be 2 or 3, got {self.spatial_dims}")
+
+
+@dataclass
+class TrainConfig:
+    """The pix2pix recipe's knobs plus what makes a run observable and resumable."""
+
+    #: Epochs at the initial learning rate, then ``decay_epochs`` of linear decay to zero (pix2pix).
+    epochs: int = 100
+    decay_epochs: int = 100
+    batch_size: int = 8
+    lr_generator: float = 2e-4
+    lr_critic: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    lambda_l1: float = 100.0
+    #: Weight of the adversarial term; 0 trains the generator with L1 alone and skips the critic.
+    adversarial_weight: float = 1.0
+    masked_l1: bool = False
+    #: Cap on optimisation steps per epoch (None = one pass over the training slices).
+    steps_per_epoch: int | None = None
+    seed: int = 0
+    #: CPU threads for torch (None: all cores).
+    num_threads: int | None = None
+    device: str = "auto"
+    amp: bool = True
+    compile: bool = False
+    channels_last: bool = True
+    #: Validation metric that chooses checkpoint_best.pt.
+    best_metric: str = "psnr"
+    #: Save checkpoint_latest.pt every this many steps as well as at each epoch end (0 = epoch ends only).
+    checkpoint_every: int = 0
+    #: Limit validation to this many held-out subjects (None = all).
+    val_subjects: int | None = None
+    inference_batch_size: int = 16
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.decay_epochs < 0:
+            raise ConfigError("train.epochs must be >= 1 and train.decay_epochs >= 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if self.best_metric not in ("psnr", "ssim", "mae"):
+            raise ConfigError(f"train.best_metric must be psnr, ssim or mae, got {self.best_metric!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + self.decay_epochs
+
+
+@dataclass
+class Config:
+    """A complete, resolved run configuration."""
+
+    task: str = "t1->t2"
+    #: Modality list for ``task: unified``.
+    modalities: str | None = None
+    name: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        self.parsed_task()
+        self.data.validate()
+        self.model.validate()
+        self.train.validate()
+        return self
+
+    def parsed_task(self) -> Task:
+        return Task.parse(self.task, self.modalities)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def load_config(
+    source: str | Path | None, overrides: list[str] | None = None, values: dict[str, Any] | None = None
+) -> Config:
+    """Load a recipe (a path, or the name of a file in ``configs/``), then apply ``key.sub=value``
+    overrides (values parsed as YAML) and ``values`` (dotted keys, taken as they are: CLI flags)."""
+    raw: dict[str, Any] = {}
+    origin = "defaults"
+    if source is not None:
+        path = resolve_recipe(source)
+        origin = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"not valid YAML ({exc.__class__.__name__})", path) from exc
+        if not isinstance(raw, dict):
+            raise ConfigError("a recipe must be a mapping of sections (task, data, model, train)", path)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    for key, value in (values or {}).items():
+        set_dotted(raw, key, value)
+    return _build(Config, raw, origin).validate()
+
+
+def resolve_recipe(source: str | Path) -> Path:
+    """A recipe path as given, or a bare name looked up in the packaged ``configs/`` folder."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"no such recipe; give a YAML path or one of: {known}", source)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``train.epochs=5`` -> ``("train.epochs", 5)``; the value is parsed as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=5")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML") from exc
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``raw["train"]["epochs"] = value`` for ``key = "train.epochs"``."""
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r} ({where})")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]} in {where}; valid keys here: {', '.join(sorted(fields))}"
+        )
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, where, f"{prefix}{name}.")
+        else:
+            values[name] = _check_type(value, hint, f"{prefix}{name}", where)
+    return cls(**values)
+
+
+def _check_type(value: Any, hint: Any, key: str, where: str) -> Any:
+    """Accept ``value`` if it fits ``hint`` (ints widen to floats); otherwise a ConfigError."""
+    origin = typing.get_origin(hint)
+    options = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        base = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return None
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base in (str, bool, dict) and isinstance(value, base):
+            return value
+        if base is list and isinstance(value, (list, tuple)):
+            return list(value)
+    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{key} must be {expected}, got {value!r} ({where})")

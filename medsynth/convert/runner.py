@@ -1,0 +1,401 @@
+"""Per-study conversion and the batch around it.
+
+A study is converted by one function call (:func:`convert_study`) that never raises for a problem
+with the data: it returns a :class:`StudyResult` saying ``failed`` and why, so one bad study never
+stops a batch of thousands. The batch (:func:`run_convert`) discovers the export, keeps this shard's
+studies, runs them serially or in a process pool, and writes the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pydicom
+import torch
+from tqdm import tqdm
+
+from .. import __version__
+from ..errors import ConfigError, MedsynthError
+from ..io.atomic import atomic_write_text
+from ..io.dicom import write_dicom_series
+from ..io.readers import read_volume
+from ..io.volume import Volume
+from ..io.writers import write_volume
+from ..modalities import DISPLAY_NAMES, canonical_modality
+from .classify import SeriesMapping
+from .discovery import Export, SeriesRecord, Study, discover
+from .naming import patient_key, study_folder
+from .report import ConvertReport, StudyResult
+from .shard import Shard
+
+log = logging.getLogger("medsynth")
+
+FORMATS: tuple[str, ...] = ("nifti", "dicom", "both")
+
+#: Geometry tolerance (mm) between the synthetic output and the reference series.
+_GRID_ATOL_MM = 1e-3
+
+
+class PredictorLike(Protocol):
+    """What conversion needs from :class:`medsynth.inference.predictor.Predictor`."""
+
+    sources: tuple[str, ...]
+    target: str | None
+
+    def predict(self, inputs: dict[str, Volume], target: str | None = None) -> Volume: ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the batch will do with a study: the inputs chosen, or why it cannot be converted."""
+
+    study: Study
+    inputs: dict[str, SeriesRecord]
+    problem: str = ""
+
+
+def plan_study(study: Study, sources: tuple[str, ...], target: str, fixed_sources: bool) -> Plan:
+    """Choose one series per needed modality.
+
+    A fixed task (``t1,t2->flair``) needs every source; a unified model takes whichever of its
+    modalities the study has (never the target itself). When a study holds several series of one
+    modality, the one with the most slices wins (ties: lowest SeriesInstanceUID), so reruns agree.
+    """
+    by_modality: dict[str, list[SeriesRecord]] = {}
+    for series in study.series:
+        if series.modality is not None and series.unsupported is None:
+            by_modality.setdefault(series.modality, []).append(series)
+    wanted = sources if fixed_sources else tuple(m for m in sources if m != target and m in by_modality)
+    missing = [m for m in wanted if m not in by_modality] if fixed_sources else []
+    if missing or not wanted:
+        needed = ", ".join(missing or [m for m in sources if m != target])
+        return Plan(study, {}, f"no usable series for {needed}")
+    chosen = {m: min(by_modality[m], key=lambda s: (-len(s.files), s.series_uid)) for m in wanted}
+    return Plan(study, chosen)
+
+
+def convert_study(
+    plan: Plan, predictor: PredictorLike, out: Path, *, target: str, fmt: str, overwrite: bool, checkpoint_id: str
+) -> StudyResult:
+    """Convert one planned study; any data problem becomes a ``failed`` row, never an exception."""
+    study = plan.study
+    start = time.perf_counter()
+    result = StudyResult(study.study_uid, patient_key(study.patient_id), "skipped")
+    result.inputs = {m: s.series_uid for m, s in plan.inputs.items()}
+    folder = study_folder(out, study.patient_id, study.study_uid)
+    sidecar = folder / f"{target}.json"
+    if plan.problem:
+        result.reason = plan.problem
+        return result
+    if not overwrite and _already_done(sidecar, fmt):
+        result.reason = "already converted (use --overwrite to redo)"
+        return result
+    try:
+        volumes = {m: _read_series(s) for m, s in plan.inputs.items()}
+        synthetic = predictor.predict(volumes, target=target)
+        reference = volumes[next(iter(plan.inputs))]
+        _check_grid(synthetic, reference)
+        outputs = _write_outputs(synthetic, reference, plan, folder, target=target, fmt=fmt)
+        sidecar_data = {
+            "medsynth_version": __version__,
+            "target": target,
+            "study_uid": study.study_uid,
+            "patient_key": result.patient_key,
+            "inputs": result.inputs,
+            "checkpoint": checkpoint_id,
+            "formats": _formats(fmt),
+            "outputs": [p.name for p in outputs],
+            "shape": list(synthetic.shape),
+            "affine": np.asarray(synthetic.affine).tolist(),
+        }
+        atomic_write_text(sidecar, json.dumps(sidecar_data, indent=2) + "\n")  # written last: marks "done"
+    except (MedsynthError, OSError, ValueError, RuntimeError, pydicom.errors.InvalidDicomError) as exc:
+        result.status, result.reason = "failed", _one_line(exc)
+        log.warning("study %s failed: %s", study.study_uid, result.reason)
+    else:
+        result.status = "converted"
+        result.outputs = [str(p.relative_to(out)) for p in [*outputs, sidecar]]
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _formats(fmt: str) -> list[str]:
+    return ["nifti", "dicom"] if fmt == "both" else [fmt]
+
+
+def _already_done(sidecar: Path, fmt: str) -> bool:
+    """A study is done when its sidecar (written last) lists every requested format."""
+    try:
+        done = json.loads(sidecar.read_text(encoding="utf-8")).get("formats", [])
+    except (OSError, ValueError):
+        return False
+    return set(_formats(fmt)) <= set(done)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    return text[:300]
+
+
+@contextmanager
+def _series_folder(series: SeriesRecord) -> Iterator[Path]:
+    """A folder that holds the series' files: their own folder, or links to them when scattered.
+
+    Exports spread one series over several folders; readers take one folder, so the files are linked
+    (never copied, never written) into a private temporary folder.
+    """
+    parents = {f.parent for f in series.files}
+    if len(parents) == 1:
+        yield parents.pop()
+        return
+    with tempfile.TemporaryDirectory(prefix="medsynth-series-") as temp:
+        for number, path in enumerate(series.files):
+            os.symlink(path.resolve(), Path(temp) / f"{number:06d}.dcm")
+        yield Path(temp)
+
+
+def _read_series(series: SeriesRecord) -> Volume:
+    with _series_folder(series) as folder:
+        return read_volume(folder, series_uid=series.series_uid)
+
+
+def _check_grid(synthetic: Volume, reference: Volume) -> None:
+    """The geometry promise: the synthetic volume lies exactly on the reference series' grid."""
+    if synthetic.shape != reference.shape or not np.allclose(synthetic.affine, reference.affine, atol=_GRID_ATOL_MM):
+        raise MedsynthError(
+            f"the predictor returned a volume off the input grid ({synthetic.shape} vs {reference.shape}); "
+            "this is a bug in the checkpoint's predictor, report it"
+        )
+
+
+def _write_outputs(
+    synthetic: Volume, reference: Volume, plan: Plan, folder: Path, *, target: str, fmt: str
+) -> list[Path]:
+    outputs: list[Path] = []
+    if fmt in ("nifti", "both"):
+        outputs.append(write_volume(synthetic.array, reference, folder / f"{target}.nii.gz"))
+    if fmt in ("dicom", "both"):
+        outputs.append(_write_derived_series(synthetic, plan.inputs[next(iter(plan.inputs))], folder, target))
+    return outputs
+
+
+def _write_derived_series(synthetic: Volume, source: SeriesRecord, folder: Path, target: str) -> Path:
+    """Write the derived series into a temporary sibling folder, then rename it into place.
+
+    A killed run leaves either no ``dicom_<target>`` folder or a complete one, never half a series.
+    """
+    final = folder / f"dicom_{target}"
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".dicom_{target}-", dir=folder))
+    try:
+        references = [pydicom.dcmread(path, stop_before_pixels=True) for path in source.files]
+        write_dicom_series(
+            synthetic,
+            staging,
+            series_description=f"{DISPLAY_NAMES[target]} synthetic (medsynth)",
+            reference_datasets=references,
+            derived=True,
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+# --- the batch ----------------------------------------------------------------------------------------
+
+_worker_predictor: PredictorLike | None = None
+
+
+def _init_worker(predictor: PredictorLike | str, threads: int) -> None:
+    """Pool initializer: bound torch's threads and load the model once per worker process."""
+    global _worker_predictor
+    torch.set_num_threads(threads)
+    _worker_predictor = _load_predictor(predictor)
+
+
+def _run_in_worker(plan: Plan, out: Path, options: dict[str, Any]) -> StudyResult:
+    assert _worker_predictor is not None, "worker used before its initializer ran"
+    return convert_study(plan, _worker_predictor, out, **options)
+
+
+def _load_predictor(checkpoint_or_predictor: PredictorLike | str | Path) -> PredictorLike:
+    if isinstance(checkpoint_or_predictor, (str, Path)):
+        from ..inference.predictor import Predictor  # the model stack is only needed to convert
+
+        return Predictor.from_checkpoint(checkpoint_or_predictor, device="cpu")
+    return checkpoint_or_predictor
+
+
+def _checkpoint_id(checkpoint_or_predictor: PredictorLike | str | Path) -> str:
+    """``name sha256:…`` of a checkpoint file, recorded in every sidecar for provenance."""
+    if not isinstance(checkpoint_or_predictor, (str, Path)):
+        return type(checkpoint_or_predictor).__name__
+    path = Path(checkpoint_or_predictor)
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return f"{path.name} sha256:{digest.hexdigest()}"
+
+
+def _resolve_target(predictor: PredictorLike, target: str | None) -> tuple[str, bool]:
+    """The target to synthesise and whether the sources are fixed (False for a unified model)."""
+    if predictor.target is not None:
+        if target is not None and canonical_modality(target) != predictor.target:
+            raise ConfigError(f"this checkpoint synthesises {predictor.target}, not {target}; drop --target")
+        return predictor.target, True
+    if target is None:
+        raise ConfigError(f"this unified checkpoint needs --target, one of {', '.join(predictor.sources)}")
+    target = canonical_modality(target)
+    if target not in predictor.sources:
+        raise ConfigError(f"--target {target} is not one of the checkpoint's modalities {', '.join(predictor.sources)}")
+    return target, False
+
+
+def worker_threads(workers: int, cpus: int | None = None) -> int:
+    """Torch threads per worker so that ``workers * threads`` never exceeds the CPUs we may use.
+
+    >>> worker_threads(4, cpus=16)
+    4
+    >>> worker_threads(8, cpus=2)
+    1
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // max(1, workers))
+
+
+def run_convert(
+    input: str | Path,
+    checkpoint_or_predictor: PredictorLike | str | Path,
+    out: str | Path,
+    *,
+    fmt: str = "nifti",
+    mapping: SeriesMapping | str | Path | None = None,
+    workers: int = 1,
+    shard: Shard | str | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    target: str | None = None,
+) -> ConvertReport:
+    """Convert every study of a DICOM export and write ``report.csv``/``report.json`` into ``out``.
+
+    Example::
+
+        report = run_convert("export/", "run/checkpoint_best.pt", "synth/", fmt="both", workers=4)
+        print(report.summary())
+
+    ``target`` is needed only for unified checkpoints. With ``dry_run`` nothing is read beyond DICOM
+    headers and nothing is written; the report's rows say ``planned`` or ``skipped``.
+    """
+    input, out = Path(input), Path(out)
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if isinstance(mapping, (str, Path)):
+        mapping = SeriesMapping.from_yaml(mapping)
+    shard = Shard.parse(shard) if isinstance(shard, str) else shard or Shard()
+    _refuse_output_inside_input(input, out)
+    predictor = _load_predictor(checkpoint_or_predictor)
+    target, fixed = _resolve_target(predictor, target)
+
+    export = discover(input, mapping)
+    studies = [s for s in export.studies if shard.contains(s.study_uid)]
+    plans = [plan_study(s, tuple(predictor.sources), target, fixed) for s in studies]
+    report = ConvertReport(
+        notes=export.notes,
+        settings={"target": target, "format": fmt, "shard": str(shard), "workers": workers, "version": __version__},
+    )
+    if dry_run:
+        report.studies = [_dry_run_row(p, out, target, fmt, overwrite) for p in plans]
+        return report
+
+    options = {"target": target, "fmt": fmt, "overwrite": overwrite, "checkpoint_id": _checkpoint_id(checkpoint_or_predictor)}
+    report.studies = _run_plans(plans, checkpoint_or_predictor, predictor, out, options, workers)
+    report.studies.sort(key=lambda r: r.study_uid)
+    report.write(out, suffix=_report_suffix(shard))
+    return report
+
+
+def _report_suffix(shard: Shard) -> str:
+    """Shards share one output folder, so each writes its own report."""
+    return "" if shard.count == 1 else f"-shard-{shard.index}-of-{shard.count}"
+
+
+def _dry_run_row(plan: Plan, out: Path, target: str, fmt: str, overwrite: bool) -> StudyResult:
+    row = StudyResult(plan.study.study_uid, patient_key(plan.study.patient_id), "planned")
+    row.inputs = {m: s.series_uid for m, s in plan.inputs.items()}
+    sidecar = study_folder(out, plan.study.patient_id, plan.study.study_uid) / f"{target}.json"
+    if plan.problem:
+        row.status, row.reason = "skipped", plan.problem
+    elif not overwrite and _already_done(sidecar, fmt):
+        row.status, row.reason = "skipped", "already converted (use --overwrite to redo)"
+    return row
+
+
+def _run_plans(
+    plans: list[Plan],
+    checkpoint_or_predictor: PredictorLike | str | Path,
+    predictor: PredictorLike,
+    out: Path,
+    options: dict[str, Any],
+    workers: int,
+) -> list[StudyResult]:
+    progress = tqdm(total=len(plans), desc="studies", unit="study", disable=None)
+    results: list[StudyResult] = []
+    try:
+        if workers == 1 or len(plans) <= 1:
+            for plan in plans:
+                results.append(convert_study(plan, predictor, out, **options))
+                progress.update()
+            return results
+        # Workers load the checkpoint themselves (a path pickles cheaply); an object is sent as is.
+        shipped = checkpoint_or_predictor if isinstance(checkpoint_or_predictor, (str, Path)) else predictor
+        context = get_context("spawn")  # fork after torch has started threads can deadlock
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(shipped, worker_threads(workers))
+        ) as pool:
+            futures = {pool.submit(_run_in_worker, plan, out, options): plan for plan in plans}
+            for future in as_completed(futures):
+                results.append(_result_or_failure(future, futures[future]))
+                progress.update()
+        return results
+    finally:
+        progress.close()
+
+
+def _result_or_failure(future: Any, plan: Plan) -> StudyResult:
+    """A worker that crashed (out of memory, segfault in a decoder) fails its study, not the batch."""
+    try:
+        return future.result()
+    except Exception as exc:
+        log.warning("study %s failed in a worker: %s", plan.study.study_uid, _one_line(exc))
+        return StudyResult(plan.study.study_uid, patient_key(plan.study.patient_id), "failed", _one_line(exc))
+
+
+def _refuse_output_inside_input(input: Path, out: Path) -> None:
+    """Writing under the input tree would modify the export and be rediscovered as input next run."""
+    if not input.exists():
+        raise MedsynthError("input folder not found; pass the root of the DICOM export", input)
+    resolved_in, resolved_out = input.resolve(), out.resolve()
+    if resolved_out == resolved_in or resolved_in in resolved_out.parents:
+        raise MedsynthError("the output folder is inside the input export; choose --out outside it", out)

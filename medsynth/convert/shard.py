@@ -1,0 +1,45 @@
+"""``--shard K/N``: split the studies of one export among N machines without coordination.
+
+Membership depends only on the study UID's hash, so every machine (or SLURM array task) computes the
+same partition from the same export, whatever order the files are walked in and whichever studies
+are already done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from ..errors import MedsynthError
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` (1-based) of ``count``."""
+
+    index: int = 1
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 1 <= self.index <= self.count:
+            raise MedsynthError(f"--shard {self.index}/{self.count} is out of range; use K/N with 1 <= K <= N")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """Read ``"K/N"``.
+
+        >>> Shard.parse("2/4")
+        Shard(index=2, count=4)
+        """
+        index, slash, count = text.strip().partition("/")
+        if not slash or not index.strip().isdigit() or not count.strip().isdigit():
+            raise MedsynthError(f"cannot read --shard {text!r}; write it as K/N, e.g. --shard 1/4")
+        return cls(int(index), int(count))
+
+    def contains(self, study_uid: str) -> bool:
+        """True when this shard owns the study."""
+        digest = int.from_bytes(hashlib.sha256(study_uid.encode("utf-8")).digest()[:8], "big")
+        return digest % self.count == self.index - 1
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"

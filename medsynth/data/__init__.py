@@ -1,0 +1,1 @@
+"""Datasets: finding subjects on disk, checking them, and turning them into training batches."""

@@ -1,0 +1,198 @@
+"""The normalisation fingerprint: per-modality statistics of the training subjects, cached as JSON.
+
+Two different jobs, deliberately kept apart:
+
+* **Inputs** are normalised with their *own* statistics (:meth:`Fingerprint.input_normalizer`), taken
+  inside the volume's own foreground mask. Inference sees only the sources, so a per-volume rule that
+  needs nothing else is the only one it can reproduce exactly; it also absorbs scanner gain changes.
+* **Outputs** (a synthetic target in ``[-1, 1]``) are mapped back with *cohort-level* parameters
+  (:meth:`Fingerprint.output_normalizer`): the median over training subjects of the per-subject ones,
+  so the synthetic image lands on the modality's typical intensity scale. Medians, so one odd subject
+  cannot move it.
+
+Only training subjects may be passed to :meth:`Fingerprint.compute`; statistics from validation or test
+subjects would leak into the model. The fingerprint's :meth:`~Fingerprint.digest` is stored in
+checkpoints and in the preprocessed cache's key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, DataError, MedsynthError
+from ..io.atomic import atomic_write_text
+from ..io.volume import Volume
+from .masks import foreground_mask
+from .normalize import (
+    Normalizer,
+    PercentileNormalizer,
+    WindowNormalizer,
+    ZScoreNormalizer,
+    normalizer_from_dict,
+)
+
+_FORMAT = "medsynth-fingerprint"
+_VERSION = 1
+_SCHEMES = ("percentile", "zscore", "window")
+
+
+@dataclass(frozen=True)
+class NormalizationSpec:
+    """How one modality is normalised (a config value; the fitted numbers live in the Fingerprint)."""
+
+    scheme: str = "percentile"
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+    window: tuple[float, float] = (-1024.0, 3071.0)
+
+    def __post_init__(self) -> None:
+        if self.scheme not in _SCHEMES:
+            raise ConfigError(f"unknown normalisation scheme {self.scheme!r}; valid schemes: {', '.join(_SCHEMES)}")
+        object.__setattr__(self, "window", tuple(float(v) for v in self.window))
+        self.make()  # validates the numbers with the normaliser's own checks
+
+    @classmethod
+    def for_modality(cls, modality: str) -> NormalizationSpec:
+        """The default: a fixed HU window for CT, foreground percentiles for MR contrasts."""
+        return cls(scheme="window") if modality == "ct" else cls()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NormalizationSpec:
+        return cls(**{**data, "window": tuple(data.get("window", cls.window))})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "window": list(self.window)}
+
+    def make(self) -> Normalizer:
+        """A fresh (unfitted, except for the fixed window) normaliser following this spec."""
+        if self.scheme == "percentile":
+            return PercentileNormalizer(self.lower_percentile, self.upper_percentile)
+        if self.scheme == "zscore":
+            return ZScoreNormalizer()
+        return WindowNormalizer(self.window)
+
+
+def _cohort_normalizer(per_subject: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of each numeric parameter over subjects (non-numeric ones are shared by construction)."""
+    merged = dict(per_subject[0])
+    for key, value in per_subject[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            merged[key] = float(np.median([entry[key] for entry in per_subject]))
+    return merged
+
+
+@dataclass
+class Fingerprint:
+    """Normalisation specs, per-subject statistics and cohort-level parameters of the training set.
+
+    ``subjects[id][modality]`` holds ``normalizer`` (fitted parameters), ``spacing`` and ``shape``;
+    ``cohort[modality]`` the median normaliser used to bring synthetic outputs back to intensity scale.
+    """
+
+    specs: dict[str, NormalizationSpec]
+    cohort: dict[str, dict[str, Any]]
+    subjects: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    @classmethod
+    def compute(
+        cls, subjects: Iterable[tuple[str, dict[str, Volume]]], specs: dict[str, NormalizationSpec]
+    ) -> Fingerprint:
+        """Fit per-subject parameters on **training** subjects and take their medians.
+
+        ``subjects`` yields ``(subject_id, {modality: Volume})``; it is consumed once, so a generator
+        that loads one subject at a time keeps memory flat. Modalities not in ``specs`` are ignored.
+        """
+        if not specs:
+            raise ConfigError("a fingerprint needs at least one modality's normalisation spec")
+        per_subject: dict[str, dict[str, dict[str, Any]]] = {}
+        for subject_id, volumes in subjects:
+            missing = sorted(set(specs) - set(volumes))
+            if missing:
+                raise DataError(f"subject {subject_id!r} has no {', '.join(missing)} image; add it or drop the subject")
+            entry = {}
+            for modality, spec in specs.items():
+                volume = volumes[modality]
+                normalizer = spec.make().fit(volume.array, foreground_mask([volume.array]))
+                entry[modality] = {
+                    "normalizer": normalizer.to_dict(),
+                    "spacing": [round(s, 6) for s in volume.spacing],
+                    "shape": list(volume.shape),
+                }
+            per_subject[subject_id] = entry
+        if not per_subject:
+            raise DataError("no training subjects to compute the normalisation fingerprint from")
+        cohort = {
+            modality: _cohort_normalizer([entry[modality]["normalizer"] for entry in per_subject.values()])
+            for modality in specs
+        }
+        return cls(specs=dict(specs), cohort=cohort, subjects=per_subject)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.specs)
+
+    def _spec(self, modality: str) -> NormalizationSpec:
+        if modality not in self.specs:
+            known = ", ".join(self.specs) or "none"
+            raise MedsynthError(f"the fingerprint has no statistics for {modality!r} (it covers: {known})")
+        return self.specs[modality]
+
+    def input_normalizer(self, modality: str, array: np.ndarray, mask: np.ndarray | None = None) -> Normalizer:
+        """Normaliser fitted on this volume, as used for inputs in training and inference alike.
+
+        ``mask`` defaults to the volume's own foreground mask; pass a mask only if it was computed
+        the same way in training and inference.
+        """
+        spec = self._spec(modality)
+        return spec.make().fit(array, foreground_mask([array]) if mask is None else mask)
+
+    def output_normalizer(self, modality: str) -> Normalizer:
+        """Cohort-level normaliser whose ``inverse`` maps a synthetic ``modality`` back to intensities."""
+        self._spec(modality)
+        return normalizer_from_dict(self.cohort[modality])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "specs": {m: spec.to_dict() for m, spec in self.specs.items()},
+            "cohort": self.cohort,
+            "subjects": self.subjects,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Fingerprint:
+        """Rebuild from :meth:`to_dict` output (e.g. the copy stored in a checkpoint)."""
+        if data.get("format") != _FORMAT or data.get("version") != _VERSION:
+            raise ValueError(f"not a version {_VERSION} medsynth fingerprint")
+        specs = {m: NormalizationSpec.from_dict(s) for m, s in data["specs"].items()}
+        return cls(specs=specs, cohort=data["cohort"], subjects=data.get("subjects", {}))
+
+    def digest(self) -> str:
+        """Short content hash: equal digests mean equal normalisation."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``fingerprint.json`` atomically."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Fingerprint:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise DataError("fingerprint file not found; run training once to create it", path) from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"cannot read the fingerprint ({exc}); delete it to recompute it", path) from exc
+        try:
+            return cls.from_dict(data)
+        except (ConfigError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DataError(f"not a valid medsynth fingerprint ({exc}); delete it to recompute it", path) from exc

@@ -1,0 +1,402 @@
+"""Find the subjects of a dataset on disk, in the layout it was downloaded or exported in.
+
+Users bring data as it comes, so medsynth recognises the common shapes instead of asking for a
+conversion first (``LAYOUTS`` lists them with an example file each):
+
+* ``bids``: ``sub-01/[ses-01/]anat/sub-01[_ses-01]_T1w.nii.gz`` (``T2w``, ``PDw``, ``FLAIR``; a ``ce-``
+  entity on a ``T1w`` makes it ``t1c``);
+* ``ixi``: ``IXI002-Guys-0828-T1.nii.gz`` / ``-T2`` / ``-PD`` side by side (MRA and DTI are skipped);
+* ``brats``: ``BraTS-GLI-00000-000/BraTS-GLI-00000-000-t1n.nii.gz`` (2023) or
+  ``BraTS2021_00000/BraTS2021_00000_t1.nii.gz`` (2021), segmentations skipped;
+* ``dicom``: one folder per subject holding one DICOM series per contrast, the contrast read from the
+  series description (:func:`series_modality`);
+* ``manifest``: a CSV ``subject,modality,path[,series_uid]`` for anything else.
+
+Scanning only walks folders (and reads DICOM headers); pixels are read later by :func:`load_subject`, so
+listing a large cohort is cheap and a corrupt file is reported when it is actually used.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from ..errors import DataError, MedsynthError
+from ..io.dicom import list_dicom_series
+from ..io.geometry import align_subject
+from ..io.readers import read_volume
+from ..io.volume import Subject
+from ..modalities import MODALITIES, canonical_modality, is_modality
+
+log = logging.getLogger("medsynth")
+
+#: Layout names with an example of what each one looks for (used in error messages).
+LAYOUTS: dict[str, str] = {
+    "bids": "sub-01/anat/sub-01_T1w.nii.gz",
+    "ixi": "IXI002-Guys-0828-T1.nii.gz",
+    "brats": "BraTS-GLI-00000-000/BraTS-GLI-00000-000-t1n.nii.gz",
+    "dicom": "one folder of DICOM series per subject",
+    "manifest": "a CSV with the columns subject,modality,path",
+}
+
+
+@dataclass
+class SubjectRecord:
+    """Where one subject's images are; nothing is read yet.
+
+    ``paths`` maps canonical modality names to a file, or to a DICOM folder with the series to read in
+    ``series_uids``. ``layout`` is the name of the layout it was found in (a key of ``LAYOUTS``).
+    """
+
+    id: str
+    paths: dict[str, Path]
+    series_uids: dict[str, str] = field(default_factory=dict)
+    layout: str = field(default="manifest", kw_only=True)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The subject's modalities in canonical order."""
+        return tuple(m for m in MODALITIES if m in self.paths)
+
+
+class _Found(NamedTuple):
+    subject: str
+    modality: str
+    path: Path
+    series_uid: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.path} (series {self.series_uid})" if self.series_uid else str(self.path)
+
+
+def scan_dataset(root: str | Path, manifest: str | Path | None = None) -> list[SubjectRecord]:
+    """List the subjects under ``root``, sorted by id, auto-detecting the layout.
+
+    ``manifest`` (or ``root`` itself being a ``.csv`` file, or one manifest CSV directly in ``root``) takes
+    precedence over file names: it is the user's explicit word. Otherwise exactly one layout must match;
+    a folder mixing layouts is refused rather than guessed at.
+
+    Raises:
+        DataError: missing/empty/ambiguous root, a bad manifest line, or two images of the same
+            modality for one subject (both are named).
+    """
+    root = Path(root)
+    if manifest is not None:
+        return _group(_read_manifest(Path(manifest)), "manifest")
+    if root.is_file() and root.suffix.lower() == ".csv":
+        return _group(_read_manifest(root), "manifest")
+    if not root.is_dir():
+        raise DataError("no such dataset folder; pass the folder that holds the subjects", root)
+    layout, found = _detect(root)
+    return _group(found, layout)
+
+
+def load_subject(
+    record: SubjectRecord,
+    modalities: Sequence[str],
+    *,
+    reference: str | None = None,
+    volume_index: int | None = None,
+) -> Subject:
+    """Read the requested modalities of one subject and put them on one grid.
+
+    ``reference`` (default: the first requested modality) is the grid the others are aligned to by
+    :func:`medsynth.io.geometry.align_subject`: identical grids pass untouched, overlapping but different
+    ones are resampled with a warning, disjoint ones raise ``GeometryError``.
+
+    Raises:
+        DataError: the subject lacks a requested modality (the message lists what it has), or a file
+            cannot be read.
+    """
+    wanted = [canonical_modality(m) for m in modalities]
+    if not wanted:
+        raise MedsynthError(f"no modality requested for subject {record.id}; name at least one, e.g. t1")
+    missing = [m for m in wanted if m not in record.paths]
+    if missing:
+        has = ", ".join(record.modalities) or "no images"
+        where = next(iter(record.paths.values())).parent if record.paths else None
+        raise DataError(
+            f"subject {record.id} has no {', '.join(missing)} image (it has: {has}); "
+            "add the file or leave the subject out",
+            where,
+        )
+    reference = canonical_modality(reference) if reference is not None else wanted[0]
+    if reference not in wanted:
+        raise MedsynthError(f"reference modality {reference!r} is not among the requested {', '.join(wanted)}")
+    subject = {
+        m: read_volume(record.paths[m], series_uid=record.series_uids.get(m), volume_index=volume_index)
+        for m in wanted
+    }
+    return align_subject(subject, reference)
+
+
+# --------------------------------------------------------------------------------------------- BIDS
+
+_BIDS_FILE = re.compile(
+    r"^(sub-[A-Za-z0-9]+)(_ses-[A-Za-z0-9]+)?((?:_[A-Za-z]+-[A-Za-z0-9]+)*)_([A-Za-z0-9]+)\.nii(?:\.gz)?$"
+)
+_BIDS_SUFFIX: dict[str, str] = {
+    "t1": "T1w", "t2": "T2w", "pd": "PDw", "flair": "FLAIR", "t1c": "ce-gd_T1w", "ct": "CT",
+}  # fmt: skip
+
+
+def bids_label(text: str) -> str:
+    """A BIDS label (letters and digits only) for a subject id such as ``IXI002-Guys-0828``."""
+    label = re.sub(r"[^A-Za-z0-9]", "", text)
+    if not label:
+        raise MedsynthError(f"subject id {text!r} has no letters or digits to build a BIDS label from")
+    return label
+
+
+def bids_path(root: str | Path, subject: str, modality: str, extension: str = ".nii.gz") -> Path:
+    """Where the ``bids`` layout expects ``subject``'s ``modality`` image; the inverse of the scanner.
+
+    >>> bids_path("out", "IXI002-Guys-0828", "T2").as_posix()
+    'out/sub-IXI002Guys0828/anat/sub-IXI002Guys0828_T2w.nii.gz'
+    """
+    label = bids_label(subject.removeprefix("sub-"))
+    suffix = _BIDS_SUFFIX[canonical_modality(modality)]
+    return Path(root) / f"sub-{label}" / "anat" / f"sub-{label}_{suffix}{extension}"
+
+
+def _scan_bids(root: Path) -> list[_Found]:
+    found = []
+    candidates = sorted(root.glob("sub-*/anat/*.nii*")) + sorted(root.glob("sub-*/ses-*/anat/*.nii*"))
+    for path in candidates:
+        match = _BIDS_FILE.match(path.name)
+        if not match:
+            continue
+        subject, session, entities, suffix = match.groups()
+        if not is_modality(suffix):
+            log.info("skipping %s: %s is not a modality medsynth translates", path, suffix)
+            continue
+        modality = canonical_modality(suffix)
+        if modality == "t1" and "_ce-" in entities:
+            modality = "t1c"
+        found.append(_Found(subject + (session or ""), modality, path))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- IXI
+
+_IXI_FILE = re.compile(r"^(IXI\d+-[A-Za-z]+-\d+)-([A-Za-z]+)(?:-\d+)?\.nii(?:\.gz)?$")
+_IXI_MODALITIES = {"T1": "t1", "T2": "t2", "PD": "pd"}
+
+
+def _scan_ixi(root: Path) -> list[_Found]:
+    found, skipped = [], 0
+    for path in sorted(root.glob("IXI*.nii*")):
+        match = _IXI_FILE.match(path.name)
+        if not match:
+            continue
+        subject, kind = match.groups()
+        if kind in _IXI_MODALITIES:
+            found.append(_Found(subject, _IXI_MODALITIES[kind], path))
+        else:
+            skipped += 1
+    if found and skipped:
+        log.info("IXI: skipped %d MRA/DTI files in %s (angiography and diffusion are not translated)", skipped, root)
+    return found
+
+
+# -------------------------------------------------------------------------------------------- BraTS
+
+_BRATS_FILE = re.compile(r"^(BraTS.+?)[-_](t1n|t1c|t1ce|t1|t2w|t2f|t2|flair|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
+
+
+def _scan_brats(root: Path) -> list[_Found]:
+    found = []
+    for path in sorted(root.glob("BraTS*/*.nii*")):
+        match = _BRATS_FILE.match(path.name)
+        if match and match.group(2).lower() != "seg":
+            found.append(_Found(match.group(1), canonical_modality(match.group(2)), path))
+    return found
+
+
+# -------------------------------------------------------------------------------------------- DICOM
+
+_SKIP_SERIES = {"localizer", "localiser", "scout", "survey", "loc", "calibration", "mip"}
+_CONTRAST_WORDS = {"gd", "gad", "post", "ce", "c", "contrast", "t1c", "t1ce", "t1gd"}
+_SERIES_WORDS: dict[str, set[str]] = {
+    "t1": {"t1", "t1w", "mprage", "spgr", "bravo", "tfl", "t1c", "t1ce", "t1gd"},
+    "t2": {"t2", "t2w"},
+    "pd": {"pd", "pdw"},
+    "flair": {"flair", "t2f", "tirm"},
+}
+
+
+def series_modality(description: str, dicom_modality: str = "MR") -> str | None:
+    """The contrast of a DICOM series from its description, or None when it is not clear.
+
+    A keyword rule, deliberately small: scanner exports name series by hand, so a description that
+    matches no keyword or several (a dual-echo ``PD_T2``) is left out with a note rather than guessed.
+
+    >>> series_modality("t1_mprage_sag_p2"), series_modality("AX T2 FLAIR"), series_modality("T1 +C")
+    ('t1', 'flair', 't1c')
+    """
+    if dicom_modality.upper() == "CT":
+        return "ct"
+    words = set(re.split(r"[^a-z0-9]+", description.lower())) - {""}
+    if words & _SKIP_SERIES:
+        return None
+    matches = {name for name, keys in _SERIES_WORDS.items() if words & keys}
+    if "flair" in matches:
+        matches.discard("t2")  # "T2 FLAIR" is FLAIR
+    if len(matches) != 1:
+        return None
+    (modality,) = matches
+    return "t1c" if modality == "t1" and words & _CONTRAST_WORDS else modality
+
+
+def _holds_dicom(folder: Path) -> bool:
+    """True when some file below ``folder`` carries the DICOM preamble (or a .dcm name)."""
+    for path in folder.rglob("*"):
+        if path.suffix.lower() == ".dcm":
+            return True
+        if path.is_file() and not path.name.endswith((".nii", ".nii.gz", ".csv", ".json", ".txt")):
+            try:
+                with open(path, "rb") as stream:
+                    stream.seek(128)
+                    if stream.read(4) == b"DICM":
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+def _scan_dicom(root: Path) -> list[_Found]:
+    found = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not _holds_dicom(folder):
+            continue
+        for info in list_dicom_series(folder, recursive=True):
+            if not info.is_image:
+                continue
+            modality = series_modality(info.series_description, info.modality) or series_modality(
+                info.protocol_name, info.modality
+            )
+            series_folder = Path(os.path.commonpath([Path(f).parent for f in info.files]))
+            if modality is None:
+                log.info(
+                    "skipping DICOM series %r in %s: its contrast is not clear from the description",
+                    info.series_description,
+                    series_folder,
+                )
+                continue
+            found.append(_Found(folder.name, modality, series_folder, info.series_uid))
+    return found
+
+
+# ----------------------------------------------------------------------------------------- manifest
+
+_MANIFEST_COLUMNS = ("subject", "modality", "path")
+
+
+def _is_manifest(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as stream:
+            header = next(csv.reader(stream), [])
+    except (OSError, UnicodeDecodeError):
+        return False
+    return tuple(h.strip().lower() for h in header[:3]) == _MANIFEST_COLUMNS
+
+
+def _read_manifest(path: Path) -> list[_Found]:
+    """Rows of ``subject,modality,path[,series_uid]``; relative paths are relative to the CSV's folder."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as stream:
+            rows = list(csv.reader(stream))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read the manifest ({exc}); pass a UTF-8 CSV file", path) from exc
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    if not set(_MANIFEST_COLUMNS) <= set(header):
+        raise DataError("a manifest's first line must be the header subject,modality,path", path)
+    columns = {name: header.index(name) for name in (*_MANIFEST_COLUMNS, "series_uid") if name in header}
+    found = []
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        cells = {name: row[i].strip() if i < len(row) else "" for name, i in columns.items()}
+        if not (cells["subject"] and cells["modality"] and cells["path"]):
+            raise DataError(f"line {line}: subject, modality and path must all be filled in", path)
+        if not is_modality(cells["modality"]):
+            raise DataError(
+                f"line {line}: unknown modality {cells['modality']!r}; use one of {', '.join(MODALITIES)}", path
+            )
+        image = Path(cells["path"]).expanduser()
+        image = image if image.is_absolute() else path.parent / image
+        if not image.exists():
+            raise DataError(
+                f"line {line}: {image} does not exist (relative paths start at the manifest's folder)", path
+            )
+        found.append(
+            _Found(cells["subject"], canonical_modality(cells["modality"]), image, cells.get("series_uid") or None)
+        )
+    if not found:
+        raise DataError("the manifest lists no images; add lines subject,modality,path", path)
+    return found
+
+
+# ---------------------------------------------------------------------------------------- detection
+
+#: Name-based layouts, tried together; DICOM is tried only when none matches (it reads file headers, and
+#: a BIDS tree may keep its DICOM originals in ``sourcedata/``).
+_NAMED_SCANNERS: dict[str, Callable[[Path], list[_Found]]] = {
+    "bids": _scan_bids,
+    "ixi": _scan_ixi,
+    "brats": _scan_brats,
+}
+
+
+def _detect(root: Path) -> tuple[str, list[_Found]]:
+    manifests = [p for p in sorted(root.glob("*.csv")) if _is_manifest(p)]
+    if len(manifests) > 1:
+        names = ", ".join(p.name for p in manifests)
+        raise DataError(f"several manifest CSVs ({names}); pass the one to use with --manifest", root)
+    if manifests:
+        log.info("using the manifest %s", manifests[0])
+        return "manifest", _read_manifest(manifests[0])
+    hits = {name: found for name, scan in _NAMED_SCANNERS.items() if (found := scan(root))}
+    if len(hits) > 1:
+        examples = "; ".join(f"{name}: {found[0].path.relative_to(root)}" for name, found in hits.items())
+        raise DataError(
+            f"files of several layouts found ({examples}); keep one layout per folder or list the images "
+            "in a manifest CSV (subject,modality,path)",
+            root,
+        )
+    if not hits:
+        dicom = _scan_dicom(root)
+        if dicom:
+            return "dicom", dicom
+        looked_for = "; ".join(f"{name} ({example})" for name, example in LAYOUTS.items())
+        raise DataError(f"no images found; looked for these layouts: {looked_for}", root)
+    ((layout, found),) = hits.items()
+    return layout, found
+
+
+def _group(found: Iterable[_Found], layout: str) -> list[SubjectRecord]:
+    """One record per subject; a second image of the same modality is an error naming both."""
+    by_subject: dict[str, dict[str, _Found]] = {}
+    for item in found:
+        images = by_subject.setdefault(item.subject, {})
+        if item.modality in images:
+            raise DataError(
+                f"subject {item.subject} has two {item.modality} images: {images[item.modality].describe()} "
+                f"and {item.describe()}; keep one, or list the one to use in a manifest CSV"
+            )
+        images[item.modality] = item
+    return [
+        SubjectRecord(
+            subject,
+            {m: images[m].path for m in MODALITIES if m in images},
+            {m: item.series_uid for m, item in images.items() if item.series_uid},
+            layout=layout,
+        )
+        for subject, images in sorted(by_subject.items())
+    ]

@@ -1,0 +1,111 @@
+"""``medsynth train``: resolve task and recipe, own the run folder, start or resume the Trainer."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, load_config
+from ..errors import MedsynthError
+from ..task import Task
+from .setup import prepare_run_data
+from .trainer import Trainer
+
+log = logging.getLogger("medsynth")
+DEFAULT_RECIPE = "t1_to_t2_unet2d"
+
+
+def task_from_args(args: argparse.Namespace) -> str | None:
+    """The task string from ``TASK`` or ``--source/--target``; None when neither was given."""
+    if args.task and (args.source or args.target):
+        raise MedsynthError("give the task either as TASK ('t1->t2') or with --source/--target, not both")
+    if args.source or args.target:
+        if not (args.source and args.target):
+            raise MedsynthError("--source and --target go together, e.g. --source t1 --target t2")
+        return f"{args.source}->{args.target}"
+    return args.task
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Recipe, then ``--set`` overrides, then explicit flags (which win), validated."""
+    values: dict[str, Any] = {}
+    task = task_from_args(args)
+    if task is not None:
+        Task.parse(task, args.modalities)  # fail early with the task's own message
+        values["task"] = task
+    flags = {"modalities": "modalities", "data": "data.root", "epochs": "train.epochs",
+             "decay_epochs": "train.decay_epochs", "device": "train.device", "name": "name"}  # fmt: skip
+    for flag, key in flags.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            values[key] = str(value) if isinstance(value, Path) else value
+    return load_config(args.config or DEFAULT_RECIPE, args.overrides, values)
+
+
+def default_run_name(config: Config) -> str:
+    task = config.parsed_task()
+    slug = "unified-" + "-".join(task.modalities) if task.is_unified else "-".join(task.sources) + "_to_" + str(task.target)
+    return re.sub(r"[^A-Za-z0-9_.-]", "", f"{slug}-{config.model.generator}{config.model.spatial_dims}d")
+
+
+def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    if args.resume:
+        run_dir = args.resume
+        saved = run_dir / "config.yaml"
+        if not (run_dir / "checkpoint_latest.pt").is_file() or not saved.is_file():
+            raise MedsynthError("nothing to resume: no checkpoint_latest.pt and config.yaml here", run_dir)
+        config = load_config(saved, args.overrides)
+        if args.device:
+            config.train.device = args.device
+    else:
+        config = config_from_args(args)
+        run_dir = args.runs_dir / (config.name or default_run_name(config))
+        claim_run_dir(run_dir, config)
+    return train(config, run_dir, resume=bool(args.resume), quiet=args.quiet, runs_root=run_dir.parent)
+
+
+def claim_run_dir(run_dir: Path, config: Config) -> None:
+    """Refuse a folder that already holds a run: resuming is explicit, overwriting never happens."""
+    if (run_dir / "checkpoint_latest.pt").exists() or (run_dir / "config.yaml").exists():
+        raise MedsynthError(
+            "this folder already holds a run; continue it with --resume "
+            f"{run_dir} or pick another --name",
+            run_dir,
+        )
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise MedsynthError("output folder is not empty and holds no medsynth run; pick another --name", run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MedsynthError(f"cannot create the run folder ({exc.strerror})", run_dir) from exc
+    config.save(run_dir / "config.yaml")
+
+
+def train(config: Config, run_dir: Path, *, resume: bool = False, quiet: bool = False,
+          runs_root: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Prepare the data of ``run_dir`` and train; returns the best validation metrics."""
+    task = config.parsed_task()
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else (runs_root or run_dir.parent) / ".cache"
+    started = time.perf_counter()
+    data = prepare_run_data(config, task, run_dir, cache_dir=cache_dir, progress=not quiet)
+    trainer = Trainer(config, task, data, run_dir, quiet=quiet)
+    if resume:
+        trainer.resume(run_dir / "checkpoint_latest.pt")
+        log.info("resuming %s at epoch %d, step %d", run_dir, trainer.epoch + 1, trainer.step_in_epoch)
+    elif not quiet:
+        sizes = {k: len(v) for k, v in data.splits.items()}
+        print(
+            f"training {task.describe()} on {sizes.get('train', 0)} subjects "
+            f"({len(trainer.dataset)} slices), validating on {sizes.get('val', 0)}; run folder {run_dir}"
+        )
+    best = trainer.fit()
+    minutes = (time.perf_counter() - started) / 60
+    print(
+        f"done in {minutes:.1f} min: best validation {best['metric']} {best.get('value', float('nan')):.4g} "
+        f"at epoch {best.get('epoch')} -> {run_dir / 'checkpoint_best.pt'}"
+    )
+    return best

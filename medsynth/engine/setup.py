@@ -1,0 +1,107 @@
+"""From a data folder to a run's cohort: scan, split by subject, fingerprint, cache.
+
+Shared by training (which creates splits and fingerprint) and evaluation (which reuses the run's).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config
+from ..data.cache import Cohort, prepare_cohort
+from ..data.fingerprint import Fingerprint, NormalizationSpec
+from ..data.layouts import SubjectRecord, load_subject, scan_dataset
+from ..data.splits import load_or_create_splits
+from ..errors import MedsynthError
+from ..io.atomic import atomic_write_text
+from ..modalities import DISPLAY_NAMES
+from ..task import Task
+
+log = logging.getLogger("medsynth")
+
+
+@dataclass
+class RunData:
+    """The subjects of a run, its subject-level splits, its normalisation fingerprint and cache."""
+
+    records: dict[str, SubjectRecord]
+    splits: dict[str, list[str]]
+    fingerprint: Fingerprint
+    cohort: Cohort
+    modalities: tuple[str, ...]
+
+
+def usable_records(records: list[SubjectRecord], task: Task, root: str | Path) -> list[SubjectRecord]:
+    """Subjects that hold what the task needs; the rest are left out with a warning.
+
+    A fixed task needs every source and the target; a unified task needs at least two of its
+    modalities (one to give, one to take).
+    """
+    wanted = set(task.required_modalities)
+    present = set().union(*(r.paths for r in records)) if records else set()
+    absent = [m for m in task.required_modalities if m not in present]
+    if absent and (not task.is_unified or len(wanted & present) < 2):
+        found = ", ".join(sorted(present)) or "none"
+        raise MedsynthError(
+            f"no subject has {', '.join(DISPLAY_NAMES[m] for m in absent)} (modalities found: {found}); "
+            f"choose a task among the modalities present",
+            root,
+        )
+    needed = 2 if task.is_unified else len(wanted)
+    kept = [r for r in records if len(wanted & set(r.paths)) >= needed]
+    for record in records:
+        if record not in kept:
+            missing = ", ".join(sorted(wanted - set(record.paths)))
+            log.warning("subject %s left out: it lacks %s", record.id, missing)
+    return kept
+
+
+def normalization_specs(config: Config, modalities: tuple[str, ...]) -> dict[str, NormalizationSpec]:
+    """Per-modality normalisation: the config's choice, else CT windowing and MR percentile scaling."""
+    specs = {}
+    for modality in modalities:
+        options = dict(config.data.normalization.get(modality, {}))
+        if not options:
+            options = {"scheme": "window"} if modality == "ct" else {"scheme": "percentile"}
+        try:
+            specs[modality] = NormalizationSpec(**options)
+        except TypeError as exc:
+            raise MedsynthError(f"data.normalization.{modality}: {exc}") from exc
+    return specs
+
+
+def prepare_run_data(
+    config: Config, task: Task, run_dir: Path, *, cache_dir: Path, progress: bool = True
+) -> RunData:
+    """Scan the data, fix the splits (once), fit the fingerprint on training subjects, fill the cache."""
+    if not config.data.root:
+        raise MedsynthError("no data folder: pass --data DIR (or set data.root in the recipe)")
+    records = usable_records(scan_dataset(config.data.root, config.data.manifest), task, config.data.root)
+    by_id = {r.id: r for r in records}
+    splits_path = Path(config.data.splits_file) if config.data.splits_file else run_dir / "splits.json"
+    splits = load_or_create_splits(
+        splits_path, sorted(by_id), val=config.data.val, test=config.data.test, seed=config.data.split_seed
+    )
+    if config.data.splits_file:
+        atomic_write_text(run_dir / "splits.json", json.dumps(splits, indent=2))
+    modalities = tuple(task.required_modalities)
+    fingerprint_path = run_dir / "fingerprint.json"
+    if fingerprint_path.is_file():
+        fingerprint = Fingerprint.load(fingerprint_path)
+    else:
+        specs = normalization_specs(config, modalities)
+
+        def training_subjects():
+            for subject_id in splits["train"]:
+                record = by_id[subject_id]
+                available = [m for m in modalities if m in record.paths]
+                yield subject_id, load_subject(record, available, volume_index=config.data.volume_index)
+
+        fingerprint = Fingerprint.compute(training_subjects(), specs)
+        fingerprint.save(fingerprint_path)
+    used = [by_id[i] for part in ("train", "val", "test") for i in splits.get(part, []) if i in by_id]
+    cohort = prepare_cohort(used, modalities, fingerprint, cache_dir, progress=progress)
+    return RunData(records=by_id, splits=splits, fingerprint=fingerprint, cohort=cohort, modalities=modalities)

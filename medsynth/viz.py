@@ -1,0 +1,249 @@
+"""PNG figures for people: sample grids during training, per-subject views, training curves.
+
+PNGs are for eyes only; no number in the pipeline is read back from them. Figures are built on
+``matplotlib.figure.Figure`` (Agg canvas, no pyplot global state, safe in worker threads) and saved
+through :func:`medsynth.io.atomic.atomic_path`.
+
+Display convention for canonical RAS arrays (``[i, j, k]`` = left->right, posterior->anterior,
+inferior->superior): every plane is drawn with its second in-plane axis pointing up and its first
+pointing right-to-left. That gives the radiological view: axial slices anterior up with the
+patient's right on the viewer's left, coronal slices superior up with the right on the left, and
+sagittal slices superior up with anterior on the left.
+
+Synthetic and target images always share one grey window (the target's) so that a brightness
+difference on screen is a real difference; the error column uses a colour map with a colour bar.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .errors import DataError
+from .io.atomic import atomic_path
+
+SYNTHETIC = "synthetic"
+TARGET = "target"
+ERROR = "|error|"
+ERROR_CMAP = "magma"
+#: Percentiles of the automatic grey window: robust to a few hot voxels.
+WINDOW_PERCENTILES = (0.5, 99.5)
+_PANEL_INCHES = 2.2
+
+Window = tuple[float, float]
+
+
+def _radiological(plane: np.ndarray) -> np.ndarray:
+    """Turn a canonical RAS plane into the image to draw (see the module docstring)."""
+    return np.flip(np.asarray(plane).T)
+
+
+def _auto_window(arrays: Sequence[np.ndarray]) -> Window:
+    values = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+    low, high = np.percentile(values, WINDOW_PERCENTILES)
+    return float(low), float(high) if high > low else float(low) + 1.0
+
+
+def _windows(
+    columns: Sequence[str],
+    samples: Mapping[str, Sequence[np.ndarray]],
+    vmin: Mapping[str, float] | None,
+    vmax: Mapping[str, float] | None,
+) -> dict[str, Window]:
+    """Grey window per column: given values win, else robust percentiles; synthetic shares the target's."""
+    vmin, vmax = vmin or {}, vmax or {}
+    windows: dict[str, Window] = {}
+    for column in columns:
+        source = TARGET if column == SYNTHETIC and TARGET in samples else column
+        low, high = _auto_window(samples[source])
+        windows[column] = (vmin.get(source, vmin.get(column, low)), vmax.get(source, vmax.get(column, high)))
+    return windows
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
+    with atomic_path(path) as temp:
+        figure.savefig(temp, format="png", dpi=100)
+    return Path(path)
+
+
+def _draw_panels(
+    figure: Figure,
+    images: Sequence[Sequence[np.ndarray]],
+    columns: Sequence[str],
+    windows: dict[str, Window],
+    row_labels: Sequence[str],
+    aspects: Sequence[float],
+) -> None:
+    """Lay out rows x columns of already oriented 2D images; the error column gets a colour bar."""
+    axes = figure.subplots(len(images), len(columns), squeeze=False)
+    for row, (row_images, label, aspect) in enumerate(zip(images, row_labels, aspects, strict=True)):
+        for col, (column, image) in enumerate(zip(columns, row_images, strict=True)):
+            ax = axes[row, col]
+            low, high = windows[column]
+            cmap = ERROR_CMAP if column == ERROR else "gray"
+            shown = ax.imshow(image, cmap=cmap, vmin=low, vmax=high, aspect=aspect, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(column, fontsize=9)
+            if col == 0 and label:
+                ax.set_ylabel(label, fontsize=9)
+            if column == ERROR:
+                figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+
+
+def comparison_grid(
+    rows: Sequence[Mapping[str, np.ndarray]],
+    path: str | Path,
+    *,
+    titles: Sequence[str] | None = None,
+    vmin: Mapping[str, float] | None = None,
+    vmax: Mapping[str, float] | None = None,
+    error_column: bool = True,
+) -> Path:
+    """Write a PNG with one row per example and one column per image.
+
+    Each row maps column names to 2D axial slices (``volume[:, :, k]`` of a canonical RAS volume),
+    e.g. ``{"t1": ..., "synthetic": ..., "target": ...}``; every row has the same keys, whose order
+    gives the columns. With ``error_column`` an ``|error|`` column, ``|synthetic - target|``, is added.
+    ``titles`` label the rows (e.g. subject and slice). ``vmin``/``vmax`` fix a column's grey window by
+    name; otherwise each column is windowed over all rows at its 0.5-99.5 percentiles.
+
+    Example:
+        >>> import tempfile
+        >>> s = np.zeros((16, 16))
+        >>> comparison_grid([{"t1": s, "synthetic": s, "target": s}], tempfile.mkdtemp() + "/g.png").suffix
+        '.png'
+    """
+    if not rows:
+        raise ValueError("comparison_grid needs at least one row")
+    columns = list(rows[0])
+    for number, row in enumerate(rows):
+        if list(row) != columns:
+            raise ValueError(f"row {number} has columns {list(row)}, expected {columns}")
+        for name, image in row.items():
+            if np.ndim(image) != 2:
+                raise ValueError(f"row {number}, column {name!r}: expected a 2D slice, got shape {np.shape(image)}")
+    if titles is not None and len(titles) != len(rows):
+        raise ValueError(f"{len(titles)} titles for {len(rows)} rows")
+    if error_column and not {SYNTHETIC, TARGET} <= set(columns):
+        raise ValueError(f"the error column needs {SYNTHETIC!r} and {TARGET!r} columns, got {columns}")
+
+    samples = {name: [np.asarray(row[name], dtype=np.float64) for row in rows] for name in columns}
+    if error_column:
+        samples[ERROR] = [np.abs(s - t) for s, t in zip(samples[SYNTHETIC], samples[TARGET], strict=True)]
+        columns.append(ERROR)
+    windows = _windows(columns, samples, vmin, vmax)
+    if error_column:
+        windows[ERROR] = (0.0, max(_auto_window(samples[ERROR])[1], 1e-6))
+
+    images = [[_radiological(samples[name][row]) for name in columns] for row in range(len(rows))]
+    figure = Figure(figsize=(_PANEL_INCHES * len(columns), _PANEL_INCHES * len(rows)), layout="constrained")
+    _draw_panels(figure, images, columns, windows, titles or [""] * len(rows), [1.0] * len(rows))
+    return _save(figure, path)
+
+
+def _centre(shape: Sequence[int], mask: np.ndarray | None) -> tuple[int, int, int]:
+    """Voxel through which the mid-slices pass: the mask's bounding-box centre, else the volume's."""
+    if mask is None or not np.any(mask):
+        return tuple(s // 2 for s in shape)  # type: ignore[return-value]
+    nonzero = np.nonzero(mask)
+    return tuple(int((axis.min() + axis.max()) // 2) for axis in nonzero)  # type: ignore[return-value]
+
+
+def subject_figure(
+    inputs: Mapping[str, np.ndarray],
+    synthetic: np.ndarray,
+    target: np.ndarray,
+    path: str | Path,
+    *,
+    mask: np.ndarray | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> Path:
+    """Write a PNG of axial, coronal and sagittal mid-slices: input(s), synthetic, target, |error|.
+
+    Arrays are 3D in canonical RAS, all of one shape. The slices pass through the centre of the
+    mask's bounding box (the volume's centre without a mask), so a small brain in a large field of
+    view is still cut through its middle. ``spacing`` (mm along i, j, k) sets the pixel aspect so
+    anisotropic volumes are not squashed.
+    """
+    volumes = {**inputs, SYNTHETIC: synthetic, TARGET: target}
+    shape = np.shape(target)
+    for name, volume in volumes.items():
+        if np.shape(volume) != shape or len(shape) != 3:
+            raise ValueError(f"{name!r} has shape {np.shape(volume)}, expected the 3D target shape {shape}")
+    if mask is not None and np.shape(mask) != shape:
+        raise ValueError(f"mask has shape {np.shape(mask)}, expected {shape}")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be three positive numbers in mm, got {spacing}")
+
+    arrays = {name: np.asarray(volume, dtype=np.float64) for name, volume in volumes.items()}
+    arrays[ERROR] = np.abs(arrays[SYNTHETIC] - arrays[TARGET])
+    columns = list(arrays)
+    i, j, k = _centre(shape, mask)
+    # Each plane: how to cut it and the spacing of its (first, second) in-plane axes.
+    planes = {
+        "axial": ((slice(None), slice(None), k), (spacing[0], spacing[1])),
+        "coronal": ((slice(None), j, slice(None)), (spacing[0], spacing[2])),
+        "sagittal": ((i, slice(None), slice(None)), (spacing[1], spacing[2])),
+    }
+    cut = {name: [arrays[name][index] for index, _ in planes.values()] for name in columns}
+    windows = _windows(columns, {name: [arrays[name]] for name in columns}, None, None)
+    windows[ERROR] = (0.0, max(_auto_window([arrays[ERROR]])[1], 1e-6))
+    images = [[_radiological(cut[name][row]) for name in columns] for row in range(len(planes))]
+    # After _radiological, image rows run along the plane's second axis and columns along its first.
+    aspects = [second / first for _, (first, second) in planes.values()]
+    figure = Figure(figsize=(_PANEL_INCHES * len(columns), _PANEL_INCHES * len(planes)), layout="constrained")
+    _draw_panels(figure, images, columns, windows, list(planes), aspects)
+    return _save(figure, path)
+
+
+def plot_curves(csv_path: str | Path, png_path: str | Path) -> Path:
+    """Plot a training run's ``metrics.csv`` against its ``epoch`` column.
+
+    Columns whose name contains ``loss`` go in the left panel, every other numeric column (validation
+    PSNR, SSIM, ...) in the right one. Empty cells (a metric not computed that epoch) are skipped.
+    """
+    csv_path = Path(csv_path)
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as stream:
+            records = list(csv.DictReader(stream))
+    except OSError as exc:
+        raise DataError(f"cannot read the metrics file ({exc.strerror}); check the run folder", csv_path) from exc
+    if not records or "epoch" not in records[0]:
+        raise DataError("no 'epoch' column or no rows; is this a medsynth metrics.csv?", csv_path)
+
+    series = {name: np.array([_as_float(r.get(name)) for r in records]) for name in records[0]}
+    epochs = series.pop("epoch")
+    plotted = {name: values for name, values in series.items() if np.isfinite(values).any()}
+    groups = {
+        "losses": [name for name in plotted if "loss" in name],
+        "validation": [name for name in plotted if "loss" not in name],
+    }
+    groups = {title: names for title, names in groups.items() if names}
+    if not groups:
+        raise DataError("no numeric columns besides 'epoch' to plot", csv_path)
+
+    figure = Figure(figsize=(5 * len(groups), 3.5), layout="constrained")
+    for ax, (title, names) in zip(figure.subplots(1, len(groups), squeeze=False)[0], groups.items(), strict=True):
+        for name in names:
+            finite = np.isfinite(epochs) & np.isfinite(plotted[name])
+            ax.plot(epochs[finite], plotted[name][finite], marker=".", label=name)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _save(figure, png_path)
+
+
+def _as_float(text: str | None) -> float:
+    """A CSV cell as a number; empty or non-numeric cells become NaN (not plotted)."""
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
