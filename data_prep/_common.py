@@ -34,15 +34,21 @@ def scan_download(source: Path, layout: str) -> list[SubjectRecord]:
 def place(source: Path, destination: Path, *, copy: bool) -> None:
     """Symlink (or copy) ``source`` to ``destination``; a rerun over the same output is a no-op."""
     if destination.is_symlink() or destination.exists():
-        if destination.resolve() == source.resolve() or (copy and destination.stat().st_size == source.stat().st_size):
+        if destination.resolve() == source.resolve() or (copy and _same_copy(source, destination)):
             return
         raise DataError(f"already exists and is not {source}; choose an empty --out folder", destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     if copy:
         with atomic_path(destination) as temp:
-            shutil.copyfile(source, temp)
+            shutil.copy2(source, temp)
     else:
         os.symlink(source.resolve(), destination)
+
+
+def _same_copy(source: Path, destination: Path) -> bool:
+    """``copy2`` keeps size and modification time, so a file from an earlier run matches on both."""
+    a, b = source.stat(), destination.stat()
+    return (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns)
 
 
 def write_participants(out: Path, records: Sequence[SubjectRecord]) -> None:

@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(handler=_data_check)
 
-    train = commands.add_parser("train", help="train a synthesis model, e.g. medsynth train 't1->t2' --data DIR")
+    train = commands.add_parser(
+        "train", help="train a synthesis model, e.g. medsynth train 't1->t2' --data DIR"
+    )
     train.add_argument("task", nargs="?", help="'t1->t2', t1:t2, 't1,t2,pd->flair' or unified")
     train.add_argument("--source", help="source modality (or comma list), instead of TASK")
     train.add_argument("--target", help="target modality, instead of TASK")
@@ -85,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="batch: a folder of volumes or a text file with one path per line (one-source models)")  # fmt: skip
     infer.add_argument("--checkpoint", required=True, type=Path, help="checkpoint .pt or run folder")
     infer.add_argument("--out", required=True, type=Path, help="output file (.nii.gz, .mha, .nrrd) or folder")
-    infer.add_argument("--target", help="modality to synthesise (unified models; 'missing' = all absent ones)")
+    infer.add_argument(
+        "--target", help="modality to synthesise (unified models; 'missing' = all absent ones)"
+    )
     infer.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     infer.add_argument("--batch-size", type=int, default=16)
     infer.add_argument("--tta", action="store_true", help="average with the left-right flipped prediction")
@@ -101,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     evaluate.add_argument("--space", default="normalised", choices=["normalised", "native"])
     evaluate.add_argument("--out", type=Path, help="output folder (default RUN/eval)")
-    evaluate.add_argument("--baselines", action="store_true", help="also score the identity and LUT baselines")
+    evaluate.add_argument(
+        "--baselines", action="store_true", help="also score the identity and LUT baselines"
+    )
     evaluate.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(handler=_evaluate)
@@ -135,8 +141,12 @@ def _configure_logging(debug: bool) -> None:
 def _data_demo(args: argparse.Namespace) -> int:
     from .data.demo import make_demo_cohort
 
-    make_demo_cohort(args.out, n_subjects=args.subjects, spacing_mm=args.spacing, seed=args.seed, dicom=args.dicom)
-    print(f"demo cohort: {args.subjects} subjects x T1w, T2w, PDw, FLAIR at {args.spacing:g} mm in {args.out}")
+    make_demo_cohort(
+        args.out, n_subjects=args.subjects, spacing_mm=args.spacing, seed=args.seed, dicom=args.dicom
+    )
+    print(
+        f"demo cohort: {args.subjects} subjects x T1w, T2w, PDw, FLAIR at {args.spacing:g} mm in {args.out}"
+    )
     return 0
 
 

@@ -53,7 +53,9 @@ class DataConfig:
         if self.axis not in (0, 1, 2):
             raise ConfigError(f"data.axis must be 0, 1 or 2, got {self.axis}")
         if self.context < 1 or self.context % 2 == 0:
-            raise ConfigError(f"data.context must be an odd number >= 1 (slices per source), got {self.context}")
+            raise ConfigError(
+                f"data.context must be an odd number >= 1 (slices per source), got {self.context}"
+            )
         for name in ("val", "test"):
             value = getattr(self, name)
             if value < 0:

@@ -84,11 +84,17 @@ def psnr(pred: np.ndarray, target: np.ndarray, *, mask: np.ndarray | None = None
     return 10.0 * math.log10(data_range**2 / mse)
 
 
-def _ssim_map(pred: np.ndarray, target: np.ndarray, data_range: float, channel_axis: int | None) -> np.ndarray:
+def _ssim_map(
+    pred: np.ndarray, target: np.ndarray, data_range: float, channel_axis: int | None
+) -> np.ndarray:
     """Voxel-wise SSIM map (same shape as the inputs); edges use reflected neighbourhoods."""
-    spatial = [s for axis, s in enumerate(pred.shape) if channel_axis is None or axis != channel_axis % pred.ndim]
+    spatial = [
+        s for axis, s in enumerate(pred.shape) if channel_axis is None or axis != channel_axis % pred.ndim
+    ]
     if min(spatial) < SSIM_WINDOW:
-        raise ValueError(f"SSIM needs at least {SSIM_WINDOW} voxels along each image axis, got shape {pred.shape}")
+        raise ValueError(
+            f"SSIM needs at least {SSIM_WINDOW} voxels along each image axis, got shape {pred.shape}"
+        )
     _, full = structural_similarity(
         pred,
         target,
@@ -104,12 +110,12 @@ def _ssim_map(pred: np.ndarray, target: np.ndarray, data_range: float, channel_a
 
 def _interior(ndim: int, skip_axis: int | None = None) -> tuple[slice, ...]:
     """Index that drops the half-window border, where the SSIM window reaches past the image."""
-    return tuple(
-        slice(None) if axis == skip_axis else slice(_SSIM_PAD, -_SSIM_PAD) for axis in range(ndim)
-    )
+    return tuple(slice(None) if axis == skip_axis else slice(_SSIM_PAD, -_SSIM_PAD) for axis in range(ndim))
 
 
-def ssim_3d(pred: np.ndarray, target: np.ndarray, *, mask: np.ndarray | None = None, data_range: float) -> float:
+def ssim_3d(
+    pred: np.ndarray, target: np.ndarray, *, mask: np.ndarray | None = None, data_range: float
+) -> float:
     """Structural similarity of two volumes with a 3D window.
 
     Without a mask it is the standard score: the mean of the SSIM map away from the half-window
@@ -167,7 +173,9 @@ def compute_metrics(
     """
     pred, target, mask_checked = _prepare(pred, target, mask, data_range)
     if mask_checked is None:
-        raise ValueError("compute_metrics needs a foreground mask; pass np.ones(shape, bool) to score everything")
+        raise ValueError(
+            "compute_metrics needs a foreground mask; pass np.ones(shape, bool) to score everything"
+        )
     functions = {"psnr": psnr, "ssim3d": ssim_3d, "ssim2d": ssim_2d_mean, "mae": mae}
     result: dict[str, Any] = {}
     for name, function in functions.items():

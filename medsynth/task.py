@@ -29,7 +29,9 @@ class Task:
     def __post_init__(self) -> None:
         if self.is_unified:
             if len(self.modalities) < 2:
-                raise MedsynthError("a unified task needs at least two modalities, e.g. --modalities t1,t2,pd,flair")
+                raise MedsynthError(
+                    "a unified task needs at least two modalities, e.g. --modalities t1,t2,pd,flair"
+                )
             if len(set(self.modalities)) != len(self.modalities):
                 raise MedsynthError(f"modality listed twice in {','.join(self.modalities)}")
             return
@@ -104,7 +106,9 @@ class Task:
                 left, _, right = text.partition(separator)
                 break
         else:
-            raise MedsynthError(f"cannot read task {text!r}; write it as 't1->t2', t1:t2 or 't1,t2,pd->flair'")
+            raise MedsynthError(
+                f"cannot read task {text!r}; write it as 't1->t2', t1:t2 or 't1,t2,pd->flair'"
+            )
         sources = tuple(canonical_modality(s) for s in _split_list(left))
         targets = _split_list(right)
         if len(targets) != 1:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .errors import DataError
 from .io.atomic import atomic_path
@@ -45,8 +46,8 @@ def _radiological(plane: np.ndarray) -> np.ndarray:
 
 def _auto_window(arrays: Sequence[np.ndarray]) -> Window:
     values = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
-    low, high = np.percentile(values, WINDOW_PERCENTILES)
-    return float(low), float(high) if high > low else float(low) + 1.0
+    low, high = (float(v) for v in np.percentile(values, WINDOW_PERCENTILES))
+    return (low, high) if high > low else (low, low + 1.0)
 
 
 def _windows(
@@ -55,12 +56,17 @@ def _windows(
     vmin: Mapping[str, float] | None,
     vmax: Mapping[str, float] | None,
 ) -> dict[str, Window]:
-    """Grey window per column: given values win, else robust percentiles; synthetic shares the target's."""
+    """Display window per column: given values win, else robust percentiles.
+
+    The synthetic column shares the target's window; the error column starts at zero.
+    """
     vmin, vmax = vmin or {}, vmax or {}
     windows: dict[str, Window] = {}
     for column in columns:
         source = TARGET if column == SYNTHETIC and TARGET in samples else column
         low, high = _auto_window(samples[source])
+        if column == ERROR:
+            low, high = 0.0, max(high, 1e-6)
         windows[column] = (vmin.get(source, vmin.get(column, low)), vmax.get(source, vmax.get(column, high)))
     return windows
 
@@ -128,7 +134,9 @@ def comparison_grid(
             raise ValueError(f"row {number} has columns {list(row)}, expected {columns}")
         for name, image in row.items():
             if np.ndim(image) != 2:
-                raise ValueError(f"row {number}, column {name!r}: expected a 2D slice, got shape {np.shape(image)}")
+                raise ValueError(
+                    f"row {number}, column {name!r}: expected a 2D slice, got shape {np.shape(image)}"
+                )
     if titles is not None and len(titles) != len(rows):
         raise ValueError(f"{len(titles)} titles for {len(rows)} rows")
     if error_column and not {SYNTHETIC, TARGET} <= set(columns):
@@ -139,8 +147,6 @@ def comparison_grid(
         samples[ERROR] = [np.abs(s - t) for s, t in zip(samples[SYNTHETIC], samples[TARGET], strict=True)]
         columns.append(ERROR)
     windows = _windows(columns, samples, vmin, vmax)
-    if error_column:
-        windows[ERROR] = (0.0, max(_auto_window(samples[ERROR])[1], 1e-6))
 
     images = [[_radiological(samples[name][row]) for name in columns] for row in range(len(rows))]
     figure = Figure(figsize=(_PANEL_INCHES * len(columns), _PANEL_INCHES * len(rows)), layout="constrained")
@@ -194,7 +200,6 @@ def subject_figure(
     }
     cut = {name: [arrays[name][index] for index, _ in planes.values()] for name in columns}
     windows = _windows(columns, {name: [arrays[name]] for name in columns}, None, None)
-    windows[ERROR] = (0.0, max(_auto_window([arrays[ERROR]])[1], 1e-6))
     images = [[_radiological(cut[name][row]) for name in columns] for row in range(len(planes))]
     # After _radiological, image rows run along the plane's second axis and columns along its first.
     aspects = [second / first for _, (first, second) in planes.values()]
@@ -206,37 +211,41 @@ def subject_figure(
 def plot_curves(csv_path: str | Path, png_path: str | Path) -> Path:
     """Plot a training run's ``metrics.csv`` against its ``epoch`` column.
 
-    Columns whose name contains ``loss`` go in the left panel, every other numeric column (validation
-    PSNR, SSIM, ...) in the right one. Empty cells (a metric not computed that epoch) are skipped.
+    Columns whose name contains ``loss`` share the first panel; every other numeric column (validation
+    PSNR, SSIM, learning rate, ...) gets its own panel, since their scales differ. Empty cells (a metric
+    not computed that epoch) are skipped.
     """
     csv_path = Path(csv_path)
     try:
         with open(csv_path, newline="", encoding="utf-8") as stream:
             records = list(csv.DictReader(stream))
     except OSError as exc:
-        raise DataError(f"cannot read the metrics file ({exc.strerror}); check the run folder", csv_path) from exc
+        raise DataError(
+            f"cannot read the metrics file ({exc.strerror}); check the run folder", csv_path
+        ) from exc
     if not records or "epoch" not in records[0]:
         raise DataError("no 'epoch' column or no rows; is this a medsynth metrics.csv?", csv_path)
 
     series = {name: np.array([_as_float(r.get(name)) for r in records]) for name in records[0]}
     epochs = series.pop("epoch")
     plotted = {name: values for name, values in series.items() if np.isfinite(values).any()}
-    groups = {
-        "losses": [name for name in plotted if "loss" in name],
-        "validation": [name for name in plotted if "loss" not in name],
-    }
-    groups = {title: names for title, names in groups.items() if names}
-    if not groups:
+    losses = [name for name in plotted if "loss" in name]
+    panels = ([("losses", losses)] if losses else []) + [
+        (name, [name]) for name in plotted if name not in losses
+    ]
+    if not panels:
         raise DataError("no numeric columns besides 'epoch' to plot", csv_path)
 
-    figure = Figure(figsize=(5 * len(groups), 3.5), layout="constrained")
-    for ax, (title, names) in zip(figure.subplots(1, len(groups), squeeze=False)[0], groups.items(), strict=True):
+    figure = Figure(figsize=(4 * len(panels), 3.2), layout="constrained")
+    for ax, (title, names) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for name in names:
             finite = np.isfinite(epochs) & np.isfinite(plotted[name])
             ax.plot(epochs[finite], plotted[name][finite], marker=".", label=name)
         ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title, fontsize=10)
+        if len(names) > 1:
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     return _save(figure, png_path)
 

@@ -55,7 +55,9 @@ def test_masked_metrics_ignore_errors_outside_the_mask(box_mask):
     assert psnr(pred, target, mask=box_mask, data_range=2.0) == math.inf
     outside = (~box_mask).mean()
     assert mae(pred, target, data_range=2.0) == pytest.approx(0.5 * outside, rel=1e-9)
-    assert psnr(pred, target, data_range=2.0) == pytest.approx(10 * math.log10(4 / (0.25 * outside)), rel=1e-9)
+    assert psnr(pred, target, data_range=2.0) == pytest.approx(
+        10 * math.log10(4 / (0.25 * outside)), rel=1e-9
+    )
 
 
 def test_masked_ssim_3d_averages_the_map_inside_the_mask(pair):

@@ -16,12 +16,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from ..errors import ConfigError
 from ..modalities import canonical_modality
-from .discovery import SeriesRecord
+
+if TYPE_CHECKING:
+    from .discovery import SeriesRecord
 
 #: Mapping values that exclude a series instead of naming a modality.
 IGNORE_VALUES = frozenset({"ignore", "skip", "none"})
@@ -54,7 +57,9 @@ class SeriesMapping:
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as exc:
-            raise ConfigError(f"cannot read the series mapping ({exc.strerror}); check the --map path", path) from exc
+            raise ConfigError(
+                f"cannot read the series mapping ({exc.strerror}); check the --map path", path
+            ) from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"not valid YAML ({exc.__class__.__name__}); fix the syntax", path) from exc
         if isinstance(data, list):
@@ -124,7 +129,9 @@ def classify_series(series: SeriesRecord, mapping: SeriesMapping | None = None) 
         return Classification(None, f"DICOM Modality {series.dicom_modality or 'missing'} is not MR or CT")
     text = " ".join(filter(None, (series.description, series.protocol, series.sequence_name)))
     if _EXCLUDE.search(text):
-        return Classification(None, f"description {_EXCLUDE.search(text).group(0)!r} marks a non-anatomical series")
+        return Classification(
+            None, f"description {_EXCLUDE.search(text).group(0)!r} marks a non-anatomical series"
+        )
     by_name = _classify_by_name(text, series.contrast_agent)
     return by_name if by_name is not None else _classify_by_physics(series)
 

@@ -12,9 +12,12 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..io.atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 #: Row statuses, in the order the summary line lists them.
 STATUSES: tuple[str, ...] = ("converted", "planned", "skipped", "failed")
@@ -44,6 +47,7 @@ class ConvertReport:
     studies: list[StudyResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    plans: list[Plan] = field(default_factory=list, repr=False)  # for the --dry-run table; not serialised
 
     def count(self, status: str) -> int:
         return sum(result.status == status for result in self.studies)
@@ -63,7 +67,17 @@ class ConvertReport:
         writer.writerow(["study_uid", "patient_key", "status", "reason", "seconds", "inputs", "outputs"])
         for r in self.studies:
             inputs = ";".join(f"{m}={uid}" for m, uid in sorted(r.inputs.items()))
-            writer.writerow([r.study_uid, r.patient_key, r.status, r.reason, f"{r.seconds:.2f}", inputs, ";".join(r.outputs)])
+            writer.writerow(
+                [
+                    r.study_uid,
+                    r.patient_key,
+                    r.status,
+                    r.reason,
+                    f"{r.seconds:.2f}",
+                    inputs,
+                    ";".join(r.outputs),
+                ]
+            )
         return buffer.getvalue()
 
     def to_json(self) -> str:

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -32,13 +33,15 @@ from .. import __version__
 from ..errors import ConfigError, MedsynthError
 from ..io.atomic import atomic_write_text
 from ..io.dicom import write_dicom_series
+from ..io.geometry import align_subject, grid_mismatch
 from ..io.readers import read_volume
 from ..io.volume import Volume
 from ..io.writers import write_volume
 from ..modalities import DISPLAY_NAMES, canonical_modality
 from .classify import SeriesMapping
-from .discovery import Export, SeriesRecord, Study, discover
+from .discovery import SeriesRecord, discover
 from .naming import patient_key, study_folder
+from .plan import Plan, plan_study
 from .report import ConvertReport, StudyResult
 from .shard import Shard
 
@@ -46,50 +49,32 @@ log = logging.getLogger("medsynth")
 
 FORMATS: tuple[str, ...] = ("nifti", "dicom", "both")
 
-#: Geometry tolerance (mm) between the synthetic output and the reference series.
-_GRID_ATOL_MM = 1e-3
-
 
 class PredictorLike(Protocol):
-    """What conversion needs from :class:`medsynth.inference.predictor.Predictor`."""
+    """What conversion needs from :class:`medsynth.inference.predictor.Predictor`.
 
-    sources: tuple[str, ...]
-    target: str | None
-
-    def predict(self, inputs: dict[str, Volume], target: str | None = None) -> Volume: ...
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the batch will do with a study: the inputs chosen, or why it cannot be converted."""
-
-    study: Study
-    inputs: dict[str, SeriesRecord]
-    problem: str = ""
-
-
-def plan_study(study: Study, sources: tuple[str, ...], target: str, fixed_sources: bool) -> Plan:
-    """Choose one series per needed modality.
-
-    A fixed task (``t1,t2->flair``) needs every source; a unified model takes whichever of its
-    modalities the study has (never the target itself). When a study holds several series of one
-    modality, the one with the most slices wins (ties: lowest SeriesInstanceUID), so reruns agree.
+    ``predict`` returns the synthetic :class:`Volume`, or an object holding it as ``.volume`` (the
+    predictor's ``Prediction``, which also carries intermediate arrays for evaluation).
     """
-    by_modality: dict[str, list[SeriesRecord]] = {}
-    for series in study.series:
-        if series.modality is not None and series.unsupported is None:
-            by_modality.setdefault(series.modality, []).append(series)
-    wanted = sources if fixed_sources else tuple(m for m in sources if m != target and m in by_modality)
-    missing = [m for m in wanted if m not in by_modality] if fixed_sources else []
-    if missing or not wanted:
-        needed = ", ".join(missing or [m for m in sources if m != target])
-        return Plan(study, {}, f"no usable series for {needed}")
-    chosen = {m: min(by_modality[m], key=lambda s: (-len(s.files), s.series_uid)) for m in wanted}
-    return Plan(study, chosen)
+
+    @property
+    def required_modalities(self) -> tuple[str, ...]: ...
+
+    @property
+    def target(self) -> str | None: ...
+
+    def predict(self, inputs: dict[str, Volume], target: str | None = None) -> Any: ...
 
 
 def convert_study(
-    plan: Plan, predictor: PredictorLike, out: Path, *, target: str, fmt: str, overwrite: bool, checkpoint_id: str
+    plan: Plan,
+    predictor: PredictorLike,
+    out: Path,
+    *,
+    target: str,
+    fmt: str,
+    overwrite: bool,
+    checkpoint_id: str,
 ) -> StudyResult:
     """Convert one planned study; any data problem becomes a ``failed`` row, never an exception."""
     study = plan.study
@@ -105,9 +90,12 @@ def convert_study(
         result.reason = "already converted (use --overwrite to redo)"
         return result
     try:
+        reference_modality = next(iter(plan.inputs))
         volumes = {m: _read_series(s) for m, s in plan.inputs.items()}
-        synthetic = predictor.predict(volumes, target=target)
-        reference = volumes[next(iter(plan.inputs))]
+        if len(volumes) > 1:
+            volumes = align_subject(volumes, reference_modality)
+        synthetic = _synthetic_volume(predictor.predict(volumes, target=target))
+        reference = volumes[reference_modality]
         _check_grid(synthetic, reference)
         outputs = _write_outputs(synthetic, reference, plan, folder, target=target, fmt=fmt)
         sidecar_data = {
@@ -153,15 +141,12 @@ def _one_line(exc: BaseException) -> str:
 
 @contextmanager
 def _series_folder(series: SeriesRecord) -> Iterator[Path]:
-    """A folder that holds the series' files: their own folder, or links to them when scattered.
+    """A private folder of links to exactly this series' files.
 
-    Exports spread one series over several folders; readers take one folder, so the files are linked
-    (never copied, never written) into a private temporary folder.
+    Exports scatter a series over several folders or mix many series in one; the reader takes one
+    folder, so the files are linked (never copied, never written) into a temporary folder, and the
+    reader lists only this series instead of re-reading every header of a crowded folder.
     """
-    parents = {f.parent for f in series.files}
-    if len(parents) == 1:
-        yield parents.pop()
-        return
     with tempfile.TemporaryDirectory(prefix="medsynth-series-") as temp:
         for number, path in enumerate(series.files):
             os.symlink(path.resolve(), Path(temp) / f"{number:06d}.dcm")
@@ -173,12 +158,16 @@ def _read_series(series: SeriesRecord) -> Volume:
         return read_volume(folder, series_uid=series.series_uid)
 
 
+def _synthetic_volume(output: Any) -> Volume:
+    return output if isinstance(output, Volume) else output.volume
+
+
 def _check_grid(synthetic: Volume, reference: Volume) -> None:
     """The geometry promise: the synthetic volume lies exactly on the reference series' grid."""
-    if synthetic.shape != reference.shape or not np.allclose(synthetic.affine, reference.affine, atol=_GRID_ATOL_MM):
+    problem = grid_mismatch(reference, synthetic)
+    if problem:
         raise MedsynthError(
-            f"the predictor returned a volume off the input grid ({synthetic.shape} vs {reference.shape}); "
-            "this is a bug in the checkpoint's predictor, report it"
+            f"the predictor returned a volume off the input grid ({problem}); this is a bug, report it"
         )
 
 
@@ -194,28 +183,29 @@ def _write_outputs(
 
 
 def _write_derived_series(synthetic: Volume, source: SeriesRecord, folder: Path, target: str) -> Path:
-    """Write the derived series into a temporary sibling folder, then rename it into place.
+    """Write the derived series next to the NIfTI; replace an older one only once the new one is complete.
 
-    A killed run leaves either no ``dicom_<target>`` folder or a complete one, never half a series.
+    The writer builds the series in a hidden folder and renames it into place; here the old series (on
+    ``--overwrite``) is swapped out afterwards, so a killed run never leaves half a series behind.
     """
     final = folder / f"dicom_{target}"
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".dicom_{target}-", dir=folder))
-    try:
-        references = [pydicom.dcmread(path, stop_before_pixels=True) for path in source.files]
-        write_dicom_series(
-            synthetic,
-            staging,
-            series_description=f"{DISPLAY_NAMES[target]} synthetic (medsynth)",
-            reference_datasets=references,
-            derived=True,
-        )
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    fresh = folder / f".dicom_{target}-{uuid.uuid4().hex}"
+    references = [pydicom.dcmread(path, stop_before_pixels=True) for path in source.files[:1]]
+    write_dicom_series(
+        synthetic,
+        fresh,
+        series_description=f"{DISPLAY_NAMES[target]} synthetic (medsynth)",
+        series_number=1000 + (source.series_number or 0),
+        modality="CT" if target == "ct" else "MR",
+        reference_datasets=references,
+        derived=True,
+        derivation_description=f"{DISPLAY_NAMES[target]} synthesised by medsynth {__version__} from series {source.series_uid}",
+    )
+    old = folder / f".dicom_{target}-old-{uuid.uuid4().hex}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(fresh, final)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -258,15 +248,16 @@ def _checkpoint_id(checkpoint_or_predictor: PredictorLike | str | Path) -> str:
 
 def _resolve_target(predictor: PredictorLike, target: str | None) -> tuple[str, bool]:
     """The target to synthesise and whether the sources are fixed (False for a unified model)."""
+    known = tuple(predictor.required_modalities)
     if predictor.target is not None:
         if target is not None and canonical_modality(target) != predictor.target:
             raise ConfigError(f"this checkpoint synthesises {predictor.target}, not {target}; drop --target")
         return predictor.target, True
     if target is None:
-        raise ConfigError(f"this unified checkpoint needs --target, one of {', '.join(predictor.sources)}")
+        raise ConfigError(f"this unified checkpoint needs --target, one of {', '.join(known)}")
     target = canonical_modality(target)
-    if target not in predictor.sources:
-        raise ConfigError(f"--target {target} is not one of the checkpoint's modalities {', '.join(predictor.sources)}")
+    if target not in known:
+        raise ConfigError(f"--target {target} is not one of the checkpoint's modalities {', '.join(known)}")
     return target, False
 
 
@@ -320,16 +311,29 @@ def run_convert(
 
     export = discover(input, mapping)
     studies = [s for s in export.studies if shard.contains(s.study_uid)]
-    plans = [plan_study(s, tuple(predictor.sources), target, fixed) for s in studies]
+    plans = [plan_study(s, tuple(predictor.required_modalities), target, fixed) for s in studies]
     report = ConvertReport(
         notes=export.notes,
-        settings={"target": target, "format": fmt, "shard": str(shard), "workers": workers, "version": __version__},
+        settings={
+            "target": target,
+            "format": fmt,
+            "shard": str(shard),
+            "studies_in_other_shards": len(export.studies) - len(studies),
+            "workers": workers,
+            "medsynth_version": __version__,
+        },
+        plans=plans,
     )
     if dry_run:
         report.studies = [_dry_run_row(p, out, target, fmt, overwrite) for p in plans]
         return report
 
-    options = {"target": target, "fmt": fmt, "overwrite": overwrite, "checkpoint_id": _checkpoint_id(checkpoint_or_predictor)}
+    options = {
+        "target": target,
+        "fmt": fmt,
+        "overwrite": overwrite,
+        "checkpoint_id": _checkpoint_id(checkpoint_or_predictor),
+    }
     report.studies = _run_plans(plans, checkpoint_or_predictor, predictor, out, options, workers)
     report.studies.sort(key=lambda r: r.study_uid)
     report.write(out, suffix=_report_suffix(shard))
@@ -372,7 +376,10 @@ def _run_plans(
         shipped = checkpoint_or_predictor if isinstance(checkpoint_or_predictor, (str, Path)) else predictor
         context = get_context("spawn")  # fork after torch has started threads can deadlock
         with ProcessPoolExecutor(
-            max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(shipped, worker_threads(workers))
+            max_workers=workers,
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(shipped, worker_threads(workers)),
         ) as pool:
             futures = {pool.submit(_run_in_worker, plan, out, options): plan for plan in plans}
             for future in as_completed(futures):

@@ -22,7 +22,9 @@ class Shard:
 
     def __post_init__(self) -> None:
         if self.count < 1 or not 1 <= self.index <= self.count:
-            raise MedsynthError(f"--shard {self.index}/{self.count} is out of range; use K/N with 1 <= K <= N")
+            raise MedsynthError(
+                f"--shard {self.index}/{self.count} is out of range; use K/N with 1 <= K <= N"
+            )
 
     @classmethod
     def parse(cls, text: str) -> Shard:

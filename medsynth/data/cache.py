@@ -91,7 +91,9 @@ def _build_subject(
 ) -> None:
     from .layouts import load_subject  # the I/O stack is only needed when a subject is (re)built
 
-    (folder / "meta.json").unlink(missing_ok=True)  # a crash mid-rebuild must not leave a valid-looking subject
+    (folder / "meta.json").unlink(
+        missing_ok=True
+    )  # a crash mid-rebuild must not leave a valid-looking subject
     subject = load_subject(record, modalities)
     canonical = {m: to_canonical(subject[m])[0] for m in modalities}
     first = subject[modalities[0]]
@@ -100,7 +102,10 @@ def _build_subject(
     normalizers = {}
     for m in modalities:
         normalizer = fingerprint.input_normalizer(m, canonical[m].array)
-        _save_npy(folder / f"{m}.npy", np.ascontiguousarray(normalizer.forward(canonical[m].array).transpose(2, 0, 1)))
+        _save_npy(
+            folder / f"{m}.npy",
+            np.ascontiguousarray(normalizer.forward(canonical[m].array).transpose(2, 0, 1)),
+        )
         normalizers[m] = normalizer.to_dict()
     _save_npy(folder / "mask.npy", np.ascontiguousarray(mask.transpose(2, 0, 1).astype(np.uint8)))
     meta = {
@@ -224,7 +229,9 @@ def prepare_cohort(
         folder = _subject_folder(cache_dir, record.id)
         missing = [m for m in modalities if m not in record.paths]
         if missing:
-            raise DataError(f"subject {record.id} has no {', '.join(missing)} image; add it or leave the subject out")
+            raise DataError(
+                f"subject {record.id} has no {', '.join(missing)} image; add it or leave the subject out"
+            )
         key = subject_key(record, modalities, fingerprint)
         if not _is_current(folder, key, modalities):
             _build_subject(record, modalities, fingerprint, folder, key)

@@ -54,7 +54,9 @@ class NormalizationSpec:
 
     def __post_init__(self) -> None:
         if self.scheme not in _SCHEMES:
-            raise ConfigError(f"unknown normalisation scheme {self.scheme!r}; valid schemes: {', '.join(_SCHEMES)}")
+            raise ConfigError(
+                f"unknown normalisation scheme {self.scheme!r}; valid schemes: {', '.join(_SCHEMES)}"
+            )
         object.__setattr__(self, "window", tuple(float(v) for v in self.window))
         self.make()  # validates the numbers with the normaliser's own checks
 
@@ -115,7 +117,9 @@ class Fingerprint:
         for subject_id, volumes in subjects:
             missing = sorted(set(specs) - set(volumes))
             if missing:
-                raise DataError(f"subject {subject_id!r} has no {', '.join(missing)} image; add it or drop the subject")
+                raise DataError(
+                    f"subject {subject_id!r} has no {', '.join(missing)} image; add it or drop the subject"
+                )
             entry = {}
             for modality, spec in specs.items():
                 volume = volumes[modality]
@@ -144,7 +148,9 @@ class Fingerprint:
             raise MedsynthError(f"the fingerprint has no statistics for {modality!r} (it covers: {known})")
         return self.specs[modality]
 
-    def input_normalizer(self, modality: str, array: np.ndarray, mask: np.ndarray | None = None) -> Normalizer:
+    def input_normalizer(
+        self, modality: str, array: np.ndarray, mask: np.ndarray | None = None
+    ) -> Normalizer:
         """Normaliser fitted on this volume, as used for inputs in training and inference alike.
 
         ``mask`` defaults to the volume's own foreground mask; pass a mask only if it was computed
@@ -195,4 +201,6 @@ class Fingerprint:
         try:
             return cls.from_dict(data)
         except (ConfigError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise DataError(f"not a valid medsynth fingerprint ({exc}); delete it to recompute it", path) from exc
+            raise DataError(
+                f"not a valid medsynth fingerprint ({exc}); delete it to recompute it", path
+            ) from exc

@@ -231,11 +231,12 @@ _SERIES_WORDS: dict[str, set[str]] = {
 }
 
 
-def series_modality(description: str, dicom_modality: str = "MR") -> str | None:
+def series_modality(description: str, dicom_modality: str = "MR", contrast_agent: str = "") -> str | None:
     """The contrast of a DICOM series from its description, or None when it is not clear.
 
     A keyword rule, deliberately small: scanner exports name series by hand, so a description that
     matches no keyword or several (a dual-echo ``PD_T2``) is left out with a note rather than guessed.
+    A T1 is ``t1c`` when its description says so or the series records a ``contrast_agent``.
 
     >>> series_modality("t1_mprage_sag_p2"), series_modality("AX T2 FLAIR"), series_modality("T1 +C")
     ('t1', 'flair', 't1c')
@@ -251,7 +252,8 @@ def series_modality(description: str, dicom_modality: str = "MR") -> str | None:
     if len(matches) != 1:
         return None
     (modality,) = matches
-    return "t1c" if modality == "t1" and words & _CONTRAST_WORDS else modality
+    enhanced = bool(words & _CONTRAST_WORDS or contrast_agent.strip())
+    return "t1c" if modality == "t1" and enhanced else modality
 
 
 def _holds_dicom(folder: Path) -> bool:
@@ -278,9 +280,9 @@ def _scan_dicom(root: Path) -> list[_Found]:
         for info in list_dicom_series(folder, recursive=True):
             if not info.is_image:
                 continue
-            modality = series_modality(info.series_description, info.modality) or series_modality(
-                info.protocol_name, info.modality
-            )
+            modality = series_modality(
+                info.series_description, info.modality, info.contrast_bolus_agent
+            ) or series_modality(info.protocol_name, info.modality, info.contrast_bolus_agent)
             series_folder = Path(os.path.commonpath([Path(f).parent for f in info.files]))
             if modality is None:
                 log.info(

@@ -199,7 +199,9 @@ def normalizer_from_dict(data: dict[str, Any]) -> Normalizer:
     params = dict(data)
     scheme = params.pop("scheme", None)
     if scheme not in _SCHEMES:
-        raise ConfigError(f"unknown normalisation scheme {scheme!r}; valid schemes: {', '.join(sorted(_SCHEMES))}")
+        raise ConfigError(
+            f"unknown normalisation scheme {scheme!r}; valid schemes: {', '.join(sorted(_SCHEMES))}"
+        )
     if scheme == "window":
         params["window"] = tuple(params["window"])
     return _SCHEMES[scheme](**params)

@@ -7,7 +7,7 @@ evaluation read the same file. A user may supply their own ``splits.json``; it i
 trusted.
 
 >>> make_splits([f"sub-{i:02d}" for i in range(10)], val=2, test=2, seed=0)["val"]
-['sub-02', 'sub-07']
+['sub-04', 'sub-06']
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def _count(share: float, total: int, name: str) -> int:
     return max(1, int(round(share * total)))
 
 
-def make_splits(ids: Iterable[str], *, val: float = 0.15, test: float = 0.15, seed: int = 0) -> dict[str, list[str]]:
+def make_splits(
+    ids: Iterable[str], *, val: float = 0.15, test: float = 0.15, seed: int = 0
+) -> dict[str, list[str]]:
     """Draw a seeded ``{"train", "val", "test"}`` split with at least one subject in each."""
     ordered = sorted(ids)
     duplicates = sorted(i for i, n in Counter(ordered).items() if n > 1)
@@ -61,7 +63,9 @@ def make_splits(ids: Iterable[str], *, val: float = 0.15, test: float = 0.15, se
     }
 
 
-def validate_splits(splits: dict[str, list[str]], ids: Iterable[str], path: str | Path | None = None) -> list[str]:
+def validate_splits(
+    splits: dict[str, list[str]], ids: Iterable[str], path: str | Path | None = None
+) -> list[str]:
     """Check a split against the dataset's ids; return the ids that are in no split.
 
     Raises :class:`MedsynthError` for a missing or malformed split, an id the dataset does not
@@ -78,11 +82,15 @@ def validate_splits(splits: dict[str, list[str]], ids: Iterable[str], path: str 
         for subject in splits[name]:
             if subject in seen:
                 where = name if seen[subject] == name else f"{seen[subject]} and {name}"
-                raise MedsynthError(f"subject {subject!r} is listed twice ({where}); keep it in one split", path)
+                raise MedsynthError(
+                    f"subject {subject!r} is listed twice ({where}); keep it in one split", path
+                )
             seen[subject] = name
     unknown = sorted(set(seen) - known)
     if unknown:
-        raise MedsynthError(f"unknown subject ids {', '.join(unknown)}; remove them or fix the data path", path)
+        raise MedsynthError(
+            f"unknown subject ids {', '.join(unknown)}; remove them or fix the data path", path
+        )
     return sorted(known - set(seen))
 
 

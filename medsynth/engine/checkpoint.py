@@ -52,12 +52,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             path,
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"not a readable checkpoint ({exc.__class__.__name__}); is the file complete?", path) from exc
+        raise CheckpointError(
+            f"not a readable checkpoint ({exc.__class__.__name__}); is the file complete?", path
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError("not a medsynth checkpoint (no medsynth format stamp)", path)
     if payload.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
-            f"written by a newer medsynth ({payload.get('medsynth_version')}); upgrade medsynth to read it", path
+            f"written by a newer medsynth ({payload.get('medsynth_version')}); upgrade medsynth to read it",
+            path,
         )
     return payload
 

@@ -48,7 +48,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def default_run_name(config: Config) -> str:
     task = config.parsed_task()
-    slug = "unified-" + "-".join(task.modalities) if task.is_unified else "-".join(task.sources) + "_to_" + str(task.target)
+    slug = (
+        "unified-" + "-".join(task.modalities)
+        if task.is_unified
+        else "-".join(task.sources) + "_to_" + str(task.target)
+    )
     return re.sub(r"[^A-Za-z0-9_.-]", "", f"{slug}-{config.model.generator}{config.model.spatial_dims}d")
 
 
@@ -72,12 +76,13 @@ def claim_run_dir(run_dir: Path, config: Config) -> None:
     """Refuse a folder that already holds a run: resuming is explicit, overwriting never happens."""
     if (run_dir / "checkpoint_latest.pt").exists() or (run_dir / "config.yaml").exists():
         raise MedsynthError(
-            "this folder already holds a run; continue it with --resume "
-            f"{run_dir} or pick another --name",
+            f"this folder already holds a run; continue it with --resume {run_dir} or pick another --name",
             run_dir,
         )
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise MedsynthError("output folder is not empty and holds no medsynth run; pick another --name", run_dir)
+        raise MedsynthError(
+            "output folder is not empty and holds no medsynth run; pick another --name", run_dir
+        )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -89,7 +94,9 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, quiet: bool = 
           runs_root: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Prepare the data of ``run_dir`` and train; returns the best validation metrics."""
     task = config.parsed_task()
-    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else (runs_root or run_dir.parent) / ".cache"
+    cache_dir = (
+        Path(config.data.cache_dir) if config.data.cache_dir else (runs_root or run_dir.parent) / ".cache"
+    )
     started = time.perf_counter()
     data = prepare_run_data(config, task, run_dir, cache_dir=cache_dir, progress=not quiet)
     trainer = Trainer(config, task, data, run_dir, quiet=quiet)

@@ -104,4 +104,6 @@ def prepare_run_data(
         fingerprint.save(fingerprint_path)
     used = [by_id[i] for part in ("train", "val", "test") for i in splits.get(part, []) if i in by_id]
     cohort = prepare_cohort(used, modalities, fingerprint, cache_dir, progress=progress)
-    return RunData(records=by_id, splits=splits, fingerprint=fingerprint, cohort=cohort, modalities=modalities)
+    return RunData(
+        records=by_id, splits=splits, fingerprint=fingerprint, cohort=cohort, modalities=modalities
+    )

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..data.datasets import SliceDataset, make_loader
 from ..errors import MedsynthError
-from ..inference.slicing import synthesize_slices
+from ..inference.slicing import synthesize_slices, unified_planes
+from ..io.atomic import atomic_path
 from ..losses import LSGANLoss, l1_loss
 from ..metrics import mae, psnr, ssim_3d
 from ..nets.registry import build_critic, build_generator
@@ -72,7 +73,9 @@ class EpochStats:
     steps: int = 0
     slices: int = 0
     seconds: float = 0.0
-    sums: dict[str, float] = field(default_factory=lambda: {"loss_critic": 0.0, "loss_adv": 0.0, "loss_l1": 0.0})
+    sums: dict[str, float] = field(
+        default_factory=lambda: {"loss_critic": 0.0, "loss_adv": 0.0, "loss_l1": 0.0}
+    )
 
     def add(self, batch_size: int, seconds: float, **losses: float) -> None:
         self.steps += 1
@@ -142,8 +145,12 @@ class Trainer:
             seed=train.seed,
         )
         if len(self.dataset) == 0:
-            raise MedsynthError("no training slices with foreground; check the data with `medsynth data check`")
-        self.loader = make_loader(self.dataset, train.batch_size, shuffle=True, seed=train.seed, drop_last=True)
+            raise MedsynthError(
+                "no training slices with foreground; check the data with `medsynth data check`"
+            )
+        self.loader = make_loader(
+            self.dataset, train.batch_size, shuffle=True, seed=train.seed, drop_last=True
+        )
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -191,7 +198,9 @@ class Trainer:
         """Restore weights, optimisers, schedulers, counters and RNG state from ``checkpoint_latest.pt``."""
         state = load_checkpoint(path)
         if Task.from_dict(state["task"]) != self.task:
-            raise MedsynthError(f"the run in {path.parent} trains {Task.from_dict(state['task'])}, not {self.task}")
+            raise MedsynthError(
+                f"the run in {path.parent} trains {Task.from_dict(state['task'])}, not {self.task}"
+            )
         self.generator.load_state_dict(state["generator_state"])
         self.critic.load_state_dict(state["critic_state"])
         self.opt_g.load_state_dict(state["optimizer_generator"])
@@ -237,19 +246,29 @@ class Trainer:
     def _train_epoch(self, total_epochs: int) -> None:
         train = self.config.train
         self.loader.set_epoch(self.epoch)
-        batches = len(self.loader) if train.steps_per_epoch is None else min(train.steps_per_epoch, len(self.loader))
+        batches = (
+            len(self.loader)
+            if train.steps_per_epoch is None
+            else min(train.steps_per_epoch, len(self.loader))
+        )
         bar = tqdm(
             total=batches, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{total_epochs}",
             unit="step", disable=self.quiet, leave=False, dynamic_ncols=True,
         )  # fmt: skip
         with bar:
-            for batch in self.loader.iterate(start=self.step_in_epoch, stop=batches):
+            for index, batch in enumerate(self.loader):
+                if index < self.step_in_epoch:
+                    continue  # resumed mid-epoch: these batches were trained before the stop
+                if index >= batches:
+                    break
                 started = time.perf_counter()
                 losses = self.train_step(batch)
                 self.step_in_epoch += 1
                 self.global_step += 1
                 self.stats.add(batch["source"].shape[0], time.perf_counter() - started, **losses)
-                bar.set_postfix({k.removeprefix("loss_"): f"{v:.3f}" for k, v in losses.items()}, refresh=False)
+                bar.set_postfix(
+                    {k.removeprefix("loss_"): f"{v:.3f}" for k, v in losses.items()}, refresh=False
+                )
                 bar.update()
                 every = train.checkpoint_every
                 if self._stop_signal is not None:
@@ -259,8 +278,12 @@ class Trainer:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One critic step and one generator step; returns the batch's losses."""
-        source = batch["source"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        target = batch["target"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        source = (
+            batch["source"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        )
+        target = (
+            batch["target"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        )
         mask = batch["mask"].to(self.device, non_blocking=True) if self.config.train.masked_l1 else None
         train = self.config.train
         with self._autocast():
@@ -305,7 +328,7 @@ class Trainer:
             for target, prediction, truth, mask, inputs in self.synthesize_subject(subject_id):
                 scores["psnr"].append(psnr(prediction, truth, mask=mask, data_range=2.0))
                 scores["ssim"].append(ssim_3d(prediction, truth, mask=mask, data_range=2.0))
-                scores["mae"].append(mae(prediction, truth, mask=mask))
+                scores["mae"].append(mae(prediction, truth, mask=mask, data_range=2.0))
                 if len(self.samples) < 1:
                     self.samples.append((inputs, prediction, truth, mask, target))
         self.generator.train()
@@ -320,19 +343,22 @@ class Trainer:
         mask = np.asarray(cached.mask, dtype=bool)
         context = self.config.data.context
         common = dict(
-            context=context, batch_size=self.config.train.inference_batch_size, device=self.device, amp=self.amp
+            context=context,
+            batch_size=self.config.train.inference_batch_size,
+            device=self.device,
+            amp=self.amp,
         )
         if not self.task.is_unified:
             inputs = [np.asarray(cached.image(m)) for m in self.task.sources]
             prediction = synthesize_slices(self.generator, inputs, mask, **common)
             yield self.task.target, prediction, np.asarray(cached.image(self.task.target)), mask, inputs
             return
-        from ..data.datasets import unified_planes
-
         available = [m for m in self.task.modalities if m in cached.modalities]
         for target in available:
             images = [
-                np.asarray(cached.image(m)) if m in available and m != target else np.zeros(mask.shape, np.float32)
+                np.asarray(cached.image(m))
+                if m in available and m != target
+                else np.zeros(mask.shape, np.float32)
                 for m in self.task.modalities
             ]
             planes = unified_planes(self.task.modalities, [m for m in available if m != target], target)
@@ -374,7 +400,8 @@ class Trainer:
                 f"epoch {row['epoch']:>3}/{self.config.train.total_epochs}  "
                 f"critic {row['loss_critic']:.3f}  adv {row['loss_adv']:.3f}  L1 {row['loss_l1']:.4f}  "
                 f"val PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.3f}  MAE {metrics['mae']:.4f} "
-                f"([-1,1] space, in mask)  {row['slices_per_s']:.0f} slices/s" + ("  *best" if improved else "")
+                f"([-1,1] space, in mask)  {row['slices_per_s']:.0f} slices/s"
+                + ("  *best" if improved else "")
             )
 
     def _is_better(self, value: float) -> bool:
@@ -393,10 +420,7 @@ class Trainer:
         if present.size == 0:
             return
         picks = np.linspace(present[0], present[-1], 5)[1:4].astype(int)
-        rows = [
-            {"input": inputs[0][k], "synthetic": prediction[k], "target": truth[k]}
-            for k in picks
-        ]
+        rows = [{"input": inputs[0][k], "synthetic": prediction[k], "target": truth[k]} for k in picks]
         comparison_grid(rows, self.run_dir / "samples" / f"epoch_{self.epoch + 1:03d}.png")
 
 
@@ -424,8 +448,6 @@ def _truncate_metrics(path: Path, completed_epochs: int) -> None:
         return
     with open(path, newline="", encoding="utf-8") as stream:
         rows = [r for r in csv.DictReader(stream) if int(r["epoch"]) <= completed_epochs]
-    from ..io.atomic import atomic_path
-
     with atomic_path(path) as temp, open(temp, "w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=METRICS_FIELDS)
         writer.writeheader()

@@ -27,7 +27,7 @@ from ..io.volume import Volume, to_canonical
 from ..modalities import DISPLAY_NAMES, canonical_modality
 from ..nets.registry import build_generator
 from ..task import Task
-from .slicing import synthesize_slices
+from .slicing import synthesize_slices, unified_planes
 
 
 @dataclass
@@ -63,6 +63,8 @@ class Predictor:
         self.source = source
         self.digest: str | None = None
         self.epoch = checkpoint.get("epoch")
+        #: Subject-level splits of the training run, so evaluation scores the held-out subjects.
+        self.checkpoint_splits: dict[str, list[str]] = dict(checkpoint.get("data", {}).get("splits", {}))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Predictor:
@@ -105,7 +107,9 @@ class Predictor:
                 )
             extra = sorted(set(inputs) - set(self.task.sources))
             if extra:
-                raise MedsynthError(f"the checkpoint does not use {', '.join(extra)}; it takes {', '.join(self.task.sources)}")
+                raise MedsynthError(
+                    f"the checkpoint does not use {', '.join(extra)}; it takes {', '.join(self.task.sources)}"
+                )
             return str(self.task.target), list(self.task.sources)
         known = self.task.modalities
         unknown = sorted(set(inputs) - set(known))
@@ -117,7 +121,9 @@ class Predictor:
         if target not in known:
             raise MedsynthError(f"target {target!r} is outside this unified model's set: {', '.join(known)}")
         if target in inputs:
-            raise MedsynthError(f"{target} is given as an input; the target must be a modality you do not have")
+            raise MedsynthError(
+                f"{target} is given as an input; the target must be a modality you do not have"
+            )
         if not inputs:
             raise MedsynthError("give at least one input volume")
         return target, [m for m in known if m in inputs]
@@ -148,7 +154,8 @@ class Predictor:
             canonical[modality], reorientation = to_canonical(inputs[modality])
         mask = foreground_mask([canonical[m].array for m in order])
         normalised = {
-            m: self.fingerprint.input_normalizer(m, canonical[m].array, mask).forward(canonical[m].array) for m in order
+            m: self.fingerprint.input_normalizer(m, canonical[m].array, mask).forward(canonical[m].array)
+            for m in order
         }
         prediction = self._synthesize(normalised, order, target, mask, batch_size, flip_tta, progress)
         native = self.fingerprint.output_normalizer(target).inverse(prediction)
@@ -178,8 +185,6 @@ class Predictor:
         to_slices = lambda a: np.ascontiguousarray(np.moveaxis(a, axis, 0))  # noqa: E731
         planes = None
         if self.task.is_unified:
-            from ..data.datasets import unified_planes
-
             shape = normalised[order[0]].shape
             images = [normalised.get(m, np.zeros(shape, np.float32)) for m in self.task.modalities]
             planes = unified_planes(self.task.modalities, order, target)

@@ -88,7 +88,9 @@ def synthesize_slices(
     generator.eval()
     # Mixed precision only on CUDA: bf16 on these CPUs is emulated and slower than fp32.
     use_amp = amp and device.type == "cuda"
-    autocast = torch.autocast(device_type="cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
+    )
     batches = range(0, len(slice_ids), batch_size)
     for start in tqdm(batches, desc="slices", unit="batch", disable=not progress, leave=False):
         chunk = slice_ids[start : start + batch_size]
@@ -100,3 +102,13 @@ def synthesize_slices(
                 prediction = 0.5 * (prediction + generator(batch.flip(-2)).flip(-2))
         output[chunk, box[1], box[2]] = prediction[:, 0].float().cpu().numpy()
     return output
+
+
+def unified_planes(modalities: Sequence[str], inputs: Sequence[str], target: str) -> np.ndarray:
+    """Constant planes of a unified model's input: availability of each modality, then the target's one-hot.
+
+    Matches :func:`medsynth.data.datasets.unified_input`, whose image channels are zero for absent inputs.
+    """
+    available = [1.0 if m in inputs else 0.0 for m in modalities]
+    one_hot = [1.0 if m == target else 0.0 for m in modalities]
+    return np.asarray(available + one_hot, dtype=np.float32)

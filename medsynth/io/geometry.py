@@ -32,7 +32,9 @@ _INTERPOLATORS = {
 }
 
 
-def affine_from_itk(spacing: Sequence[float], origin: Sequence[float], direction: Sequence[float]) -> np.ndarray:
+def affine_from_itk(
+    spacing: Sequence[float], origin: Sequence[float], direction: Sequence[float]
+) -> np.ndarray:
     """RAS voxel-to-world affine from ITK's LPS ``spacing``/``origin``/``direction`` (row-major).
 
     Works for 3D and higher-dimensional ITK images: only the first three axes are spatial.
@@ -108,7 +110,9 @@ def resample_to(volume: Volume, reference: Volume, interpolation: str = "linear"
     ``volume``'s provenance but not its NIfTI header, which described the old grid.
     """
     if interpolation not in _INTERPOLATORS:
-        raise ValueError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(_INTERPOLATORS)}")
+        raise ValueError(
+            f"unknown interpolation {interpolation!r}; choose one of {', '.join(_INTERPOLATORS)}"
+        )
     resampled = sitk.Resample(
         volume_to_sitk(volume),
         volume_to_sitk(reference),

@@ -67,7 +67,13 @@ class ConvNormAct(nn.Sequential):
         if transposed:
             conv_type = Conv[Conv.CONVTRANS, spatial_dims]
             conv = conv_type(
-                in_channels, out_channels, kernel_size, stride, padding, output_padding=output_padding, bias=bias
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride,
+                padding,
+                output_padding=output_padding,
+                bias=bias,
             )
         else:
             conv_type = Conv[Conv.CONV, spatial_dims]

@@ -48,7 +48,9 @@ class PatchGAN(nn.Module):
     ) -> None:
         super().__init__()
         check_choice("PatchGAN", "spatial_dims", spatial_dims, (2, 3))
-        check_positive_int("PatchGAN", in_channels=in_channels, base_channels=base_channels, n_layers=n_layers)
+        check_positive_int(
+            "PatchGAN", in_channels=in_channels, base_channels=base_channels, n_layers=n_layers
+        )
         check_choice("PatchGAN", "norm", norm, ("instance", "batch", "none"))
         check_choice("PatchGAN", "spectral_norm", spectral_norm, (True, False))
         self.init_args = {
@@ -61,7 +63,9 @@ class PatchGAN(nn.Module):
         }
         widths = [base_channels * min(2**layer, MAX_MULTIPLIER) for layer in range(n_layers + 1)]
         layers = [
-            ConvNormAct(spatial_dims, in_channels, widths[0], kernel_size=4, stride=2, padding=1, act=LEAKY_RELU)
+            ConvNormAct(
+                spatial_dims, in_channels, widths[0], kernel_size=4, stride=2, padding=1, act=LEAKY_RELU
+            )
         ]
         for layer in range(1, n_layers + 1):
             layers.append(

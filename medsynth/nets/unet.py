@@ -14,7 +14,16 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .blocks import LEAKY_RELU, RELU, ConvNormAct, check_choice, check_positive_int, crop_to, init_weights, pad_to_multiple
+from .blocks import (
+    LEAKY_RELU,
+    RELU,
+    ConvNormAct,
+    check_choice,
+    check_positive_int,
+    crop_to,
+    init_weights,
+    pad_to_multiple,
+)
 
 #: pix2pix applies dropout in the decoder of the three levels right under the innermost one.
 DROPOUT_LEVELS = 3
@@ -61,7 +70,11 @@ class UNet(nn.Module):
         super().__init__()
         check_choice("UNet", "spatial_dims", spatial_dims, (2, 3))
         check_positive_int(
-            "UNet", in_channels=in_channels, out_channels=out_channels, base_channels=base_channels, depth=depth
+            "UNet",
+            in_channels=in_channels,
+            out_channels=out_channels,
+            base_channels=base_channels,
+            depth=depth,
         )
         check_positive_int("UNet", minimum=base_channels, max_channels=max_channels)
         check_choice("UNet", "norm", norm, ("instance", "batch"))
@@ -156,7 +169,14 @@ class UNet(nn.Module):
                 dropout=dropout,
             )
         conv = ConvNormAct(
-            spatial_dims, in_channels, out_channels, kernel_size=3, padding=1, norm=norm, act=act, dropout=dropout
+            spatial_dims,
+            in_channels,
+            out_channels,
+            kernel_size=3,
+            padding=1,
+            norm=norm,
+            act=act,
+            dropout=dropout,
         )
         return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv)
 

@@ -1,0 +1,430 @@
+"""Training samples from the preprocessed cache: 2D/2.5D slices and 3D patches, fetched a batch at a time.
+
+``SliceDataset`` loads every requested subject's slices, cropped in-plane around the subject's
+foreground, into one RAM array ``(slices, modalities, H, W)`` when it is built (about
+``slices x modalities x H x W x 4`` bytes: a few hundred MB for a hundred 256x256x150 subjects, ~20 MB
+for the demo cohort). A batch is then one numpy fancy-index gather, with no file access and no
+per-sample Python, which is why ``__getitems__`` exists and why :func:`make_loader` needs no worker
+processes. ``PatchDataset`` reads 3D patches from the memory-mapped cache instead, since whole volumes
+of a large cohort would not fit.
+
+Randomness (shuffling, unified-mode modality draws, patch centres) is a pure function of
+``(seed, epoch, index)``, so a run is reproducible whatever the batch size or resume point.
+
+**Unified mode** trains one network for every "available subset -> missing modality" pair. The input
+layout is fixed: ``M x context`` image channels (zero where a modality is not given), ``M`` availability
+planes (1/0) and ``M`` one-hot planes naming the target. Telling the network what is present and what
+is wanted through extra input channels needs no change to any generator or critic, and the critic sees
+it too because it is conditioned on the source. :func:`unified_input` builds the same layout at
+inference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, MedsynthError
+from .cache import CachedSubject, Cohort
+
+log = logging.getLogger("medsynth")
+
+#: Normalised background value used to pad crops (images are mapped to [-1, 1]).
+BACKGROUND = -1.0
+# Storage order of the cache is (k, i, j): volume axis -> storage axis.
+_STORAGE_AXIS = {2: 0, 0: 1, 1: 2}
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: a fast, well-spread hash of uint64 values."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniform_draws(seed: int, epoch: int, index: np.ndarray, stream: np.ndarray | int = 0) -> np.ndarray:
+    """Uniform floats in [0, 1), one per broadcast ``(index, stream)`` pair, fixed by seed and epoch.
+
+    Counter-based rather than a stateful generator, so a sample's draw does not depend on which batch
+    or worker fetched it.
+    """
+    with np.errstate(over="ignore"):
+        h = _mix(np.atleast_1d(np.asarray(seed, dtype=np.uint64)))
+        h = _mix(h + np.uint64(epoch))
+        h = _mix(h + np.asarray(index, dtype=np.uint64))
+        h = _mix(h + np.asarray(stream, dtype=np.uint64))
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _assemble_unified(stack: np.ndarray, available: np.ndarray, target_index: np.ndarray) -> np.ndarray:
+    """(B, M, context, H, W) images + (B, M) availability + (B,) target -> (B, M*context + 2M, H, W)."""
+    batch, count, context, height, width = stack.shape
+    images = (stack * available[:, :, None, None, None]).reshape(batch, count * context, height, width)
+    planes = np.broadcast_to(available[:, :, None, None], (batch, count, height, width))
+    one_hot = np.eye(count, dtype=np.float32)[target_index]
+    targets = np.broadcast_to(one_hot[:, :, None, None], (batch, count, height, width))
+    return np.concatenate([images, planes, targets], axis=1).astype(np.float32, copy=False)
+
+
+def unified_input(
+    images: dict[str, np.ndarray], modalities: Sequence[str], target: str, context: int = 1
+) -> np.ndarray:
+    """The unified-mode network input for the given images, exactly as :class:`SliceDataset` builds it.
+
+    ``images`` maps the available modalities to normalised arrays of shape ``(..., context, H, W)``
+    (any leading batch dimensions); returns ``(..., M*context + 2M, H, W)`` float32 with
+    ``M = len(modalities)``.
+
+    >>> x = unified_input({"t1": np.ones((1, 4, 4))}, ["t1", "t2", "pd"], target="t2")
+    >>> x.shape, x[:, 0, 0].tolist()
+    ((9, 4, 4), [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    """
+    modalities = tuple(modalities)
+    if target not in modalities:
+        raise MedsynthError(f"target {target!r} is not one of the model's modalities {', '.join(modalities)}")
+    if target in images:
+        raise MedsynthError(f"{target!r} is both an input and the target; leave it out of the inputs")
+    unknown = sorted(set(images) - set(modalities))
+    if unknown or not images:
+        raise MedsynthError(
+            f"give at least one input among {', '.join(modalities)}"
+            + (f"; the model does not know {', '.join(unknown)}" if unknown else "")
+        )
+    shapes = {np.shape(a) for a in images.values()}
+    shape = next(iter(shapes))
+    if len(shapes) > 1 or len(shape) < 3 or shape[-3] != context:
+        raise ValueError(f"inputs must share a shape (..., {context}, H, W), got {sorted(shapes)}")
+    lead, (height, width) = shape[:-3], shape[-2:]
+    count = len(modalities)
+    stack = np.zeros((int(np.prod(lead, dtype=np.int64)), count, context, height, width), np.float32)
+    available = np.zeros((stack.shape[0], count), np.float32)
+    for name, array in images.items():
+        position = modalities.index(name)
+        stack[:, position] = np.reshape(array, (-1, context, height, width))
+        available[:, position] = 1.0
+    target_index = np.full(stack.shape[0], modalities.index(target))
+    out = _assemble_unified(stack, available, target_index)
+    return out.reshape(*lead, out.shape[1], height, width)
+
+
+def _oriented(array: np.ndarray, axis: int) -> np.ndarray:
+    """View a ``(k, i, j)`` cache array as ``(slices along axis, in-plane a, in-plane b)``."""
+    in_plane = [a for a in (0, 1, 2) if a != axis]
+    return array.transpose(_STORAGE_AXIS[axis], *(_STORAGE_AXIS[a] for a in in_plane))
+
+
+def _crop_plane(stack: np.ndarray, centre: tuple[int, int], size: tuple[int, int], fill: float) -> np.ndarray:
+    """Crop ``(n, A, B)`` in-plane to ``size`` centred on ``centre``, padding with ``fill`` off the grid."""
+    out = np.full((stack.shape[0], *size), fill, dtype=stack.dtype)
+    src, dst = [], []
+    for centre_a, length, extent in zip(centre, size, stack.shape[1:], strict=True):
+        start = centre_a - length // 2
+        low, high = max(start, 0), min(start + length, extent)
+        src.append(slice(low, max(high, low)))
+        dst.append(slice(low - start, low - start + max(high - low, 0)))
+    out[:, dst[0], dst[1]] = stack[:, src[0], src[1]]
+    return out
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class SliceDataset(Dataset):
+    """2D (``context=1``) or 2.5D (``context`` odd > 1) slices of cached subjects.
+
+    Items are dicts: ``source`` (C, H, W) float32 with ``C = len(sources) * context`` (source-major:
+    all context slices of the first source, then the next), ``target`` (1, H, W) when a target is set,
+    ``mask`` (1, H, W) float32, ``subject`` and ``slice`` (index along ``axis``). Context slices past a
+    volume end repeat the end slice. In unified mode ``source`` follows :func:`unified_input` and items
+    also carry ``target_index`` and ``available`` (M,).
+
+    ``axis`` is the canonical slicing axis: 2 axial (default, the cache's storage order), 0 sagittal,
+    1 coronal (transposed once per subject at load). ``crop_size=None`` takes the largest in-plane
+    foreground box over these subjects, rounded up to ``size_multiple``; each subject is cropped around
+    its own box centre and padded with -1.
+    """
+
+    def __init__(
+        self,
+        cohort: Cohort,
+        subject_ids: Sequence[str],
+        sources: Sequence[str],
+        target: str | None,
+        *,
+        context: int = 1,
+        crop_size: tuple[int, int] | None = None,
+        size_multiple: int = 16,
+        foreground_only: bool = True,
+        min_foreground: int = 1,
+        unified_modalities: Sequence[str] | None = None,
+        axis: int = 2,
+        seed: int = 0,
+    ) -> None:
+        if context < 1 or context % 2 == 0:
+            raise ConfigError(f"context must be an odd number of slices (1, 3, 5, ...), got {context}")
+        if axis not in _STORAGE_AXIS:
+            raise ConfigError(f"slicing axis must be 0 (sagittal), 1 (coronal) or 2 (axial), got {axis}")
+        if size_multiple < 1:
+            raise ConfigError(f"size_multiple must be >= 1, got {size_multiple}")
+        if not subject_ids:
+            raise MedsynthError("no subjects to draw slices from; check the split")
+        self.unified = unified_modalities is not None
+        if self.unified:
+            self.modalities = tuple(unified_modalities or ())
+            if len(self.modalities) < 2:
+                raise ConfigError("unified mode needs at least two modalities")
+            self.sources, self.target = self.modalities, None
+        else:
+            if not sources:
+                raise ConfigError("a slice dataset needs at least one source modality")
+            self.sources, self.target = tuple(sources), target
+            self.modalities = self.sources + ((target,) if target is not None else ())
+        self.context, self.axis, self.seed, self.epoch = context, axis, seed, 0
+        subjects = [cohort.subject(s) for s in subject_ids]
+        self.crop_size = self._crop_size(subjects, crop_size, size_multiple)
+        self._load(subjects)
+        counts = self._masks.reshape(len(self._masks), -1).sum(axis=1, dtype=np.int64)
+        keep = counts >= min_foreground if foreground_only else np.ones(len(counts), bool)
+        self._selected = np.flatnonzero(keep)
+        if not len(self._selected):
+            raise MedsynthError(
+                f"no slice has {min_foreground} foreground voxels; check the masks or lower it"
+            )
+        # Global indices of each selected slice's context neighbours, clamped to its own subject.
+        half = np.arange(context) - context // 2
+        local = self._slice_index[self._selected]
+        first = self._selected - local
+        last = first + self._depth[self._selected] - 1
+        self._neighbours = np.clip(self._selected[:, None] + half, first[:, None], last[:, None])
+
+    def _crop_size(
+        self, subjects: list[CachedSubject], crop_size: tuple[int, int] | None, multiple: int
+    ) -> tuple[int, int]:
+        in_plane = [a for a in (0, 1, 2) if a != self.axis]
+        self._centres = [tuple((s.bbox[a].start + s.bbox[a].stop) // 2 for a in in_plane) for s in subjects]
+        if crop_size is not None:
+            if len(crop_size) != 2 or min(crop_size) < 1:
+                raise ConfigError(f"crop_size must be two positive sizes (H, W), got {crop_size}")
+            return int(crop_size[0]), int(crop_size[1])
+        extents = np.array([[s.bbox[a].stop - s.bbox[a].start for a in in_plane] for s in subjects])
+        return _round_up(int(extents[:, 0].max()), multiple), _round_up(int(extents[:, 1].max()), multiple)
+
+    def _load(self, subjects: list[CachedSubject]) -> None:
+        images, masks, ids, index = [], [], [], []
+        for number, (subject, centre) in enumerate(zip(subjects, self._centres, strict=True)):
+            planes = [_crop_plane(_oriented(subject.image(m), self.axis), centre, self.crop_size, BACKGROUND)
+                      for m in self.modalities]  # fmt: skip
+            images.append(np.stack(planes, axis=1))
+            masks.append(_crop_plane(_oriented(subject.mask, self.axis), centre, self.crop_size, 0))
+            ids.append(np.full(len(planes[0]), number))
+            index.append(np.arange(len(planes[0])))
+        self._images = np.concatenate(images)  # (slices, modalities, H, W) float32
+        self._masks = np.concatenate(masks)  # (slices, H, W) uint8
+        self._subject_number = np.concatenate(ids)
+        self._slice_index = np.concatenate(index)
+        self._depth = np.concatenate([np.full(len(i), len(i)) for i in index])
+        self.subject_ids = tuple(s.id for s in subjects)
+        log.debug("slice dataset holds %.1f MB in RAM", (self._images.nbytes + self._masks.nbytes) / 2**20)
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of ``source``: what the generator's ``in_channels`` must be."""
+        count = len(self.modalities) if self.unified else len(self.sources)
+        return count * self.context + (2 * count if self.unified else 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's random draws (unified-mode subsets); :func:`make_loader` calls it."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self._selected)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {key: value[0] for key, value in self.__getitems__([index]).items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        """A whole batch with one gather per array: ``source`` (B, C, H, W), ``target`` (B, 1, H, W), ..."""
+        index = np.asarray(indices, dtype=np.int64)
+        centre = self._selected[index]
+        neighbours = self._neighbours[index]  # (B, context)
+        batch: dict[str, Any] = {
+            "mask": torch.from_numpy(self._masks[centre][:, None].astype(np.float32)),
+            "subject": [self.subject_ids[n] for n in self._subject_number[centre]],
+            "slice": torch.from_numpy(self._slice_index[centre]),
+        }
+        height, width = self.crop_size
+        if self.unified:
+            stack = self._images[neighbours].transpose(0, 2, 1, 3, 4)  # (B, M, context, H, W)
+            available, target_index = self._draw_unified(index)
+            batch["source"] = torch.from_numpy(_assemble_unified(stack, available, target_index))
+            batch["target"] = torch.from_numpy(self._images[centre, target_index][:, None])
+            batch["target_index"] = torch.from_numpy(target_index)
+            batch["available"] = torch.from_numpy(available)
+            return batch
+        count = len(self.sources)
+        source = self._images[neighbours, :count].transpose(0, 2, 1, 3, 4)  # (B, S, context, H, W)
+        batch["source"] = torch.from_numpy(source.reshape(len(index), count * self.context, height, width))
+        if self.target is not None:
+            batch["target"] = torch.from_numpy(self._images[centre, count][:, None])
+        return batch
+
+    def _draw_unified(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per sample: a uniform target, then a uniform non-empty subset of the other modalities."""
+        count = len(self.modalities)
+        target_index = uniform_draws(self.seed, self.epoch, index[:, None], np.arange(count)).argmax(axis=1)
+        rest = np.ones((len(index), count), bool)
+        rest[np.arange(len(index)), target_index] = False
+        # Subsets of the n remaining modalities are the integers 1 .. 2**n - 1 read as bit masks.
+        subsets = 2 ** rest.sum(axis=1) - 1
+        draw = 1 + (uniform_draws(self.seed, self.epoch, index, count) * subsets).astype(np.int64)
+        rank = np.cumsum(rest, axis=1) - 1
+        chosen = rest & (((draw[:, None] >> np.maximum(rank, 0)) & 1) == 1)
+        return chosen.astype(np.float32), target_index
+
+
+class BatchLoader:
+    """Iterates whole batches from a dataset's ``__getitems__``, in an order fixed by seed and epoch."""
+
+    def __init__(self, dataset: Any, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        if drop_last and len(dataset) < batch_size:
+            raise MedsynthError(
+                f"only {len(dataset)} samples for a batch of {batch_size}; lower the batch size or add subjects"
+            )
+        self.dataset, self.batch_size = dataset, batch_size
+        self.shuffle, self.seed, self.drop_last, self.epoch = shuffle, seed, drop_last, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.dataset), self.batch_size)
+        return full if self.drop_last or not rest else full + 1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        total = len(self.dataset)
+        order = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(total)
+            if self.shuffle
+            else np.arange(total)
+        )
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield self.dataset.__getitems__(order[start : start + self.batch_size])
+
+
+def make_loader(
+    dataset: SliceDataset | PatchDataset,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> BatchLoader:
+    """Batches of a slice or patch dataset; call ``loader.set_epoch(e)`` before each epoch.
+
+    No worker processes: slices are gathered from RAM faster than workers could ship them, and
+    patch fetches are memory-mapped reads.
+    """
+    return BatchLoader(dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+
+
+class PatchDataset(Dataset):
+    """Random 3D patches (``patch_size`` in canonical ``(i, j, k)`` order) for 3D networks.
+
+    ``samples_per_epoch`` patches per epoch; each picks a subject uniformly, then a centre: a uniform
+    foreground voxel when ``foreground_weighted`` (so air is not most of the training signal), else a
+    uniform voxel. Patches are shifted to stay inside the volume. Items hold ``source`` (S, *patch),
+    ``target`` (1, *patch), ``mask`` (1, *patch) and ``subject``.
+    """
+
+    def __init__(
+        self,
+        cohort: Cohort,
+        subject_ids: Sequence[str],
+        sources: Sequence[str],
+        target: str,
+        *,
+        patch_size: tuple[int, int, int] = (64, 64, 64),
+        samples_per_epoch: int,
+        foreground_weighted: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if not subject_ids:
+            raise MedsynthError("no subjects to draw patches from; check the split")
+        if not sources:
+            raise ConfigError("a patch dataset needs at least one source modality")
+        if len(patch_size) != 3 or min(patch_size) < 1:
+            raise ConfigError(f"patch_size must be three positive sizes, got {patch_size}")
+        if samples_per_epoch < 1:
+            raise ConfigError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        self.sources, self.target = tuple(sources), target
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.samples_per_epoch, self.weighted, self.seed, self.epoch = (
+            samples_per_epoch,
+            foreground_weighted,
+            seed,
+            0,
+        )
+        self._subjects = [cohort.subject(s) for s in subject_ids]
+        shapes = np.array([s.meta["shape"] for s in self._subjects])
+        fits = shapes.min(axis=0)
+        if np.any(np.array(self.patch_size) > fits):
+            raise ConfigError(
+                f"patch_size {self.patch_size} does not fit the smallest volume; the largest patch that fits "
+                f"every subject is {tuple(int(f) for f in fits)}"
+            )
+        self._shapes = shapes
+        self._images = [{m: s.image(m) for m in (*self.sources, target)} for s in self._subjects]
+        self._masks = [s.mask for s in self._subjects]
+        # Cumulative foreground counts per storage slice k: a weighted centre is drawn slice first.
+        self._cumulative = [np.cumsum(m.reshape(len(m), -1).sum(axis=1, dtype=np.int64)) for m in self._masks]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {key: value[0] for key, value in self.__getitems__([index]).items()}
+
+    def _centre(self, number: int, draws: np.ndarray) -> np.ndarray:
+        """Centre ``(i, j, k)`` of one patch from three uniform draws."""
+        shape = self._shapes[number]
+        cumulative = self._cumulative[number]
+        if not self.weighted or cumulative[-1] == 0:
+            return (draws * shape).astype(np.int64)
+        k = int(np.searchsorted(cumulative, draws[0] * cumulative[-1], side="right"))
+        voxels = np.flatnonzero(self._masks[number][k])
+        i, j = np.unravel_index(voxels[int(draws[1] * len(voxels))], (shape[0], shape[1]))
+        return np.array([i, j, k])
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        index = np.asarray(indices, dtype=np.int64)
+        draws = uniform_draws(self.seed, self.epoch, index[:, None], np.arange(4))
+        numbers = (draws[:, 0] * len(self._subjects)).astype(np.int64)
+        size = np.array(self.patch_size)
+        sources, targets, masks = [], [], []
+        for number, row in zip(numbers, draws[:, 1:], strict=True):
+            start = np.clip(self._centre(number, row) - size // 2, 0, self._shapes[number] - size)
+            box = (slice(start[2], start[2] + size[2]), slice(start[0], start[0] + size[0]),
+                   slice(start[1], start[1] + size[1]))  # fmt: skip
+            images = self._images[number]
+            sources.append([images[m][box].transpose(1, 2, 0) for m in self.sources])
+            targets.append(images[self.target][box].transpose(1, 2, 0)[None])
+            masks.append(self._masks[number][box].transpose(1, 2, 0)[None])
+        return {
+            "source": torch.from_numpy(np.asarray(sources, dtype=np.float32)),
+            "target": torch.from_numpy(np.asarray(targets, dtype=np.float32)),
+            "mask": torch.from_numpy(np.asarray(masks, dtype=np.float32)),
+            "subject": [self._subjects[n].id for n in numbers],
+        }

@@ -1,0 +1,490 @@
+"""The built-in demo cohort: paired T1w/T2w/PDw/FLAIR heads simulated from the MNI152 2009a templates.
+
+Why simulate: a user can try every command (train, infer, evaluate, convert) in minutes without a data
+agreement, and tests get a realistic, co-registered, multi-contrast cohort that never leaves the machine.
+The templates ship inside nilearn (``load_mni152_*_template(resolution=1)`` read package files; nothing is
+downloaded).
+
+The model, at a field strength of 3 T (details and sources in ``docs/demo_cohort.md``):
+
+* **Anatomy.** Grey and white matter fractions are the template probability maps; CSF is the rest of the
+  intracranial region (the template's non-zero support, which is skull-stripped) plus a 2 mm
+  subarachnoid rim. Because nilearn's T1 template has no scalp, the head around it is built as shells at a
+  given distance from that region: inner table (bone), diploe (fatty marrow), outer table (bone),
+  subcutaneous fat and skin/muscle. Air is 0.
+* **Signal.** Each tissue gets a closed-form signal for each sequence (spin echo, or inversion recovery for
+  FLAIR) from its T1, T2 and proton density; a voxel's signal is the fraction-weighted sum (partial volume).
+* **Subjects.** One ``numpy`` Generator per subject, seeded with ``(seed, subject index)``, draws a global
+  affine jitter and a smooth elastic displacement (shared by all four contrasts, so they stay
+  co-registered), relaxation-time jitter, and per contrast a smooth multiplicative bias field, Rician
+  noise at a fixed SNR and an arbitrary intensity scale.
+
+Everything per subject runs on the output grid: the 1 mm tissue maps are reduced to ``spacing_mm`` once
+(and cached), so a 2 mm cohort costs about a second per subject.
+
+Example:
+    >>> from medsynth.data.demo import make_demo_cohort
+    >>> subjects = make_demo_cohort("demo", n_subjects=2, spacing_mm=4.0, progress=False)  # doctest: +SKIP
+    >>> subjects[0].name  # doctest: +SKIP
+    'sub-01'
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from .. import __version__
+from ..errors import MedsynthError
+from ..io.atomic import atomic_path, atomic_write_text
+from ..io.volume import Volume, to_canonical
+from ..modalities import DISPLAY_NAMES
+
+FIELD_STRENGTH_T = 3.0
+#: Mean brain signal over the noise standard deviation (before the bias field and scaling).
+SNR = 25.0
+DATASET_NAME = "medsynth demo cohort"
+
+
+@dataclass(frozen=True)
+class Tissue:
+    """Relaxation properties of one tissue at 3 T; ``pd`` is the water (proton) density relative to CSF."""
+
+    name: str
+    t1_ms: float
+    t2_ms: float
+    pd: float
+
+
+# Sources (3 T): GM/WM T1 and T2 from Wansapura et al., JMRI 1999;9:531-538; CSF T1 from Lu et al., JMRI
+# 2005;22:13-22; CSF T2 ~2 s (any value >> TE gives the same images); subcutaneous fat from de Bazelaire
+# et al., Radiology 2004;230:652-659; skeletal muscle from Stanisz et al., MRM 2005;54:507-512; cortical
+# bone T2* ~0.4 ms from UTE studies (Du et al.), so bone is dark at every TE used here. Proton densities:
+# brain water content, WM ~0.70, GM ~0.80 (Tofts, Quantitative MRI of the Brain, 2003).
+TISSUES: tuple[Tissue, ...] = (
+    Tissue("csf", t1_ms=4163.0, t2_ms=2000.0, pd=1.00),
+    Tissue("gm", t1_ms=1331.0, t2_ms=110.0, pd=0.80),
+    Tissue("wm", t1_ms=832.0, t2_ms=80.0, pd=0.70),
+    Tissue("fat", t1_ms=382.0, t2_ms=68.0, pd=0.90),
+    Tissue("muscle", t1_ms=1412.0, t2_ms=50.0, pd=0.75),
+    Tissue("bone", t1_ms=250.0, t2_ms=0.4, pd=0.20),
+)
+_INDEX = {tissue.name: i for i, tissue in enumerate(TISSUES)}
+
+#: Head shells outside the intracranial region: (tissue, inner and outer distance in mm).
+HEAD_SHELLS: tuple[tuple[str, float, float], ...] = (
+    ("csf", 0.0, 2.0),  # subarachnoid space the skull-stripped template leaves out
+    ("bone", 2.0, 4.0),  # inner table
+    ("fat", 4.0, 6.0),  # diploe (fatty marrow)
+    ("bone", 6.0, 8.0),  # outer table
+    ("fat", 8.0, 12.0),  # subcutaneous fat
+    ("muscle", 12.0, 14.0),  # galea, skin
+)
+
+
+def csf_nulling_ti(tr_ms: float, t1_ms: float) -> float:
+    """Inversion time at which longitudinal magnetisation of ``t1_ms`` crosses zero after a 180 pulse."""
+    return t1_ms * math.log(2.0 / (1.0 + math.exp(-tr_ms / t1_ms)))
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """A 2D clinical sequence reduced to its contrast-defining timings."""
+
+    modality: str
+    suffix: str  # BIDS suffix of the output file
+    description: str  # DICOM SeriesDescription
+    tr_ms: float
+    te_ms: float
+    ti_ms: float | None = None
+
+    def signal(self, t1_ms: np.ndarray, t2_ms: np.ndarray, pd: np.ndarray) -> np.ndarray:
+        """Signed transverse magnetisation per tissue (magnitude is taken after noise, as a scanner does).
+
+        Spin echo: ``PD (1 - e^(-TR/T1)) e^(-TE/T2)``; inversion recovery:
+        ``PD (1 - 2 e^(-TI/T1) + e^(-TR/T1)) e^(-TE/T2)`` (TE << TR, ideal pulses).
+        """
+        if self.ti_ms is None:
+            recovery = 1.0 - np.exp(-self.tr_ms / t1_ms)
+        else:
+            recovery = 1.0 - 2.0 * np.exp(-self.ti_ms / t1_ms) + np.exp(-self.tr_ms / t1_ms)
+        return pd * recovery * np.exp(-self.te_ms / t2_ms)
+
+    def sidecar(self) -> dict[str, object]:
+        """BIDS sidecar fields (seconds, as BIDS wants)."""
+        fields: dict[str, object] = {
+            "MagneticFieldStrength": FIELD_STRENGTH_T,
+            "PulseSequenceType": "Inversion Recovery" if self.ti_ms is not None else "Spin Echo",
+            "SeriesDescription": self.description,
+            "RepetitionTime": self.tr_ms / 1000.0,
+            "EchoTime": self.te_ms / 1000.0,
+        }
+        if self.ti_ms is not None:
+            fields["InversionTime"] = round(self.ti_ms) / 1000.0
+        return fields
+
+
+_FLAIR_TR_MS = 9000.0
+SEQUENCES: tuple[Sequence, ...] = (
+    Sequence("t1", "T1w", "T1w SE", tr_ms=400.0, te_ms=8.0),
+    Sequence("t2", "T2w", "T2w TSE", tr_ms=6000.0, te_ms=100.0),
+    Sequence("pd", "PDw", "PD", tr_ms=4000.0, te_ms=12.0),
+    Sequence(
+        "flair",
+        "FLAIR",
+        "FLAIR",
+        tr_ms=_FLAIR_TR_MS,
+        te_ms=120.0,
+        ti_ms=round(csf_nulling_ti(_FLAIR_TR_MS, TISSUES[_INDEX["csf"]].t1_ms)),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Tissue fractions ``(tissue, i, j, k)`` on an RAS grid, with that grid's affine."""
+
+    fractions: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.fractions.shape[1:])  # type: ignore[return-value]
+
+
+def _load_template(loader_name: str) -> nib.Nifti1Image:
+    from nilearn import datasets  # imported late: nilearn's import is slow and only the demo needs it
+
+    return getattr(datasets, loader_name)(resolution=1)
+
+
+@functools.lru_cache(maxsize=1)
+def _anatomy_1mm() -> Anatomy:
+    """Tissue fractions on the 1 mm MNI grid (computed once per process: about 2 s)."""
+    t1 = _load_template("load_mni152_template")
+    gm = np.clip(np.asarray(_load_template("load_mni152_gm_template").dataobj, dtype=np.float32), 0, 1)
+    wm = np.clip(np.asarray(_load_template("load_mni152_wm_template").dataobj, dtype=np.float32), 0, 1)
+    intracranial = np.asarray(t1.dataobj) > 0
+    gm, wm = gm * intracranial, wm * intracranial
+    brain = gm + wm
+    excess = np.maximum(brain, 1.0)  # the maps are smoothed; keep GM + WM <= 1 so CSF is never negative
+    gm, wm = gm / excess, wm / excess
+
+    fractions = np.zeros((len(TISSUES), *gm.shape), dtype=np.float32)
+    fractions[_INDEX["gm"]] = gm
+    fractions[_INDEX["wm"]] = wm
+    fractions[_INDEX["csf"]] = intracranial - gm - wm
+    # Shells by distance (mm, the grid is 1 mm) from the intracranial region. A voxel 1 mm wide centred at
+    # distance d holds the part of [inner, outer) it overlaps, so shells tile without gaps or overlap.
+    distance = ndimage.distance_transform_edt(~intracranial).astype(np.float32)
+    outside = ~intracranial
+    for name, inner, outer in HEAD_SHELLS:
+        covered = np.clip(outer - distance + 0.5, 0, 1) - np.clip(inner - distance + 0.5, 0, 1)
+        fractions[_INDEX[name]] += covered * outside
+    return Anatomy(fractions, np.asarray(t1.affine, dtype=np.float64))
+
+
+def _check_spacing(spacing_mm: float) -> None:
+    if not 1.0 <= spacing_mm <= 8.0:
+        raise MedsynthError(
+            f"demo spacing {spacing_mm} mm is out of range; the templates are 1 mm, choose 1 to 8 mm"
+        )
+
+
+@functools.lru_cache(maxsize=2)
+def anatomy(spacing_mm: float) -> Anatomy:
+    """The template anatomy on an isotropic ``spacing_mm`` grid covering the MNI field of view.
+
+    The grid keeps the MNI origin and axes with voxels ``spacing_mm`` wide (``ceil(n / spacing)`` of them,
+    e.g. 99 x 117 x 95 at 2 mm). Maps are blurred with a Gaussian matching a box of ``spacing_mm`` before
+    sampling, so each voxel holds its partial-volume fractions rather than aliased point samples.
+    """
+    _check_spacing(spacing_mm)
+    base = _anatomy_1mm()
+    if spacing_mm == 1.0:
+        return base
+    sigma = math.sqrt((spacing_mm**2 - 1.0) / 12.0)
+    shape = tuple(math.ceil(n / spacing_mm) for n in base.shape)
+    points = np.meshgrid(*(np.arange(n, dtype=np.float32) * spacing_mm for n in shape), indexing="ij")
+    fractions = np.stack(
+        [
+            ndimage.map_coordinates(ndimage.gaussian_filter(f, sigma), points, order=1, mode="nearest")
+            for f in base.fractions
+        ]
+    )
+    affine = base.affine @ np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
+    return Anatomy(fractions.astype(np.float32), affine)
+
+
+def smooth_random_field(
+    rng: np.random.Generator, shape: tuple[int, ...], spacing_mm: float, wavelength_mm: float
+) -> np.ndarray:
+    """A smooth random field scaled to a peak of 1: Gaussian bumps every ``wavelength_mm`` with random weights.
+
+    Separable (three small matrix products), so its cost is negligible next to resampling, even at 1 mm.
+    """
+    field = rng.standard_normal(tuple(math.ceil(n * spacing_mm / wavelength_mm) + 3 for n in shape))
+    for axis, n in enumerate(shape):
+        position = np.arange(n) * spacing_mm
+        centres = (np.arange(field.shape[axis]) - 1.0) * wavelength_mm
+        weights = np.exp(-0.5 * ((position[:, None] - centres[None, :]) / wavelength_mm) ** 2)
+        field = np.moveaxis(np.tensordot(field, weights, axes=([axis], [1])), -1, axis)
+    return (field / np.abs(field).max()).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SubjectDraw:
+    """Summary of one subject's random geometry, recorded in participants.tsv."""
+
+    head_scale: float
+    rotation_deg: float
+    max_displacement_mm: float
+
+
+def _rotation(angles_rad: np.ndarray) -> np.ndarray:
+    rx, ry, rz = angles_rad
+    cx, sx, cy, sy, cz, sz = np.cos(rx), np.sin(rx), np.cos(ry), np.sin(ry), np.cos(rz), np.sin(rz)
+    x = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    z = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return z @ y @ x
+
+
+def warp_anatomy(base: Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, SubjectDraw]:
+    """Deform the tissue fractions with a random affine (+-3 deg, +-5 %) and a <= 3 mm elastic field.
+
+    One warp for all tissues means one warp for all contrasts: the subject's four images stay paired.
+    """
+    spacing = float(np.linalg.norm(base.affine[:3, 0]))
+    rotation = _rotation(np.deg2rad(rng.uniform(-3.0, 3.0, size=3)))
+    scaling = rng.uniform(0.95, 1.05, size=3)
+    inverse = np.linalg.inv(rotation @ np.diag(scaling))
+    displacement = [3.0 * smooth_random_field(rng, base.shape, spacing, 40.0) / spacing for _ in range(3)]
+    brain = base.fractions[_INDEX["gm"]] + base.fractions[_INDEX["wm"]]
+    centre = np.asarray(ndimage.center_of_mass(brain))
+    grid = np.ogrid[tuple(slice(0, n) for n in base.shape)]
+    offsets = [g.astype(np.float32) - c for g, c in zip(grid, centre)]
+    coords = [
+        centre[a] + sum(inverse[a, b] * offsets[b] for b in range(3)) + displacement[a] for a in range(3)
+    ]
+    warped = np.stack([ndimage.map_coordinates(f, coords, order=1, mode="nearest") for f in base.fractions])
+    angle = math.degrees(math.acos(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0)))
+    max_shift = float(np.sqrt(sum(d**2 for d in displacement)).max() * spacing)
+    return warped, SubjectDraw(float(np.prod(scaling) ** (1 / 3)), angle, max_shift)
+
+
+def _jittered_tissues(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """T1, T2 (+-3 % sd) and PD (+-2 % sd) per tissue: subjects and scanners never measure the same."""
+    n = len(TISSUES)
+    t1 = np.array([t.t1_ms for t in TISSUES]) * (1.0 + 0.03 * rng.standard_normal(n))
+    t2 = np.array([t.t2_ms for t in TISSUES]) * (1.0 + 0.03 * rng.standard_normal(n))
+    pd = np.array([t.pd for t in TISSUES]) * (1.0 + 0.02 * rng.standard_normal(n))
+    return t1, t2, pd
+
+
+def simulate_contrast(
+    sequence: Sequence,
+    fractions: np.ndarray,
+    relaxation: tuple[np.ndarray, np.ndarray, np.ndarray],
+    spacing_mm: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """One magnitude image: partial-volume signal x smooth bias (+-20 %), Rician noise, arbitrary scale."""
+    signal = np.tensordot(sequence.signal(*relaxation).astype(np.float32), fractions, axes=1)
+    brain = fractions[_INDEX["csf"]] + fractions[_INDEX["gm"]] + fractions[_INDEX["wm"]] > 0.5
+    sigma = float(np.abs(signal[brain]).mean()) / SNR
+    signal *= np.exp(0.2 * smooth_random_field(rng, signal.shape, spacing_mm, 80.0))
+    real = signal + rng.normal(0.0, sigma, signal.shape).astype(np.float32)
+    imaginary = rng.normal(0.0, sigma, signal.shape).astype(np.float32)
+    scale = 10.0 ** rng.uniform(2.5, 3.5)  # scanners report arbitrary units
+    return (np.hypot(real, imaginary) * scale).astype(np.float32)
+
+
+def simulate_subject(
+    index: int, spacing_mm: float = 1.0, seed: int = 0
+) -> tuple[dict[str, Volume], SubjectDraw]:
+    """The four contrasts of subject ``index`` (0-based), keyed by modality, on the shared demo grid.
+
+    Everything random comes from ``np.random.default_rng((seed, index))``: a subject does not depend on
+    how many others are generated or in which order.
+    """
+    base = anatomy(spacing_mm)
+    rng = np.random.default_rng((seed, index))
+    fractions, draw = warp_anatomy(base, rng)
+    relaxation = _jittered_tissues(rng)
+    volumes = {
+        seq.modality: Volume(
+            simulate_contrast(seq, fractions, relaxation, spacing_mm, rng),
+            base.affine,
+            {"format": "nifti", "path": "<demo>", "sequence": seq},
+        )
+        for seq in SEQUENCES
+    }
+    return volumes, draw
+
+
+def _write_nifti(volume: Volume, path: Path) -> None:
+    image = nib.Nifti1Image(volume.array, volume.affine)
+    image.set_qform(volume.affine, code=1)
+    image.set_sform(volume.affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    with atomic_path(path) as temp:
+        nib.save(image, temp)
+
+
+def _prepare_output(out: Path) -> None:
+    """Refuse to mix the demo into a folder holding something else (it could be the user's data)."""
+    if out.exists() and not out.is_dir():
+        raise MedsynthError("exists and is not a folder; choose a new folder for the demo cohort", out)
+    if out.is_dir() and any(out.iterdir()):
+        description = out / "dataset_description.json"
+        try:
+            name = json.loads(description.read_text(encoding="utf-8")).get("Name")
+        except (OSError, ValueError):
+            name = None
+        if name != DATASET_NAME:
+            raise MedsynthError("is not empty and is not a medsynth demo cohort; choose an empty folder", out)
+
+
+def _dicom_tags(sequence: Sequence) -> dict[str, float]:
+    tags = {"RepetitionTime": sequence.tr_ms, "EchoTime": sequence.te_ms}
+    if sequence.ti_ms is not None:
+        tags["InversionTime"] = float(sequence.ti_ms)
+    return tags
+
+
+def _write_dicom(volumes: Mapping[str, Volume], folder: Path, subject_id: str) -> None:
+    import pydicom.uid
+
+    from ..io.dicom import write_dicom_series  # written alongside; only needed with dicom=True
+
+    study_uid = pydicom.uid.generate_uid()
+    for number, (modality, volume) in enumerate(volumes.items(), start=1):
+        sequence: Sequence = volume.meta["sequence"]
+        write_dicom_series(
+            volume,
+            folder / f"{number:02d}_{sequence.suffix}",
+            series_description=sequence.description,
+            patient_id=f"DEMO-{subject_id}",
+            study_instance_uid=study_uid,
+            series_number=number,
+            extra_tags=_dicom_tags(sequence),
+        )
+
+
+def make_demo_cohort(
+    out: str | Path,
+    n_subjects: int = 12,
+    spacing_mm: float = 1.0,
+    seed: int = 0,
+    dicom: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Write a paired T1w/T2w/PDw/FLAIR cohort in a BIDS-like layout and return the subject folders.
+
+    Layout: ``OUT/sub-01/anat/sub-01_{T1w,T2w,PDw,FLAIR}.nii.gz`` (float32, with BIDS JSON sidecars
+    holding TR/TE/TI), ``OUT/dataset_description.json``, ``OUT/participants.tsv``, ``OUT/overview.png``
+    (subject 1) and, with ``dicom=True``, ``OUT/dicom/sub-01/<NN_contrast>/`` one DICOM series per
+    contrast sharing one StudyInstanceUID. Same ``seed`` -> identical files.
+    """
+    if isinstance(n_subjects, bool) or not isinstance(n_subjects, int) or n_subjects < 1:
+        raise MedsynthError(f"n_subjects must be a positive integer, got {n_subjects!r}")
+    _check_spacing(spacing_mm)
+    out = Path(out)
+    _prepare_output(out)
+    width = max(2, len(str(n_subjects)))
+    rows = ["participant_id\thead_scale\trotation_deg\tmax_displacement_mm"]
+    subject_dirs = []
+    first: dict[str, Volume] = {}
+    for index in tqdm(range(n_subjects), desc="demo subjects", unit="subject", disable=not progress):
+        subject_id = f"{index + 1:0{width}d}"
+        volumes, draw = simulate_subject(index, spacing_mm, seed)
+        anat = out / f"sub-{subject_id}" / "anat"
+        for volume in volumes.values():
+            sequence: Sequence = volume.meta["sequence"]
+            stem = f"sub-{subject_id}_{sequence.suffix}"
+            _write_nifti(volume, anat / f"{stem}.nii.gz")
+            atomic_write_text(anat / f"{stem}.json", json.dumps(sequence.sidecar(), indent=2) + "\n")
+        if dicom:
+            _write_dicom(volumes, out / "dicom" / f"sub-{subject_id}", subject_id)
+        rows.append(
+            f"sub-{subject_id}\t{draw.head_scale:.4f}\t{draw.rotation_deg:.2f}\t{draw.max_displacement_mm:.2f}"
+        )
+        subject_dirs.append(anat.parent)
+        first = first or volumes
+    description = {
+        "Name": DATASET_NAME,
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "raw",
+        "License": "CC0 (simulated from the MNI ICBM152 2009a templates; see their copyright notice)",
+        "GeneratedBy": [{"Name": "medsynth", "Version": __version__, "Description": "make_demo_cohort"}],
+        "MedsynthDemo": {"n_subjects": n_subjects, "spacing_mm": spacing_mm, "seed": seed, "snr": SNR},
+    }
+    atomic_write_text(out / "dataset_description.json", json.dumps(description, indent=2) + "\n")
+    atomic_write_text(out / "participants.tsv", "\n".join(rows) + "\n")
+    save_overview_png(first, out / "overview.png")
+    return subject_dirs
+
+
+def _volumes_in(folder: Path) -> dict[str, Volume]:
+    """The demo contrasts of the first subject found under ``folder`` (cohort, subject or anat folder)."""
+    t1_files = sorted(folder.rglob(f"*_{SEQUENCES[0].suffix}.nii.gz"))
+    if not t1_files:
+        raise MedsynthError("holds no *_T1w.nii.gz; point to a demo cohort or one of its subjects", folder)
+    stem = t1_files[0].name[: -len(f"_{SEQUENCES[0].suffix}.nii.gz")]
+    volumes = {}
+    for seq in SEQUENCES:
+        path = t1_files[0].parent / f"{stem}_{seq.suffix}.nii.gz"
+        if path.exists():
+            image = nib.load(path)
+            volumes[seq.modality] = Volume(np.asarray(image.dataobj, dtype=np.float32), image.affine)
+    return volumes
+
+
+def save_overview_png(out_dir_or_volumes: str | Path | Mapping[str, Volume], path: str | Path) -> Path:
+    """Mid axial, coronal and sagittal slices of each contrast of one subject, as a PNG for eyeballing.
+
+    ``out_dir_or_volumes`` is a cohort folder (its first subject is shown), a subject or ``anat`` folder,
+    or a ``{modality: Volume}`` mapping. Each row is windowed to its own 0-99.5th percentile.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if isinstance(out_dir_or_volumes, Mapping):
+        volumes = dict(out_dir_or_volumes)
+    else:
+        volumes = _volumes_in(Path(out_dir_or_volumes))
+    if not volumes:
+        raise MedsynthError("no volumes to show; pass a demo cohort folder or {modality: Volume}", path)
+    fig, axes = plt.subplots(len(volumes), 3, figsize=(9, 3 * len(volumes)), squeeze=False)
+    for row, (modality, volume) in zip(axes, volumes.items()):
+        canonical, _ = to_canonical(volume)
+        array, (sx, sy, sz) = canonical.array, canonical.spacing
+        ci, cj, ck = (n // 2 for n in array.shape)
+        vmax = float(np.percentile(array, 99.5)) or 1.0
+        views = (
+            (array[:, :, ck].T, sy / sx, "axial"),
+            (array[:, cj, :].T, sz / sx, "coronal"),
+            (array[ci, :, :].T, sz / sy, "sagittal"),
+        )
+        for ax, (image, aspect, view) in zip(row, views):
+            ax.imshow(image, cmap="gray", origin="lower", aspect=aspect, vmin=0.0, vmax=vmax)
+            ax.set_axis_off()
+            ax.set_title(f"{DISPLAY_NAMES.get(modality, modality)} {view}", fontsize=9, color="white")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as temp:
+        fig.savefig(temp, format="png", dpi=100, facecolor="black")
+    plt.close(fig)
+    return path

@@ -1,0 +1,463 @@
+"""DICOM series: find them in scanner exports, and write synthetic volumes back as series.
+
+Discovery reads headers only (``stop_before_pixels`` and a fixed list of tags), so a batch converter can
+walk whole export trees quickly; files that are not DICOM are ignored, files that look like DICOM but cannot
+be parsed are reported, never raised. Pixels are read later by SimpleITK (:mod:`medsynth.io.readers`),
+given the file list sorted here.
+
+Writing produces one classic single-frame image per slice along the volume's ``k`` axis with exact
+per-slice geometry, 16-bit pixels and a rescale that keeps float precision, so any PACS or viewer accepts
+the result and reading it back gives the same grid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
+    MRImageStorage,
+    generate_uid,
+)
+from pydicom.valuerep import format_number_as_ds
+
+from ..errors import MedsynthError
+from .volume import LPS_TO_RAS, Volume
+
+#: Modalities whose objects carry no image to translate (reports, presentation states, RT, segmentations).
+NON_IMAGE_MODALITIES = frozenset(
+    {"SR", "PR", "KO", "DOC", "REG", "SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD"}
+)
+
+#: Tags read during discovery; everything else in the header is skipped.
+_DISCOVERY_TAGS = [
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesDescription",
+    "SeriesNumber", "Modality", "ImageType", "Rows", "Columns", "NumberOfFrames", "InstanceNumber",
+    "ImagePositionPatient", "ImageOrientationPatient", "ProtocolName", "SequenceName", "ScanningSequence",
+    "SequenceVariant", "EchoTime", "RepetitionTime", "InversionTime", "ContrastBolusAgent", "PatientID",
+    "StudyDate",
+]  # fmt: skip
+
+_STORAGE_CLASSES = {"MR": MRImageStorage, "CT": CTImageStorage}
+_PATIENT_STUDY_TAGS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientSize", "PatientWeight",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
+    "ReferringPhysicianName", "FrameOfReferenceUID", "PositionReferenceIndicator",
+)  # fmt: skip
+_UINT16_MAX = 65535
+
+
+@dataclass(frozen=True)
+class DicomSeriesInfo:
+    """One series found on disk: what it is, where its files are, and the tags that identify its contrast.
+
+    ``files`` are sorted by position along the slice normal (or by InstanceNumber when positions are
+    missing), which is the order a volume reader needs. ``geometry_problem`` says why the files do not form
+    one regular 3D grid (mixed orientations, repeated or unevenly spaced slices), or is ``None``.
+    """
+
+    series_uid: str
+    study_uid: str
+    series_description: str
+    series_number: int | None
+    modality: str
+    sop_class_uid: str
+    is_image: bool
+    files: tuple[Path, ...]
+    slice_positions: tuple[float, ...]
+    geometry_problem: str | None
+    image_type: tuple[str, ...]
+    protocol_name: str
+    sequence_name: str
+    scanning_sequence: tuple[str, ...]
+    sequence_variant: tuple[str, ...]
+    echo_time: float | None
+    repetition_time: float | None
+    inversion_time: float | None
+    contrast_bolus_agent: str
+    patient_id: str
+    study_date: str
+    transfer_syntax_uid: str
+    number_of_frames: int
+
+    @property
+    def n_files(self) -> int:
+        return len(self.files)
+
+    def describe(self) -> str:
+        """One line for messages: UID, description and file count."""
+        return f"{self.series_uid} ({self.series_description or 'no description'}, {self.n_files} files)"
+
+
+class DicomSeriesList(list[DicomSeriesInfo]):
+    """The series of a folder, plus ``unreadable``: ``(file, reason)`` for files that look like DICOM
+    but could not be parsed. A batch run reports those instead of stopping on the first bad file."""
+
+    def __init__(self, series: list[DicomSeriesInfo], unreadable: list[tuple[Path, str]]) -> None:
+        super().__init__(series)
+        self.unreadable = unreadable
+
+
+class _FileHeader(NamedTuple):
+    path: Path
+    dataset: Dataset
+    position: np.ndarray | None
+    orientation: np.ndarray | None
+    instance: int | None
+
+
+def _looks_like_dicom(stream: Any) -> bool:
+    """True for Part 10 files (``DICM`` after the preamble) and bare little-endian datasets.
+
+    Bare datasets (no preamble, as some old exports write them) start with a group 0x0002 or 0x0008 tag;
+    anything else (text, images, archives) is not DICOM and is skipped without parsing.
+    """
+    head = stream.read(132)
+    stream.seek(0)
+    return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00")
+
+
+def _read_header(path: Path) -> _FileHeader | None:
+    """Parse one file's header; ``None`` when it is not DICOM or is a DICOMDIR."""
+    if path.name.upper() == "DICOMDIR":
+        return None
+    with open(path, "rb") as stream:
+        if not _looks_like_dicom(stream):
+            return None
+        part10 = stream.read(132)[128:132] == b"DICM"
+        stream.seek(0)
+        dataset = pydicom.dcmread(
+            stream, stop_before_pixels=True, force=not part10, specific_tags=_DISCOVERY_TAGS
+        )
+    if dataset.get("file_meta", Dataset()).get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
+        return None
+    if "SeriesInstanceUID" not in dataset:
+        raise ValueError("no SeriesInstanceUID")
+    position = _floats(dataset.get("ImagePositionPatient"), 3)
+    orientation = _floats(dataset.get("ImageOrientationPatient"), 6)
+    instance = dataset.get("InstanceNumber")
+    return _FileHeader(path, dataset, position, orientation, int(instance) if instance is not None else None)
+
+
+def _floats(value: Any, count: int) -> np.ndarray | None:
+    if value is None:
+        return None
+    array = np.asarray([float(v) for v in value], dtype=np.float64)
+    return array if array.shape == (count,) else None
+
+
+def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
+    if not recursive:
+        yield from sorted(p for p in folder.iterdir() if p.is_file())
+        return
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        yield from (Path(root) / name for name in sorted(names))
+
+
+def list_dicom_series(folder: str | Path, recursive: bool = False) -> DicomSeriesList:
+    """Group the DICOM files of ``folder`` (and its subfolders when ``recursive``) into series.
+
+    Files are recognised by content, not extension (scanner exports often have none); DICOMDIR indexes
+    and repeated copies of one instance are skipped. Series are returned in order of study, series number
+    and UID so listings are stable.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MedsynthError("is not a folder; pass the folder that holds the DICOM files", folder)
+    groups: dict[str, list[_FileHeader]] = {}
+    seen_instances: set[str] = set()
+    unreadable: list[tuple[Path, str]] = []
+    for path in _walk(folder, recursive):
+        try:
+            header = _read_header(path)
+        except Exception as exc:  # pydicom raises many exception types on malformed files; report them all
+            unreadable.append((path, f"{type(exc).__name__}: {exc}"))
+            continue
+        if header is None:
+            continue
+        instance_uid = str(header.dataset.get("SOPInstanceUID", path))
+        if instance_uid in seen_instances:
+            continue
+        seen_instances.add(instance_uid)
+        groups.setdefault(str(header.dataset.SeriesInstanceUID), []).append(header)
+    series = [_summarise(uid, headers) for uid, headers in groups.items()]
+    series.sort(
+        key=lambda s: (s.study_uid, s.series_number if s.series_number is not None else -1, s.series_uid)
+    )
+    return DicomSeriesList(series, unreadable)
+
+
+def _summarise(series_uid: str, headers: list[_FileHeader]) -> DicomSeriesInfo:
+    """Sort a series' files along the slice normal and collect its identifying tags."""
+    first = headers[0]
+    normal = None if first.orientation is None else np.cross(first.orientation[:3], first.orientation[3:])
+    if normal is not None and all(h.position is not None for h in headers):
+        keyed = sorted(headers, key=lambda h: (float(h.position @ normal), h.instance or 0, h.path.name))
+        positions = tuple(float(h.position @ normal) for h in keyed)
+    else:
+        keyed = sorted(headers, key=lambda h: (h.instance if h.instance is not None else 0, h.path.name))
+        positions = ()
+    ds = keyed[0].dataset
+    modality = str(ds.get("Modality", "")).upper()
+    frames = int(ds.get("NumberOfFrames") or 1)
+    is_image = "Rows" in ds and "Columns" in ds and modality not in NON_IMAGE_MODALITIES
+    file_meta = ds.get("file_meta", Dataset())
+    return DicomSeriesInfo(
+        series_uid=series_uid,
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        series_description=str(ds.get("SeriesDescription", "")),
+        series_number=int(ds.SeriesNumber) if ds.get("SeriesNumber") not in (None, "") else None,
+        modality=modality,
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
+        is_image=is_image,
+        files=tuple(h.path for h in keyed),
+        slice_positions=positions,
+        geometry_problem=_geometry_problem(keyed, positions, frames) if is_image else None,
+        image_type=_strings(ds.get("ImageType")),
+        protocol_name=str(ds.get("ProtocolName", "")),
+        sequence_name=str(ds.get("SequenceName", "")),
+        scanning_sequence=_strings(ds.get("ScanningSequence")),
+        sequence_variant=_strings(ds.get("SequenceVariant")),
+        echo_time=_optional_float(ds.get("EchoTime")),
+        repetition_time=_optional_float(ds.get("RepetitionTime")),
+        inversion_time=_optional_float(ds.get("InversionTime")),
+        contrast_bolus_agent=str(ds.get("ContrastBolusAgent", "")),
+        patient_id=str(ds.get("PatientID", "")),
+        study_date=str(ds.get("StudyDate", "")),
+        transfer_syntax_uid=str(file_meta.get("TransferSyntaxUID", "")),
+        number_of_frames=frames,
+    )
+
+
+def _geometry_problem(headers: list[_FileHeader], positions: tuple[float, ...], frames: int) -> str | None:
+    """Why these single-frame slices do not stack into one regular grid, or ``None`` when they do."""
+    if len(headers) == 1:
+        return None
+    if frames > 1:
+        return (
+            f"{len(headers)} multi-frame files in one series; medsynth reads one multi-frame file per series"
+        )
+    if not positions:
+        return "slices lack ImagePositionPatient/ImageOrientationPatient, so they cannot be stacked"
+    reference = headers[0].orientation
+    if any(not np.allclose(h.orientation, reference, atol=1e-4) for h in headers):
+        return "slices have different orientations (a localizer or a multi-plane series)"
+    gaps = np.diff(positions)
+    if np.any(gaps < 1e-3):
+        repeats = int(np.sum(gaps < 1e-3))
+        return f"{repeats} slices repeat a position (several echoes or time points in one series)"
+    median = float(np.median(gaps))
+    if np.max(np.abs(gaps - median)) > 0.01 * median + 1e-3:
+        return f"uneven slice spacing ({gaps.min():.4g} to {gaps.max():.4g} mm; missing slices?)"
+    return None
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value)
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None or value == "" else float(value)
+
+
+# --- writing -------------------------------------------------------------------------------------------
+
+
+def _quantise(array: np.ndarray) -> tuple[np.ndarray, str, str]:
+    """16-bit stored values and the (slope, intercept) strings that map them back to ``array``.
+
+    Integer-valued data that fit in int16 are stored exactly (slope 1, intercept 0). Anything else uses the
+    full uint16 range between the minimum and maximum, so the error is at most half a step,
+    ``(max - min) / 65535 / 2``. Slope and intercept are rounded to DICOM's 16-character decimal strings
+    *before* quantising, so the file decodes with exactly the values used here.
+    """
+    low, high = float(array.min()), float(array.max())
+    if np.array_equal(array, np.round(array)) and -32768 <= low <= high <= 32767:
+        return array.astype("<i2"), "1", "0"
+    intercept = format_number_as_ds(low)
+    slope = format_number_as_ds((high - float(intercept)) / _UINT16_MAX * (1 + 1e-9) if high > low else 1.0)
+    stored = np.round((array.astype(np.float64) - float(intercept)) / float(slope))
+    return np.clip(stored, 0, _UINT16_MAX).astype("<u2"), slope, intercept
+
+
+def _ds(values: Sequence[float]) -> list[str]:
+    return [format_number_as_ds(float(v)) for v in values]
+
+
+@contextlib.contextmanager
+def _atomic_folder(folder: Path) -> Iterator[Path]:
+    """Yield a hidden sibling folder that replaces ``folder`` (absent or empty) once the block succeeds.
+
+    A crash or error mid-series leaves no partial series behind for a later scan to pick up.
+    """
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise MedsynthError(
+            "already exists and is not empty; remove it or choose another output folder", folder
+        )
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    except OSError as exc:
+        raise MedsynthError(f"cannot write here ({exc.strerror})", folder.parent) from exc
+    try:
+        yield temp
+        if folder.exists():
+            folder.rmdir()
+        os.rename(temp, folder)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def write_dicom_series(
+    volume: Volume,
+    folder: str | Path,
+    *,
+    series_description: str,
+    series_number: int = 1001,
+    modality: str = "MR",
+    reference_datasets: Sequence[Dataset] | None = None,
+    derived: bool = False,
+    derivation_description: str = "synthesised by medsynth",
+    study_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+    patient_id: str = "ANONYMOUS",
+    patient_name: str = "Anonymous",
+) -> list[Path]:
+    """Write ``volume`` as a new DICOM series, one slice per file along its ``k`` axis.
+
+    ``folder`` must not exist or be empty; the series appears there complete or not at all. Each slice
+    gets its own ImagePositionPatient, and the series shares ImageOrientationPatient, PixelSpacing and
+    SliceThickness, all converted from the volume's RAS affine to DICOM's LPS, so reading the folder back
+    gives the same grid. Values are stored as 16-bit integers with RescaleSlope/RescaleIntercept (see
+    :func:`_quantise`).
+
+    With ``reference_datasets`` (the source series' headers, e.g. from ``pydicom.dcmread``), the patient,
+    study and frame-of-reference attributes are copied so the new series files next to its source in
+    PACS; ``study_uid``/``frame_of_reference_uid`` override them, and ``patient_id``/``patient_name`` apply
+    only without a reference. ``derived=True`` marks the images ``DERIVED\\SECONDARY`` with
+    ``derivation_description``, as a synthetic image should be.
+
+    Example:
+        >>> files = write_dicom_series(t2_synthetic, "out/T2_syn", series_description="T2w synthetic",
+        ...                            reference_datasets=t1_headers, derived=True)  # doctest: +SKIP
+    """
+    modality = modality.upper()
+    if modality not in _STORAGE_CLASSES:
+        raise ValueError(f"modality must be one of {', '.join(_STORAGE_CLASSES)}, got {modality!r}")
+    if not np.all(np.isfinite(volume.array)):
+        raise ValueError("the volume has NaN or Inf voxels; DICOM integer pixels cannot store them")
+    folder = Path(folder)
+    template = _series_template(volume, modality, series_description, series_number, derived)
+    if reference_datasets:
+        for keyword in _PATIENT_STUDY_TAGS:
+            if keyword in reference_datasets[0]:
+                setattr(template, keyword, reference_datasets[0].data_element(keyword).value)
+    else:
+        template.PatientName = patient_name
+        template.PatientID = patient_id
+    if study_uid is not None:
+        template.StudyInstanceUID = study_uid
+    if frame_of_reference_uid is not None:
+        template.FrameOfReferenceUID = frame_of_reference_uid
+    if derived:
+        template.DerivationDescription = derivation_description
+    stored, slope, intercept = _quantise(volume.array)
+    template.PixelRepresentation = 1 if stored.dtype.kind == "i" else 0
+    template.RescaleSlope, template.RescaleIntercept = slope, intercept
+    if modality == "CT":
+        template.RescaleType = "HU"
+
+    lps = LPS_TO_RAS @ volume.affine
+    normal = np.cross(*_axis_directions(lps))
+    paths = []
+    with _atomic_folder(folder) as temp:
+        for k in range(volume.shape[2]):
+            position = lps[:3, :3] @ np.array([0.0, 0.0, float(k)]) + lps[:3, 3]
+            ds = copy.deepcopy(template)
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.InstanceNumber = k + 1
+            ds.ImagePositionPatient = _ds(position)
+            ds.SliceLocation = format_number_as_ds(float(position @ normal))
+            ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+            name = f"IM{k + 1:05d}.dcm"
+            ds.save_as(temp / name, enforce_file_format=True)
+            paths.append(folder / name)
+    return paths
+
+
+def _axis_directions(lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit LPS directions of DICOM rows (voxel axis i) and columns (voxel axis j) from an LPS affine."""
+    return (
+        lps[:3, 0] / np.linalg.norm(lps[:3, 0]),
+        lps[:3, 1] / np.linalg.norm(lps[:3, 1]),
+    )
+
+
+def _series_template(volume: Volume, modality: str, description: str, number: int, derived: bool) -> Dataset:
+    """Attributes shared by every slice of the new series (everything but position, UID and pixels)."""
+    now = datetime.datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    lps = LPS_TO_RAS @ volume.affine
+    row, column = _axis_directions(lps)
+    spacing_i, spacing_j, spacing_k = volume.spacing
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = _STORAGE_CLASSES[modality]
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = _STORAGE_CLASSES[modality]
+    ds.ImageType = ["DERIVED", "SECONDARY"] if derived else ["ORIGINAL", "PRIMARY"]
+    ds.Modality = modality
+    ds.Manufacturer = "medsynth"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = number
+    ds.SeriesDescription = description
+    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
+    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time
+    # Type 1/2 attributes of the patient and study modules, replaced by the reference's when there is one.
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "", "", "", ""
+    ds.StudyInstanceUID = generate_uid()
+    ds.StudyDate, ds.StudyTime = date, time
+    ds.StudyID = ds.AccessionNumber = ds.ReferringPhysicianName = ""
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.PositionReferenceIndicator = ""
+    if modality == "MR":
+        # Type 1 in the MR Image module; a synthetic image was acquired with no sequence ("research mode").
+        ds.ScanningSequence, ds.SequenceVariant = "RM", "NONE"
+        ds.ScanOptions = ds.MRAcquisitionType = ""
+        ds.EchoTime = ds.RepetitionTime = ds.EchoTrainLength = None
+    else:
+        ds.KVP = None
+    ds.ImageOrientationPatient = _ds(np.concatenate([row, column]))
+    ds.PixelSpacing = _ds([spacing_j, spacing_i])  # DICOM: (between rows, between columns)
+    ds.SliceThickness = ds.SpacingBetweenSlices = format_number_as_ds(spacing_k)
+    ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    low, high = np.percentile(volume.array, [1, 99])
+    ds.WindowCenter = format_number_as_ds((low + high) / 2)
+    ds.WindowWidth = format_number_as_ds(max(high - low, 1e-3))
+    return ds

@@ -1,0 +1,359 @@
+"""ResViT generator (Dalmaz, Yurt, Cukur, "ResViT: Residual vision transformers for multi-modal medical
+image synthesis", IEEE TMI 2022), 2D or 3D.
+
+A convolutional encoder (7x7 convolution, then ``n_downsampling`` stride-2 convolutions) feeds a
+bottleneck of aggregated residual transformer (ART) blocks and a mirrored convolutional decoder. Every
+ART block is a residual CNN block; the selected ones first run a transformer module on their input,
+concatenate its output with the input and compress the channels back with a 1x1 convolution. All
+transformer-carrying blocks share one transformer module (the paper's weight sharing), held once by
+the generator and handed to the blocks in ``forward``, so its parameters exist (and are saved) once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers import Conv
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from .blocks import (
+    RELU,
+    ConvNormAct,
+    check_choice,
+    check_positive_int,
+    crop_to,
+    init_weights,
+    pad_to_multiple,
+)
+
+log = logging.getLogger("medsynth")
+
+#: Input side the positional embedding is sized for when ``img_size`` is not given (the paper's).
+DEFAULT_IMG_SIZE = 256
+
+
+class PatchTransformer(nn.Module):
+    """Vision transformer on a feature map: patch tokens -> self-attention layers -> same-size feature map.
+
+    The learned positional embedding is stored on the token grid of the training size and resized
+    (bilinear/trilinear) whenever another input size gives another grid, so any size works.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        channels: int,
+        *,
+        patch_size: int,
+        embed_dim: int,
+        n_heads: int,
+        mlp_ratio: float,
+        n_layers: int,
+        grid: Sequence[int],
+    ) -> None:
+        super().__init__()
+        self.embed = Conv[Conv.CONV, spatial_dims](channels, embed_dim, patch_size, stride=patch_size)
+        self.position = nn.Parameter(torch.empty(1, embed_dim, *grid))
+        nn.init.trunc_normal_(self.position, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            embed_dim,
+            n_heads,
+            dim_feedforward=round(embed_dim * mlp_ratio),
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(
+            layer, n_layers, norm=nn.LayerNorm(embed_dim), enable_nested_tensor=False
+        )
+        # Projection back to the feature channels and up-sampling to the feature map in one step: the
+        # exact transpose of the patch embedding's geometry.
+        self.unembed = Conv[Conv.CONVTRANS, spatial_dims](embed_dim, channels, patch_size, stride=patch_size)
+        self._interpolation = "bilinear" if spatial_dims == 2 else "trilinear"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x)
+        batch, width, *grid = tokens.shape
+        position = self.position
+        if list(position.shape[2:]) != grid:
+            position = F.interpolate(position, size=grid, mode=self._interpolation, align_corners=False)
+        tokens = self.encoder((tokens + position).flatten(2).transpose(1, 2))
+        return self.unembed(tokens.transpose(1, 2).reshape(batch, width, *grid))
+
+
+class ARTBlock(nn.Module):
+    """Aggregated residual transformer block: [transformer -> concat -> 1x1 compression] -> residual CNN."""
+
+    def __init__(self, spatial_dims: int, channels: int, *, norm: str, with_transformer: bool) -> None:
+        super().__init__()
+        self.compress = (
+            ConvNormAct(spatial_dims, 2 * channels, channels, kernel_size=1, norm=norm, act=RELU)
+            if with_transformer
+            else None
+        )
+        self.residual = nn.Sequential(
+            ConvNormAct(
+                spatial_dims,
+                channels,
+                channels,
+                kernel_size=3,
+                padding=1,
+                padding_mode="reflect",
+                norm=norm,
+                act=RELU,
+            ),
+            ConvNormAct(
+                spatial_dims, channels, channels, kernel_size=3, padding=1, padding_mode="reflect", norm=norm
+            ),
+        )
+
+    def forward(self, x: torch.Tensor, transformer: PatchTransformer | None) -> torch.Tensor:
+        """Apply the block; ``transformer`` is the generator's shared module (used if this block has one)."""
+        if self.compress is not None:
+            x = self.compress(torch.cat([transformer(x), x], dim=1))
+        return x + self.residual(x)
+
+
+class ResViT(nn.Module):
+    """ResViT generator; any input size of at least :meth:`min_input_size` a side works.
+
+    Args:
+        spatial_dims: 2 (the paper) or 3.
+        in_channels, out_channels: source and synthesised channels.
+        base_channels: filters after the first convolution; doubled by each down-sampling.
+        n_downsampling: stride-2 convolutions before the ART bottleneck (the paper: 2).
+        n_art_blocks: ART blocks in the bottleneck (the paper: 9).
+        transformer_blocks: indices of the ART blocks that carry the (shared) transformer; the paper
+            uses the first and the sixth. Empty gives the CNN-only model the paper pre-trains first.
+        patch_size: side of the patches, on the bottleneck feature map, that become tokens; 2 gives
+            (size / 2**(n_downsampling + 1))**spatial_dims tokens.
+        embed_dim, n_heads, mlp_ratio, n_transformer_layers: the transformer (ViT-B: 768, 12, 4, 12).
+        norm: ``"instance"`` or ``"batch"``.
+        img_size: the training input side (int or one per axis) that sizes the positional embedding;
+            defaults to 256. Other sizes interpolate it.
+
+    Example:
+        >>> net = ResViT(2, 1, 1, base_channels=8, n_art_blocks=2, transformer_blocks=(0,), embed_dim=16,
+        ...              n_heads=2, n_transformer_layers=1, img_size=32)
+        >>> net(torch.zeros(1, 1, 40, 56)).shape
+        torch.Size([1, 1, 40, 56])
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        *,
+        base_channels: int = 64,
+        n_downsampling: int = 2,
+        n_art_blocks: int = 9,
+        transformer_blocks: Sequence[int] = (0, 5),
+        patch_size: int = 2,
+        embed_dim: int = 768,
+        n_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        n_transformer_layers: int = 12,
+        norm: str = "instance",
+        img_size: int | Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        check_choice("ResViT", "spatial_dims", spatial_dims, (2, 3))
+        check_positive_int(
+            "ResViT",
+            in_channels=in_channels,
+            out_channels=out_channels,
+            base_channels=base_channels,
+            n_downsampling=n_downsampling,
+            n_art_blocks=n_art_blocks,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            n_heads=n_heads,
+            n_transformer_layers=n_transformer_layers,
+        )
+        check_choice("ResViT", "norm", norm, ("instance", "batch"))
+        transformer_blocks = [int(index) for index in transformer_blocks]
+        if len(set(transformer_blocks)) != len(transformer_blocks) or any(
+            not 0 <= index < n_art_blocks for index in transformer_blocks
+        ):
+            raise ConfigError(
+                f"ResViT: transformer_blocks must be distinct indices in 0..{n_art_blocks - 1} "
+                f"(n_art_blocks={n_art_blocks}), got {transformer_blocks}"
+            )
+        if embed_dim % n_heads:
+            raise ConfigError(f"ResViT: embed_dim ({embed_dim}) must be a multiple of n_heads ({n_heads})")
+        if mlp_ratio <= 0:
+            raise ConfigError(f"ResViT: mlp_ratio must be positive, got {mlp_ratio!r}")
+        sizes = self._img_size(spatial_dims, img_size)
+        self.init_args = {
+            "spatial_dims": spatial_dims,
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "base_channels": base_channels,
+            "n_downsampling": n_downsampling,
+            "n_art_blocks": n_art_blocks,
+            "transformer_blocks": transformer_blocks,
+            "patch_size": patch_size,
+            "embed_dim": embed_dim,
+            "n_heads": n_heads,
+            "mlp_ratio": float(mlp_ratio),
+            "n_transformer_layers": n_transformer_layers,
+            "norm": norm,
+            "img_size": None if img_size is None else list(sizes),
+        }
+        # Padding the input to this multiple makes every down-sampling exact and the feature map a whole
+        # number of patches, so the decoder lands on the input size.
+        self._multiple = 2**n_downsampling * patch_size
+        features = base_channels * 2**n_downsampling
+
+        encoder = [
+            ConvNormAct(
+                spatial_dims,
+                in_channels,
+                base_channels,
+                kernel_size=7,
+                padding=3,
+                padding_mode="reflect",
+                norm=norm,
+                act=RELU,
+            )
+        ]
+        for level in range(n_downsampling):
+            encoder.append(
+                ConvNormAct(
+                    spatial_dims,
+                    base_channels * 2**level,
+                    base_channels * 2 ** (level + 1),
+                    kernel_size=3,
+                    stride=2,
+                    padding=1,
+                    norm=norm,
+                    act=RELU,
+                )
+            )
+        self.encoder = nn.Sequential(*encoder)
+        self.transformer = (
+            PatchTransformer(
+                spatial_dims,
+                features,
+                patch_size=patch_size,
+                embed_dim=embed_dim,
+                n_heads=n_heads,
+                mlp_ratio=mlp_ratio,
+                n_layers=n_transformer_layers,
+                grid=[math.ceil(size / self._multiple) for size in sizes],
+            )
+            if transformer_blocks
+            else None
+        )
+        self.art_blocks = nn.ModuleList(
+            ARTBlock(spatial_dims, features, norm=norm, with_transformer=index in transformer_blocks)
+            for index in range(n_art_blocks)
+        )
+        decoder = []
+        for level in range(n_downsampling, 0, -1):
+            decoder.append(
+                ConvNormAct(
+                    spatial_dims,
+                    base_channels * 2**level,
+                    base_channels * 2 ** (level - 1),
+                    kernel_size=3,
+                    stride=2,
+                    padding=1,
+                    output_padding=1,
+                    transposed=True,
+                    norm=norm,
+                    act=RELU,
+                )
+            )
+        decoder.append(
+            ConvNormAct(
+                spatial_dims,
+                base_channels,
+                out_channels,
+                kernel_size=7,
+                padding=3,
+                padding_mode="reflect",
+                act=("tanh", {}),
+            )
+        )
+        self.decoder = nn.Sequential(*decoder)
+        init_weights(self)
+
+    @staticmethod
+    def _img_size(spatial_dims: int, img_size: int | Sequence[int] | None) -> tuple[int, ...]:
+        if img_size is None:
+            return (DEFAULT_IMG_SIZE,) * spatial_dims
+        sizes = (img_size,) * spatial_dims if isinstance(img_size, int) else tuple(img_size)
+        if len(sizes) != spatial_dims or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes
+        ):
+            raise ConfigError(
+                f"ResViT: img_size must be a positive int or {spatial_dims} positive ints, got {img_size!r}"
+            )
+        return sizes
+
+    def min_input_size(self) -> int:
+        """Smallest input side: the feature map must hold one patch and 2 voxels (for reflection padding)."""
+        return 2 ** self.init_args["n_downsampling"] * max(self.init_args["patch_size"], 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, in_channels, *size)`` to ``(B, out_channels, *size)``."""
+        minimum = self.min_input_size()
+        if min(x.shape[2:]) < minimum:
+            size = "x".join(str(s) for s in x.shape[2:])
+            raise ConfigError(
+                f"ResViT: an input of {size} voxels is smaller than the minimum of {minimum} a side "
+                f"(2**n_downsampling * max(patch_size, 2)); use larger slices/patches or a smaller patch_size"
+            )
+        x, size = pad_to_multiple(x, self._multiple)
+        x = self.encoder(x)
+        for block in self.art_blocks:
+            x = block(x, self.transformer)
+        return crop_to(self.decoder(x), size)
+
+    def load_pretrained(self, path: str | Path) -> list[str]:
+        """Initialise from a local state-dict file (``torch.save(model.state_dict(), path)``); no downloads.
+
+        The file may cover only part of this model: the paper first trains a CNN-only ResViT
+        (``transformer_blocks=()``) and loads it into the full one. Every tensor in the file must exist
+        here with the same shape. Returns the names this model has that the file lacked (left as they were).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError("no such state-dict file; give the path of a saved ResViT state dict", path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a corrupt or foreign file
+            raise CheckpointError(f"not a readable PyTorch state dict ({type(exc).__name__})", path) from exc
+        if not isinstance(state, dict) or not all(
+            isinstance(value, torch.Tensor) for value in state.values()
+        ):
+            raise CheckpointError("this file is not a state dict (a mapping of names to tensors)", path)
+        own = self.state_dict()
+        foreign = [name for name in state if name not in own]
+        reshaped = [name for name in state if name in own and state[name].shape != own[name].shape]
+        if foreign or reshaped:
+            example = foreign[0] if foreign else f"{reshaped[0]} {tuple(state[reshaped[0]].shape)}"
+            raise CheckpointError(
+                f"{len(foreign)} tensors unknown to this ResViT and {len(reshaped)} of another shape (e.g. "
+                f"{example}); build the ResViT with the settings the file was saved from",
+                path,
+            )
+        self.load_state_dict(state, strict=False)
+        missing = [name for name in own if name not in state]
+        if missing:
+            log.warning(
+                "%s: %d of %d tensors were not in the file and keep their initial values",
+                path,
+                len(missing),
+                len(own),
+            )
+        return missing
