@@ -27,7 +27,10 @@ def scan_download(source: Path, layout: str) -> list[SubjectRecord]:
     """The subjects of a download, refusing a folder that is not in the expected layout."""
     records = scan_dataset(source)
     if records[0].layout != layout:
-        raise DataError(f"this looks like a {records[0].layout} dataset, not {layout}; check the folder", source)
+        raise DataError(
+            f"found the {records[0].layout} layout here, not {layout}; pass the extracted {layout} download",
+            source,
+        )
     return records
 
 

@@ -51,7 +51,9 @@ def register_rigid(moving: Path, fixed: Path, out: Path) -> float:
     registration.SetInitialTransform(initial, inPlace=False)
     transform = registration.Execute(fixed_image, moving_image)
     background = float(sitk.GetArrayViewFromImage(moving_image).min())
-    resampled = sitk.Resample(moving_image, fixed_image, transform, sitk.sitkLinear, background, sitk.sitkFloat32)
+    resampled = sitk.Resample(
+        moving_image, fixed_image, transform, sitk.sitkLinear, background, sitk.sitkFloat32
+    )
     with atomic_path(out) as temp:
         sitk.WriteImage(resampled, str(temp))
     return registration.GetMetricValue()
@@ -59,7 +61,9 @@ def register_rigid(moving: Path, fixed: Path, out: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     cli = parser(__doc__.splitlines()[0])
-    cli.add_argument("--register", action="store_true", help="rigidly register each T1 onto its T2 (SimpleITK)")
+    cli.add_argument(
+        "--register", action="store_true", help="rigidly register each T1 onto its T2 (SimpleITK)"
+    )
     args = cli.parse_args(argv)
     if args.check:
         return run(lambda: check(args.source, MODALITIES))

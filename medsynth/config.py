@@ -37,8 +37,9 @@ class DataConfig:
     context: int = 1
     #: In-plane crop (2D) or patch size (3D); None derives it from the foreground bounding boxes.
     crop_size: list[int] | None = None
-    val: float = 0.15
-    test: float = 0.15
+    #: Validation subjects: a fraction (0.15) or a count (2).
+    val: int | float = 0.15
+    test: int | float = 0.15
     split_seed: int = 0
     #: A user-provided splits.json (subject ids under "train", "val", "test").
     splits_file: str | None = None

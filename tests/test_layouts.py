@@ -15,7 +15,9 @@ from medsynth.io.dicom import write_dicom_series
 from medsynth.io.volume import Volume
 
 
-def write_nifti(path: Path, affine: np.ndarray | None = None, shape: tuple[int, int, int] = (16, 16, 12)) -> Path:
+def write_nifti(
+    path: Path, affine: np.ndarray | None = None, shape: tuple[int, int, int] = (16, 16, 12)
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = np.random.default_rng(len(path.name)).random(shape, dtype=np.float32) * 100 + 1
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
@@ -78,7 +80,9 @@ def test_manifest_resolves_relative_paths_against_its_folder(tmp_path: Path) -> 
     t2 = write_nifti(tmp_path / "elsewhere/a_t2.nii.gz")
     manifest = tmp_path / "lists/cohort.csv"
     manifest.parent.mkdir()
-    manifest.write_text(f"Subject,Modality,Path\na,T1w,../images/a_t1.nii.gz\na,t2,{t2}\n\n", encoding="utf-8")
+    manifest.write_text(
+        f"Subject,Modality,Path\na,T1w,../images/a_t1.nii.gz\na,t2,{t2}\n\n", encoding="utf-8"
+    )
 
     for records in (scan_dataset(tmp_path / "unused", manifest=manifest), scan_dataset(manifest)):
         assert [(r.id, r.paths, r.layout) for r in records] == [("a", {"t1": t1, "t2": t2}, "manifest")]
@@ -95,7 +99,11 @@ def test_manifest_in_root_is_detected_and_wins_over_file_names(tmp_path: Path) -
 
 @pytest.mark.parametrize(
     ("line", "expected"),
-    [("a,t7,a.nii.gz", "line 2: unknown modality 't7'"), ("a,t1,missing.nii.gz", "line 2: "), ("a,,x", "line 2")],
+    [
+        ("a,t7,a.nii.gz", "line 2: unknown modality 't7'"),
+        ("a,t1,missing.nii.gz", "line 2: "),
+        ("a,,x", "line 2"),
+    ],
 )
 def test_manifest_errors_name_the_line(tmp_path: Path, line: str, expected: str) -> None:
     write_nifti(tmp_path / "a.nii.gz")
@@ -155,7 +163,9 @@ def test_dicom_folder_per_subject(tmp_path: Path) -> None:
     volume = Volume(np.random.default_rng(0).random((12, 10, 6), dtype=np.float32) * 500, np.eye(4))
     for subject in ("patient_b", "patient_a"):
         write_dicom_series(volume, tmp_path / subject / "s1", series_description="t1_mprage_sag")
-        write_dicom_series(volume, tmp_path / subject / "s2", series_description="t2_tse_tra", series_number=2)
+        write_dicom_series(
+            volume, tmp_path / subject / "s2", series_description="t2_tse_tra", series_number=2
+        )
         write_dicom_series(volume, tmp_path / subject / "s3", series_description="localizer", series_number=3)
 
     records = scan_dataset(tmp_path)
@@ -182,7 +192,9 @@ def test_load_subject_reads_and_aligns_to_the_first_requested(tmp_path: Path) ->
 
     subject = load_subject(record, ["t2", "t1"], reference="t1")
     np.testing.assert_array_equal(subject["t2"].affine, np.eye(4))
-    np.testing.assert_array_equal(subject["t1"].array, nib.load(record.paths["t1"]).get_fdata(dtype=np.float32))
+    np.testing.assert_array_equal(
+        subject["t1"].array, nib.load(record.paths["t1"]).get_fdata(dtype=np.float32)
+    )
 
 
 def test_load_subject_errors(tmp_path: Path) -> None:

@@ -97,7 +97,7 @@ def _compile_rule(pattern: object, value: object, path: Path) -> tuple[re.Patter
 # Series that are not anatomical contrasts a generator can take as input.
 _EXCLUDE = re.compile(
     r"localizer|localiser|scout|survey|pilot|\bloc\b|calibrat|\bcal\b|asset|dwi|diffusion|\bdti\b|\badc\b|"
-    r"trace|\bep2d\b|perfusion|\bperf\b|\bdsc\b|\bdce\b|\basl\b|\bswi\b|\bswan\b|angio|\btof\b|\bmra\b|\bmip\b|"
+    r"trace|ep2d|diff|perfusion|\bperf\b|\bdsc\b|\bdce\b|\basl\b|\bswi\b|\bswan\b|angio|\btof\b|\bmra\b|\bmip\b|"
     r"\bmpr\b|projected|medsynth|synthetic|phoenix|\bbold\b|fmri|spectro",
     re.IGNORECASE,
 )
@@ -127,7 +127,8 @@ def classify_series(series: SeriesRecord, mapping: SeriesMapping | None = None) 
         return Classification("ct", "DICOM Modality CT")
     if series.dicom_modality != "MR":
         return Classification(None, f"DICOM Modality {series.dicom_modality or 'missing'} is not MR or CT")
-    text = " ".join(filter(None, (series.description, series.protocol, series.sequence_name)))
+    # Scanner names separate words with '_' or '-', which regex word boundaries do not see.
+    text = re.sub(r"[_\-]+", " ", " ".join(filter(None, (series.description, series.protocol, series.sequence_name))))
     if _EXCLUDE.search(text):
         return Classification(
             None, f"description {_EXCLUDE.search(text).group(0)!r} marks a non-anatomical series"

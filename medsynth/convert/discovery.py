@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
 import pydicom.uid
 
 from ..io.dicom import DicomSeriesInfo, list_dicom_series

@@ -27,7 +27,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -37,10 +37,8 @@ from ..errors import DataError, MedsynthError
 from ..io.atomic import atomic_path, atomic_write_text
 from ..io.volume import to_canonical
 from .fingerprint import Fingerprint
+from .layouts import SubjectRecord, load_subject
 from .masks import bounding_box, foreground_mask
-
-if TYPE_CHECKING:
-    from .layouts import SubjectRecord
 
 _FORMAT = "medsynth-cache"
 #: Bump when the preprocessing itself changes, so every cached subject is rebuilt.
@@ -89,8 +87,6 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 def _build_subject(
     record: SubjectRecord, modalities: Sequence[str], fingerprint: Fingerprint, folder: Path, key: str
 ) -> None:
-    from .layouts import load_subject  # the I/O stack is only needed when a subject is (re)built
-
     (folder / "meta.json").unlink(
         missing_ok=True
     )  # a crash mid-rebuild must not leave a valid-looking subject

@@ -33,7 +33,9 @@ class FileCheck:
     shape: tuple[int, int, int] | None = None
     spacing: tuple[float, float, float] | None = None
     orientation: str | None = None
-    status: str = "ok"  # ok | unreadable | resampled (other grid, same anatomy) | disjoint (too little overlap)
+    status: str = (
+        "ok"  # ok | unreadable | resampled (other grid, same anatomy) | disjoint (too little overlap)
+    )
 
 
 @dataclass
@@ -94,7 +96,9 @@ class DatasetReport:
                 )
         widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
         lines = [f"dataset {self.root} (layout: {self.layout})"]
-        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines += [
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+        ]
         if self.problems:
             lines.append("problems:")
             for p in self.problems:
@@ -175,7 +179,7 @@ def _check_subject(record: SubjectRecord, wanted: tuple[str, ...], problems: lis
         overlap = overlap_fraction(volume, ref_volume)
         if overlap >= MIN_OVERLAP:
             item.status = "resampled"
-            message = f"grid differs from {ref_name} ({mismatch}); it will be resampled onto the {ref_name} grid"
+            message = f"not on the {ref_name} grid ({mismatch}); training resamples it onto that grid"
             problems.append(Problem(record.id, message, blocking=False, modality=modality))
         else:
             item.status = "disjoint"

@@ -137,7 +137,7 @@ _FLAIR_TR_MS = 9000.0
 SEQUENCES: tuple[Sequence, ...] = (
     Sequence("t1", "T1w", "T1w SE", tr_ms=400.0, te_ms=8.0),
     Sequence("t2", "T2w", "T2w TSE", tr_ms=6000.0, te_ms=100.0),
-    Sequence("pd", "PDw", "PD", tr_ms=4000.0, te_ms=12.0),
+    Sequence("pd", "PDw", "PD", tr_ms=5000.0, te_ms=20.0),
     Sequence(
         "flair",
         "FLAIR",
@@ -272,7 +272,7 @@ def warp_anatomy(base: Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, S
     brain = base.fractions[_INDEX["gm"]] + base.fractions[_INDEX["wm"]]
     centre = np.asarray(ndimage.center_of_mass(brain))
     grid = np.ogrid[tuple(slice(0, n) for n in base.shape)]
-    offsets = [g.astype(np.float32) - c for g, c in zip(grid, centre)]
+    offsets = [g.astype(np.float32) - c for g, c in zip(grid, centre, strict=True)]
     coords = [
         centre[a] + sum(inverse[a, b] * offsets[b] for b in range(3)) + displacement[a] for a in range(3)
     ]
@@ -342,42 +342,31 @@ def _write_nifti(volume: Volume, path: Path) -> None:
 
 
 def _prepare_output(out: Path) -> None:
-    """Refuse to mix the demo into a folder holding something else (it could be the user's data)."""
-    if out.exists() and not out.is_dir():
-        raise MedsynthError("exists and is not a folder; choose a new folder for the demo cohort", out)
-    if out.is_dir() and any(out.iterdir()):
-        description = out / "dataset_description.json"
-        try:
-            name = json.loads(description.read_text(encoding="utf-8")).get("Name")
-        except (OSError, ValueError):
-            name = None
-        if name != DATASET_NAME:
-            raise MedsynthError("is not empty and is not a medsynth demo cohort; choose an empty folder", out)
-
-
-def _dicom_tags(sequence: Sequence) -> dict[str, float]:
-    tags = {"RepetitionTime": sequence.tr_ms, "EchoTime": sequence.te_ms}
-    if sequence.ti_ms is not None:
-        tags["InversionTime"] = float(sequence.ti_ms)
-    return tags
+    """Write only into a new or empty folder: the demo must never mix with (or overwrite) user data."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MedsynthError(
+            "already exists and is not empty; remove it or choose a new folder for the demo", out
+        )
 
 
 def _write_dicom(volumes: Mapping[str, Volume], folder: Path, subject_id: str) -> None:
-    import pydicom.uid
+    """One series per contrast, in one study and one frame of reference (the contrasts share the grid)."""
+    from pydicom.uid import generate_uid
 
-    from ..io.dicom import write_dicom_series  # written alongside; only needed with dicom=True
+    from ..io.dicom import write_dicom_series  # only needed with dicom=True
 
-    study_uid = pydicom.uid.generate_uid()
-    for number, (modality, volume) in enumerate(volumes.items(), start=1):
+    study_uid, frame_uid = generate_uid(), generate_uid()
+    for number, volume in enumerate(volumes.values(), start=1):
         sequence: Sequence = volume.meta["sequence"]
         write_dicom_series(
             volume,
             folder / f"{number:02d}_{sequence.suffix}",
             series_description=sequence.description,
-            patient_id=f"DEMO-{subject_id}",
-            study_instance_uid=study_uid,
             series_number=number,
-            extra_tags=_dicom_tags(sequence),
+            study_uid=study_uid,
+            frame_of_reference_uid=frame_uid,
+            patient_id=f"DEMO-{subject_id}",
+            patient_name=f"Demo^{subject_id}",
         )
 
 
@@ -468,7 +457,7 @@ def save_overview_png(out_dir_or_volumes: str | Path | Mapping[str, Volume], pat
     if not volumes:
         raise MedsynthError("no volumes to show; pass a demo cohort folder or {modality: Volume}", path)
     fig, axes = plt.subplots(len(volumes), 3, figsize=(9, 3 * len(volumes)), squeeze=False)
-    for row, (modality, volume) in zip(axes, volumes.items()):
+    for row, (modality, volume) in zip(axes, volumes.items(), strict=True):
         canonical, _ = to_canonical(volume)
         array, (sx, sy, sz) = canonical.array, canonical.spacing
         ci, cj, ck = (n // 2 for n in array.shape)
@@ -478,7 +467,7 @@ def save_overview_png(out_dir_or_volumes: str | Path | Mapping[str, Volume], pat
             (array[:, cj, :].T, sz / sx, "coronal"),
             (array[ci, :, :].T, sz / sy, "sagittal"),
         )
-        for ax, (image, aspect, view) in zip(row, views):
+        for ax, (image, aspect, view) in zip(row, views, strict=True):
             ax.imshow(image, cmap="gray", origin="lower", aspect=aspect, vmin=0.0, vmax=vmax)
             ax.set_axis_off()
             ax.set_title(f"{DISPLAY_NAMES.get(modality, modality)} {view}", fontsize=9, color="white")

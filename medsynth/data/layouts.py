@@ -128,7 +128,9 @@ def load_subject(
         )
     reference = canonical_modality(reference) if reference is not None else wanted[0]
     if reference not in wanted:
-        raise MedsynthError(f"reference modality {reference!r} is not among the requested {', '.join(wanted)}")
+        raise MedsynthError(
+            f"reference modality {reference!r} is not among the requested {', '.join(wanted)}"
+        )
     subject = {
         m: read_volume(record.paths[m], series_uid=record.series_uids.get(m), volume_index=volume_index)
         for m in wanted
@@ -185,7 +187,7 @@ def _scan_bids(root: Path) -> list[_Found]:
 
 # ---------------------------------------------------------------------------------------------- IXI
 
-_IXI_FILE = re.compile(r"^(IXI\d+-[A-Za-z]+-\d+)-([A-Za-z]+)(?:-\d+)?\.nii(?:\.gz)?$")
+_IXI_FILE = re.compile(r"^(IXI\d+-[A-Za-z]+-\d+)-([A-Za-z][A-Za-z0-9]*)(?:-\d+)?\.nii(?:\.gz)?$")
 _IXI_MODALITIES = {"T1": "t1", "T2": "t2", "PD": "pd"}
 
 
@@ -201,13 +203,19 @@ def _scan_ixi(root: Path) -> list[_Found]:
         else:
             skipped += 1
     if found and skipped:
-        log.info("IXI: skipped %d MRA/DTI files in %s (angiography and diffusion are not translated)", skipped, root)
+        log.info(
+            "IXI: skipped %d MRA/DTI files in %s (angiography and diffusion are not translated)",
+            skipped,
+            root,
+        )
     return found
 
 
 # -------------------------------------------------------------------------------------------- BraTS
 
-_BRATS_FILE = re.compile(r"^(BraTS.+?)[-_](t1n|t1c|t1ce|t1|t2w|t2f|t2|flair|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
+_BRATS_FILE = re.compile(
+    r"^(BraTS.+?)[-_](t1n|t1c|t1ce|t1|t2w|t2f|t2|flair|seg)\.nii(?:\.gz)?$", re.IGNORECASE
+)
 
 
 def _scan_brats(root: Path) -> list[_Found]:
@@ -329,16 +337,22 @@ def _read_manifest(path: Path) -> list[_Found]:
             raise DataError(f"line {line}: subject, modality and path must all be filled in", path)
         if not is_modality(cells["modality"]):
             raise DataError(
-                f"line {line}: unknown modality {cells['modality']!r}; use one of {', '.join(MODALITIES)}", path
+                f"line {line}: unknown modality {cells['modality']!r}; use one of {', '.join(MODALITIES)}",
+                path,
             )
         image = Path(cells["path"]).expanduser()
-        image = image if image.is_absolute() else path.parent / image
+        image = image if image.is_absolute() else Path(os.path.normpath(path.parent / image))
         if not image.exists():
             raise DataError(
                 f"line {line}: {image} does not exist (relative paths start at the manifest's folder)", path
             )
         found.append(
-            _Found(cells["subject"], canonical_modality(cells["modality"]), image, cells.get("series_uid") or None)
+            _Found(
+                cells["subject"],
+                canonical_modality(cells["modality"]),
+                image,
+                cells.get("series_uid") or None,
+            )
         )
     if not found:
         raise DataError("the manifest lists no images; add lines subject,modality,path", path)

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..config import Config, load_config
 from ..errors import MedsynthError
 from ..task import Task
@@ -73,21 +75,26 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def claim_run_dir(run_dir: Path, config: Config) -> None:
-    """Refuse a folder that already holds a run: resuming is explicit, overwriting never happens."""
-    if (run_dir / "checkpoint_latest.pt").exists() or (run_dir / "config.yaml").exists():
+    """Refuse a folder that holds another run; resuming is explicit and nothing is overwritten.
+
+    A folder whose run never saved a checkpoint (it failed while preparing data) is taken again when
+    its saved configuration is the same, so fixing the data and re-running just works.
+    """
+    saved = run_dir / "config.yaml"
+    if (run_dir / "checkpoint_latest.pt").exists():
         raise MedsynthError(
-            f"this folder already holds a run; continue it with --resume {run_dir} or pick another --name",
-            run_dir,
+            f"this folder already holds a run; continue it with --resume {run_dir} or pick another --name", run_dir
         )
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise MedsynthError(
-            "output folder is not empty and holds no medsynth run; pick another --name", run_dir
-        )
+    if saved.exists():
+        if yaml.safe_load(saved.read_text(encoding="utf-8")) != config.to_dict():
+            raise MedsynthError("this folder holds a different run (config.yaml differs); pick another --name", run_dir)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise MedsynthError("output folder is not empty and holds no medsynth run; pick another --name", run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MedsynthError(f"cannot create the run folder ({exc.strerror})", run_dir) from exc
-    config.save(run_dir / "config.yaml")
+    config.save(saved)
 
 
 def train(config: Config, run_dir: Path, *, resume: bool = False, quiet: bool = False,

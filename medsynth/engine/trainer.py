@@ -309,7 +309,8 @@ class Trainer:
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
-        return {"loss_critic": float(loss_critic), "loss_adv": float(loss_adv), "loss_l1": float(loss_l1)}
+        losses = torch.stack([loss_critic.detach(), loss_adv.detach(), loss_l1.detach()]).tolist()
+        return dict(zip(("loss_critic", "loss_adv", "loss_l1"), losses, strict=True))
 
     def _autocast(self) -> Any:
         # bf16 on CUDA needs no gradient scaler; on CPU, fp32 is faster than emulated bf16 here.

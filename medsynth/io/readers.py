@@ -118,7 +118,8 @@ def _read_nifti(path: Path, volume_index: int | None) -> Volume:
             f"cannot be read as NIfTI ({exc}); the file is truncated or corrupt, copy it again", path
         ) from exc
     header = image.header
-    slope, inter = header.get_slope_inter()
+    # nibabel moves scl_slope/scl_inter from the loaded header into the data proxy.
+    slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
     meta = {
         "format": "nifti",
         "header": header.binaryblock,
