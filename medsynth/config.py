@@ -37,6 +37,8 @@ class DataConfig:
     context: int = 1
     #: In-plane crop (2D) or patch size (3D); None derives it from the foreground bounding boxes.
     crop_size: list[int] | None = None
+    #: Training skips slices with fewer foreground voxels than this: no FLOPs on slices of air.
+    min_foreground: int = 32
     #: Validation subjects: a fraction (0.15) or a count (2).
     val: int | float = 0.15
     test: int | float = 0.15
@@ -243,6 +245,11 @@ def _check_type(value: Any, hint: Any, key: str, where: str) -> Any:
             return None
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if base is float and isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if base in (str, bool, dict) and isinstance(value, base):

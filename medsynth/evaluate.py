@@ -138,9 +138,9 @@ def evaluate_subject(
         prediction = predictor.predict(given, target)
         truth = _canonical_array(volumes[target])
         mask = prediction.mask
-        truth_normalised = predictor.fingerprint.input_normalizer(target, truth, mask).forward(truth)
+        truth_normalised = predictor.fingerprint.input_normalizer(target, truth).forward(truth)
         sources_normalised = {
-            m: predictor.fingerprint.input_normalizer(m, a, mask).forward(a)
+            m: predictor.fingerprint.input_normalizer(m, a).forward(a)
             for m, a in ((m, _canonical_array(volumes[m])) for m in inputs)
         }
         candidates = {"model": prediction.normalised}
@@ -191,8 +191,8 @@ def fit_baselines(predictor: Predictor, records: list[SubjectRecord], train_ids:
             volumes = load_subject(record, [source, target])
             src, tgt = _canonical_array(volumes[source]), _canonical_array(volumes[target])
             mask = foreground_mask([src])
-            yield (fingerprint.input_normalizer(source, src, mask).forward(src),
-                   fingerprint.input_normalizer(target, tgt, mask).forward(tgt), mask)  # fmt: skip
+            yield (fingerprint.input_normalizer(source, src).forward(src),
+                   fingerprint.input_normalizer(target, tgt).forward(tgt), mask)  # fmt: skip
 
     return {"lut": IntensityLUTBaseline().fit(pairs())}
 

@@ -49,7 +49,8 @@ def l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None 
     if mask is None:
         return error.mean()
     weights = mask.to(error.dtype).expand_as(error)
-    return (error * weights).sum() / weights.sum().clamp_min(1.0)
+    # An empty mask makes the numerator 0 as well; the clamp turns 0/0 into 0 without a data-dependent branch.
+    return (error * weights).sum() / weights.sum().clamp_min(torch.finfo(error.dtype).tiny)
 
 
 class GeneratorLossTerms(NamedTuple):

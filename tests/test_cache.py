@@ -24,9 +24,9 @@ SHAPE = (18, 20, 10)
 def _write_subject(root: Path, sid: str, seed: int) -> SubjectRecord:
     rng = np.random.default_rng(seed)
     grid = np.indices(SHAPE)
-    head = (((grid - np.array([9, 11, 5])[:, None, None, None]) / np.array([6, 7, 4])[:, None, None, None]) ** 2).sum(
-        0
-    ) <= 1
+    head = (
+        ((grid - np.array([9, 11, 5])[:, None, None, None]) / np.array([6, 7, 4])[:, None, None, None]) ** 2
+    ).sum(0) <= 1
     paths = {}
     for modality, level in (("t1", 600.0), ("t2", 300.0)):
         array = rng.normal(5.0, 1.0, SHAPE)

@@ -43,6 +43,14 @@ def cohort(tmp_path_factory) -> Cohort:
     return prepare_cohort(records, MODALITIES, fingerprint, root / "cache", progress=False)
 
 
+def _expected_crop(plane: np.ndarray, centre: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """The oracle: pad generously with the background value, then cut the window around ``centre``."""
+    pad = max(size)
+    padded = np.pad(plane, pad, constant_values=-1.0)
+    top, left = centre[0] - size[0] // 2 + pad, centre[1] - size[1] // 2 + pad
+    return padded[top : top + size[0], left : left + size[1]]
+
+
 def _in_plane_extent(cohort: Cohort) -> tuple[int, int]:
     boxes = [cohort.subject(s).bbox for s in cohort.ids]
     return max(b[0].stop - b[0].start for b in boxes), max(b[1].stop - b[1].start for b in boxes)
@@ -54,7 +62,9 @@ def test_2d_items_crop_and_foreground_slices(cohort) -> None:
     height, width = dataset.crop_size
     assert height % 16 == 0 and width % 16 == 0 and height >= extent[0] and width >= extent[1]
     batch = dataset.__getitems__(list(range(len(dataset))))
-    assert batch["source"].shape == (len(dataset), 2, height, width) and batch["source"].dtype == torch.float32
+    assert (
+        batch["source"].shape == (len(dataset), 2, height, width) and batch["source"].dtype == torch.float32
+    )
     assert batch["target"].shape == batch["mask"].shape == (len(dataset), 1, height, width)
     assert (batch["mask"].sum(dim=(1, 2, 3)) >= 1).all()
     every = SliceDataset(cohort, ["a", "b"], ["t1", "t2"], "pd", foreground_only=False)
@@ -63,13 +73,9 @@ def test_2d_items_crop_and_foreground_slices(cohort) -> None:
     item = dataset[0]
     subject = cohort.subject(item["subject"])
     box = subject.bbox
-    top = (box[0].start + box[0].stop) // 2 - height // 2
-    left = (box[1].start + box[1].stop) // 2 - width // 2
-    image = np.asarray(subject.image("t1")[item["slice"]])
-    rows, cols = slice(max(top, 0), top + height), slice(max(left, 0), left + width)
-    expected = image[rows, cols]
-    crop = item["source"][0].numpy()[rows.start - top :, cols.start - left :][: expected.shape[0], : expected.shape[1]]
-    np.testing.assert_array_equal(crop, expected)
+    centre = ((box[0].start + box[0].stop) // 2, (box[1].start + box[1].stop) // 2)
+    expected = _expected_crop(np.asarray(subject.image("t1")[item["slice"]]), centre, (height, width))
+    np.testing.assert_array_equal(item["source"][0].numpy(), expected)
     assert item["source"].shape == (2, height, width) and isinstance(item["subject"], str)
 
 
@@ -99,7 +105,10 @@ def test_other_slicing_axes(cohort) -> None:
     assert len(sagittal) == SHAPE[0]
     item = sagittal[10]
     subject = cohort.subject("a")
-    expected = np.asarray(subject.image("t1")).transpose(1, 2, 0)[10]  # volume [i=10, :, :] -> (j, k)
+    plane = np.asarray(subject.image("t1")).transpose(1, 2, 0)[10]  # volume [i=10, :, :] -> (j, k)
+    box = subject.bbox
+    centre = ((box[1].start + box[1].stop) // 2, (box[2].start + box[2].stop) // 2)
+    expected = _expected_crop(plane, centre, (20, 12))
     np.testing.assert_array_equal(item["source"][0].numpy(), expected)
 
 
@@ -118,7 +127,9 @@ def test_unified_target_never_an_input(cohort) -> None:
     planes = source[:, count * context : count * context + count, 0, 0]
     one_hot = source[:, count * context + count :, 0, 0]
     assert torch.equal(planes, available)
-    assert torch.equal(one_hot.argmax(dim=1), target_index) and torch.equal(one_hot.sum(dim=1), torch.ones(len(dataset)))
+    assert torch.equal(one_hot.argmax(dim=1), target_index) and torch.equal(
+        one_hot.sum(dim=1), torch.ones(len(dataset))
+    )
     assert len({tuple(r) for r in available.tolist()}) > 2  # several subsets are drawn
     # The target is that modality's centre slice, and unified_input rebuilds the sample exactly.
     fixed = SliceDataset(cohort, ["a", "b"], ["t1", "t2", "pd"], None, context=3)
@@ -151,7 +162,9 @@ def test_loader_is_deterministic_per_seed_and_epoch(cohort) -> None:
     loader = make_loader(dataset, 4, shuffle=True, seed=5, drop_last=False)
 
     def order() -> list[tuple[str, int]]:
-        return [(s, int(k)) for batch in loader for s, k in zip(batch["subject"], batch["slice"], strict=True)]
+        return [
+            (s, int(k)) for batch in loader for s, k in zip(batch["subject"], batch["slice"], strict=True)
+        ]
 
     first = order()
     assert len(first) == len(dataset) == len(set(first)) and len(loader) == -(-len(dataset) // 4)
@@ -181,7 +194,9 @@ def test_patch_dataset_shapes_and_foreground_centres(cohort) -> None:
     assert (batch["mask"].sum(dim=(1, 2, 3, 4)) > 0).all()
     assert set(batch["subject"]) <= {"a", "b"}
     torch.testing.assert_close(dataset[3]["source"], batch["source"][3])
-    whole = PatchDataset(cohort, ["a"], ["t1"], "t2", patch_size=SHAPE, samples_per_epoch=1, foreground_weighted=False)
+    whole = PatchDataset(
+        cohort, ["a"], ["t1"], "t2", patch_size=SHAPE, samples_per_epoch=1, foreground_weighted=False
+    )
     expected = np.asarray(cohort.subject("a").image("t1")).transpose(1, 2, 0)
     np.testing.assert_array_equal(whole[0]["source"][0].numpy(), expected)
 

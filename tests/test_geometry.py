@@ -45,7 +45,9 @@ def test_volume_to_sitk_and_back_is_exact():
     image = volume_to_sitk(source)
     assert image.GetSize() == source.shape
     np.testing.assert_allclose(
-        affine_from_itk(image.GetSpacing(), image.GetOrigin(), image.GetDirection()), source.affine, atol=1e-12
+        affine_from_itk(image.GetSpacing(), image.GetOrigin(), image.GetDirection()),
+        source.affine,
+        atol=1e-12,
     )
     assert image.GetPixel(3, 4, 5) == source.array[3, 4, 5]
 

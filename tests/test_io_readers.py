@@ -19,7 +19,11 @@ from medsynth.io.volume import LPS_TO_RAS
 def oblique_affine(spacing=(0.9, 1.1, 1.7), origin=(10.0, -20.0, 30.0)) -> np.ndarray:
     angle = np.deg2rad(20)
     rotation = np.array(
-        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle) * 0.8, np.cos(angle) * 0.8, -0.6], [0.0, 0.0, 0.0]]
+        [
+            [np.cos(angle), -np.sin(angle), 0],
+            [np.sin(angle) * 0.8, np.cos(angle) * 0.8, -0.6],
+            [0.0, 0.0, 0.0],
+        ]
     )
     rotation[2] = np.cross(rotation[0], rotation[1])
     affine = np.eye(4)
@@ -131,7 +135,9 @@ def test_not_a_nifti_is_refused(tmp_path):
 
 def test_corrupt_mha_is_refused(tmp_path):
     path = tmp_path / "broken.mha"
-    path.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
+    path.write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n"
+    )
     with pytest.raises(DataError, match="truncated or corrupt"):
         read_volume(path)
 

@@ -88,7 +88,9 @@ def test_one_volume_of_a_4d_reference_is_written_3d(tmp_path):
 def test_header_is_updated_when_the_grid_changed(tmp_path):
     reference = read_volume(save_nifti(tmp_path / "t1.nii.gz", noise()))
     moved = oblique_affine(origin=(0.0, 0.0, 0.0))
-    written = nib.load(write_volume(noise(), Volume(reference.array, moved, reference.meta), tmp_path / "o.nii"))
+    written = nib.load(
+        write_volume(noise(), Volume(reference.array, moved, reference.meta), tmp_path / "o.nii")
+    )
     np.testing.assert_allclose(written.affine, moved, atol=1e-6)
     assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (1, 2)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -187,8 +189,6 @@ def test_init_weights_is_pix2pix():
     ],
 )
 def test_rebuild_from_init_args_through_a_checkpoint_file(tmp_path, builder, name, args):
-    import json
-
     net = builder(name, **args)
     path = tmp_path / "net.pt"
     torch.save(
@@ -201,7 +201,8 @@ def test_rebuild_from_init_args_through_a_checkpoint_file(tmp_path, builder, nam
     }
     rebuilt.load_state_dict(saved["state"])
     x = torch.randn(1, args["in_channels"], *(24,) * args["spatial_dims"])
-    net.eval(), rebuilt.eval()
+    net.eval()
+    rebuilt.eval()
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), net(x))
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medsynth.errors import ConfigError
 from medsynth.data.normalize import (
     PercentileNormalizer,
     WindowNormalizer,
     ZScoreNormalizer,
     normalizer_from_dict,
 )
+from medsynth.errors import ConfigError
 
 
 @pytest.fixture

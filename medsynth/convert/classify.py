@@ -111,16 +111,18 @@ _PD = re.compile(r"\bpd\b|pdw|proton.?dens", re.IGNORECASE)
 def classify_series(series: SeriesRecord, mapping: SeriesMapping | None = None) -> Classification:
     """Give one series a canonical modality, or ``None`` with the reason it is not an input.
 
+    ``--map`` rules apply to image series only, so a catch-all rule cannot turn a report into an input.
+
     >>> from medsynth.convert.discovery import SeriesRecord
     >>> classify_series(SeriesRecord(series_uid="1.2", description="AX FLAIR", dicom_modality="MR")).modality
     'flair'
     """
+    if not series.is_image:
+        return Classification(None, "not an image object")
     if mapping is not None:
         decided = mapping.match(series.description)
         if decided is not None:
             return decided
-    if not series.is_image:
-        return Classification(None, "not an image object")
     if "DERIVED" in series.image_type and "PRIMARY" not in series.image_type:
         return Classification(None, "derived series (ImageType DERIVED)")
     if series.dicom_modality == "CT":
@@ -128,7 +130,9 @@ def classify_series(series: SeriesRecord, mapping: SeriesMapping | None = None) 
     if series.dicom_modality != "MR":
         return Classification(None, f"DICOM Modality {series.dicom_modality or 'missing'} is not MR or CT")
     # Scanner names separate words with '_' or '-', which regex word boundaries do not see.
-    text = re.sub(r"[_\-]+", " ", " ".join(filter(None, (series.description, series.protocol, series.sequence_name))))
+    text = re.sub(
+        r"[_\-]+", " ", " ".join(filter(None, (series.description, series.protocol, series.sequence_name)))
+    )
     if _EXCLUDE.search(text):
         return Classification(
             None, f"description {_EXCLUDE.search(text).group(0)!r} marks a non-anatomical series"

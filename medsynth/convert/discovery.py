@@ -105,7 +105,10 @@ class Export:
 
 def _unsupported(info: DicomSeriesInfo) -> str | None:
     if not info.is_image:
-        return f"non-image object ({_sop_class_name(info.sop_class_uid) or info.modality or 'unknown class'})"
+        kind = _sop_class_name(info.sop_class_uid) or info.modality or "unknown class"
+        if kind.endswith("Image Storage"):
+            return f"no pixel matrix (Rows/Columns missing) in {kind} objects"
+        return f"non-image object ({kind})"
     if info.sop_class_uid in _ENHANCED_CLASSES:
         return (
             f"multi-frame {_ENHANCED_CLASSES[info.sop_class_uid]} object; per-frame geometry is not read, "

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,12 +185,6 @@ class Cohort:
         self.cache_dir = Path(cache_dir)
         self.ids = tuple(subject_ids)
         self.modalities = tuple(modalities)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __iter__(self) -> Iterator[CachedSubject]:
-        return (self.subject(i) for i in self.ids)
 
     def subject(self, subject_id: str) -> CachedSubject:
         if subject_id not in self.ids:

@@ -92,7 +92,8 @@ def scan_dataset(root: str | Path, manifest: str | Path | None = None) -> list[S
     if root.is_file() and root.suffix.lower() == ".csv":
         return _group(_read_manifest(root), "manifest")
     if not root.is_dir():
-        raise DataError("no such dataset folder; pass the folder that holds the subjects", root)
+        what = "is a file, not a dataset folder" if root.exists() else "no such dataset folder"
+        raise DataError(f"{what}; pass the folder that holds the subjects (or a manifest .csv)", root)
     layout, found = _detect(root)
     return _group(found, layout)
 

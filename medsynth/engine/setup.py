@@ -35,23 +35,18 @@ class RunData:
 
 
 def usable_records(records: list[SubjectRecord], task: Task, root: str | Path) -> list[SubjectRecord]:
-    """Subjects that hold what the task needs; the rest are left out with a warning.
-
-    A fixed task needs every source and the target; a unified task needs at least two of its
-    modalities (one to give, one to take).
-    """
+    """Subjects that hold every modality the task names; the rest are left out with a warning."""
     wanted = set(task.required_modalities)
     present = set().union(*(r.paths for r in records)) if records else set()
     absent = [m for m in task.required_modalities if m not in present]
-    if absent and (not task.is_unified or len(wanted & present) < 2):
+    if absent:
         found = ", ".join(sorted(present)) or "none"
         raise MedsynthError(
             f"no subject has {', '.join(DISPLAY_NAMES[m] for m in absent)} (modalities found: {found}); "
             f"choose a task among the modalities present",
             root,
         )
-    needed = 2 if task.is_unified else len(wanted)
-    kept = [r for r in records if len(wanted & set(r.paths)) >= needed]
+    kept = [r for r in records if wanted <= set(r.paths)]
     for record in records:
         if record not in kept:
             missing = ", ".join(sorted(wanted - set(record.paths)))

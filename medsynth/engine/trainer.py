@@ -142,6 +142,8 @@ class Trainer:
             context=context,
             crop_size=tuple(config.data.crop_size) if config.data.crop_size else None,
             unified_modalities=task.modalities or None,
+            axis=config.data.axis,
+            min_foreground=config.data.min_foreground,
             seed=train.seed,
         )
         if len(self.dataset) == 0:

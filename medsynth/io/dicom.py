@@ -18,10 +18,11 @@ import datetime
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import pydicom
@@ -104,8 +105,11 @@ class DicomSeriesInfo:
 
 
 class DicomSeriesList(list[DicomSeriesInfo]):
-    """The series of a folder, plus ``unreadable``: ``(file, reason)`` for files that look like DICOM
-    but could not be parsed. A batch run reports those instead of stopping on the first bad file."""
+    """The series found in a folder, with the files that could not be parsed.
+
+    ``unreadable`` holds ``(file, reason)`` for files that look like DICOM but failed to parse, so a batch
+    run reports them all instead of stopping on the first bad file.
+    """
 
     def __init__(self, series: list[DicomSeriesInfo], unreadable: list[tuple[Path, str]]) -> None:
         super().__init__(series)
@@ -120,15 +124,17 @@ class _FileHeader(NamedTuple):
     instance: int | None
 
 
-def _looks_like_dicom(stream: Any) -> bool:
-    """True for Part 10 files (``DICM`` after the preamble) and bare little-endian datasets.
+def _dicom_preamble(stream: BinaryIO) -> bool | None:
+    """``True`` for Part 10 files (``DICM`` after the preamble), ``False`` for bare datasets, else ``None``.
 
-    Bare datasets (no preamble, as some old exports write them) start with a group 0x0002 or 0x0008 tag;
-    anything else (text, images, archives) is not DICOM and is skipped without parsing.
+    Bare little-endian datasets (no preamble, as some old exports write them) start with a group 0x0002 or
+    0x0008 tag; anything else (text, images, archives) is not DICOM and is skipped without parsing.
     """
     head = stream.read(132)
     stream.seek(0)
-    return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00")
+    if head[128:132] == b"DICM":
+        return True
+    return False if head[:2] in (b"\x02\x00", b"\x08\x00") else None
 
 
 def _read_header(path: Path) -> _FileHeader | None:
@@ -136,13 +142,14 @@ def _read_header(path: Path) -> _FileHeader | None:
     if path.name.upper() == "DICOMDIR":
         return None
     with open(path, "rb") as stream:
-        if not _looks_like_dicom(stream):
+        part10 = _dicom_preamble(stream)
+        if part10 is None:
             return None
-        part10 = stream.read(132)[128:132] == b"DICM"
-        stream.seek(0)
-        dataset = pydicom.dcmread(
-            stream, stop_before_pixels=True, force=not part10, specific_tags=_DISCOVERY_TAGS
-        )
+        with warnings.catch_warnings():  # odd values in exports are common and not the user's to fix
+            warnings.simplefilter("ignore")
+            dataset = pydicom.dcmread(
+                stream, stop_before_pixels=True, force=not part10, specific_tags=_DISCOVERY_TAGS
+            )
     if dataset.get("file_meta", Dataset()).get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
         return None
     if "SeriesInstanceUID" not in dataset:
@@ -186,7 +193,8 @@ def list_dicom_series(folder: str | Path, recursive: bool = False) -> DicomSerie
         try:
             header = _read_header(path)
         except Exception as exc:  # pydicom raises many exception types on malformed files; report them all
-            unreadable.append((path, f"{type(exc).__name__}: {exc}"))
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no details"
+            unreadable.append((path, f"{type(exc).__name__}: {reason}"))
             continue
         if header is None:
             continue
@@ -255,7 +263,7 @@ def _geometry_problem(headers: list[_FileHeader], positions: tuple[float, ...], 
     if not positions:
         return "slices lack ImagePositionPatient/ImageOrientationPatient, so they cannot be stacked"
     reference = headers[0].orientation
-    if any(not np.allclose(h.orientation, reference, atol=1e-4) for h in headers):
+    if any(h.orientation is None or not np.allclose(h.orientation, reference, atol=1e-4) for h in headers):
         return "slices have different orientations (a localizer or a multi-plane series)"
     gaps = np.diff(positions)
     if np.any(gaps < 1e-3):
@@ -357,6 +365,10 @@ def write_dicom_series(
     only without a reference. ``derived=True`` marks the images ``DERIVED\\SECONDARY`` with
     ``derivation_description``, as a synthetic image should be.
 
+    DICOM readers order slices along ``row x column`` directions, so a left-handed grid (e.g. a
+    radiological-convention NIfTI) reads back with its ``k`` axis reversed: the same voxels in the same
+    places, but a different affine. Right-handed grids read back with the same affine.
+
     Example:
         >>> files = write_dicom_series(t2_synthetic, "out/T2_syn", series_description="T2w synthetic",
         ...                            reference_datasets=t1_headers, derived=True)  # doctest: +SKIP
@@ -401,6 +413,8 @@ def write_dicom_series(
             ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
             name = f"IM{k + 1:05d}.dcm"
             ds.save_as(temp / name, enforce_file_format=True)
+            with open(temp / name, "rb") as stream:  # on disk before the folder is renamed into place
+                os.fsync(stream.fileno())
             paths.append(folder / name)
     return paths
 

@@ -164,16 +164,17 @@ def _from_sitk(image: sitk.Image, volume_index: int | None, path: Path, meta: di
 def _pick_series(folder: Path, series_uid: str | None) -> DicomSeriesInfo:
     """The one image series of ``folder`` that the user means, or a DataError that lists the choices."""
     found = list_dicom_series(folder)
+    if found.unreadable:
+        bad, reason = found.unreadable[0]
+        raise DataError(
+            f"has {len(found.unreadable)} DICOM file(s) that cannot be parsed (e.g. {bad.name}: {reason}); "
+            "a slice may be missing, so remove them or copy the export again",
+            folder,
+        )
     if not found:
-        if found.unreadable:
-            bad, reason = found.unreadable[0]
-            raise DataError(
-                f"holds no readable DICOM file ({len(found.unreadable)} unreadable, e.g. {bad.name}: {reason}); "
-                "copy the export again",
-                folder,
-            )
-        hint = " (only subfolders: pass the folder of one series)" if any(folder.iterdir()) else ""
-        raise DataError(f"holds no DICOM files{hint}; pass a folder with one DICOM image series", folder)
+        nested = any(entry.is_dir() for entry in folder.iterdir())
+        where = " directly in it (only in subfolders)" if nested else ""
+        raise DataError(f"holds no DICOM files{where}; pass the folder of one DICOM image series", folder)
     images = [series for series in found if series.is_image]
     if not images:
         kinds = ", ".join(sorted({series.modality or "unknown" for series in found}))

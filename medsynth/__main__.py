@@ -1,0 +1,7 @@
+"""``python -m medsynth`` is the ``medsynth`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,100 @@
+"""Training: determinism, resume after a real kill, run-folder rules and bad input."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY_OVERRIDES, tiny_config
+
+from medsynth.cli import main
+from medsynth.engine.checkpoint import load_checkpoint
+from medsynth.engine.run import claim_run_dir, train
+
+
+def _losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "metrics.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    return [float(r[key]) for r in rows for key in ("loss_critic", "loss_adv", "loss_l1", "val_psnr")]
+
+
+def test_run_folder_holds_every_artefact(tiny_run: Path) -> None:
+    for name in ("config.yaml", "splits.json", "fingerprint.json", "metrics.csv", "checkpoint_latest.pt",
+                 "checkpoint_best.pt"):  # fmt: skip
+        assert (tiny_run / name).is_file(), name
+    assert sorted(p.name for p in (tiny_run / "samples").iterdir()) == ["epoch_001.png", "epoch_002.png"]
+    assert any((tiny_run / "tensorboard").iterdir())
+    with open(tiny_run / "metrics.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"])  # linear decay after the constant phase
+    splits = yaml.safe_load((tiny_run / "splits.json").read_text())
+    assert not set(splits["train"]) & (set(splits["val"]) | set(splits["test"]))
+
+
+def test_same_seed_same_losses(tiny_cohort: Path, tmp_path: Path) -> None:
+    results = []
+    for name in ("a", "b"):
+        config = tiny_config(tiny_cohort, extra=["train.steps_per_epoch=3", "train.decay_epochs=0"])
+        claim_run_dir(tmp_path / name, config)
+        train(config, tmp_path / name, quiet=True)
+        results.append(_losses(tmp_path / name))
+    assert results[0] == results[1]
+
+
+def test_resume_after_sigterm_matches_uninterrupted_run(tiny_cohort: Path, tmp_path: Path) -> None:
+    extra = ["train.batch_size=1", "train.checkpoint_every=2"]
+    reference = tmp_path / "reference"
+    config = tiny_config(tiny_cohort, extra=extra)
+    claim_run_dir(reference, config)
+    train(config, reference, quiet=True)
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "medsynth", "train", "t1->t2", "--data", str(tiny_cohort), "--config",
+               "demo_cpu", "--runs-dir", str(tmp_path), "--name", "killed", "--quiet"]  # fmt: skip
+    for item in [*TINY_OVERRIDES, *extra]:
+        command += ["--set", item]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint_latest.pt").exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    state = load_checkpoint(killed / "checkpoint_latest.pt")
+    assert state["step_in_epoch"] > 0 and state["epoch"] < 2  # stopped mid-epoch
+
+    assert main(["train", "--resume", str(killed), "--quiet"]) == 0
+    assert _losses(killed) == pytest.approx(_losses(reference), rel=1e-5, abs=1e-6)
+
+
+def test_existing_run_folder_is_never_overwritten(tiny_run: Path, tiny_cohort: Path, capsys) -> None:
+    code = main(["train", "t1->t2", "--data", str(tiny_cohort), "--runs-dir", str(tiny_run.parent),
+                 "--name", tiny_run.name, "--config", "demo_cpu"])  # fmt: skip
+    assert code == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["t1-"], "Quote the task"),
+        (["t1->t9"], "unknown modality 't9'"),
+        (["t1->ct"], "no subject has CT"),
+        (["t1->t2", "--set", "train.epoch=3"], "unknown key train.epoch"),
+        (["t1->t2", "--set", "data.val=4"], "subjects"),
+    ],
+)
+def test_bad_input_is_one_line(arguments: list[str], message: str, tiny_cohort: Path, tmp_path: Path, capsys) -> None:
+    code = main(["train", *arguments, "--data", str(tiny_cohort), "--runs-dir", str(tmp_path), "--config", "demo_cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error:") and "\n" not in err and message in err, err
+    assert "Traceback" not in err
