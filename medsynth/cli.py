@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .convert.cli import add_convert_arguments, convert_command
 from .errors import MedsynthError
 
 log = logging.getLogger("medsynth")
@@ -120,12 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--quiet", action="store_true")
     job.set_defaults(handler=_demo_job)
 
-    try:
-        from .convert.cli import add_convert_parser
-    except ImportError:  # the convert package is optional at import time only while it is being built
-        pass
-    else:
-        add_convert_parser(commands)
+    convert = commands.add_parser("convert", help="add a synthetic series to every study of a DICOM export")
+    add_convert_arguments(convert)
+    convert.set_defaults(handler=convert_command)
     return parser
 
 

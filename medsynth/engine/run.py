@@ -83,13 +83,18 @@ def claim_run_dir(run_dir: Path, config: Config) -> None:
     saved = run_dir / "config.yaml"
     if (run_dir / "checkpoint_latest.pt").exists():
         raise MedsynthError(
-            f"this folder already holds a run; continue it with --resume {run_dir} or pick another --name", run_dir
+            f"this folder already holds a run; continue it with --resume {run_dir} or pick another --name",
+            run_dir,
         )
     if saved.exists():
         if yaml.safe_load(saved.read_text(encoding="utf-8")) != config.to_dict():
-            raise MedsynthError("this folder holds a different run (config.yaml differs); pick another --name", run_dir)
+            raise MedsynthError(
+                "this folder holds a different run (config.yaml differs); pick another --name", run_dir
+            )
     elif run_dir.exists() and any(run_dir.iterdir()):
-        raise MedsynthError("output folder is not empty and holds no medsynth run; pick another --name", run_dir)
+        raise MedsynthError(
+            "output folder is not empty and holds no medsynth run; pick another --name", run_dir
+        )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -29,9 +29,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..data.datasets import SliceDataset, make_loader
+from ..data.datasets import PatchDataset, SliceDataset, make_loader
 from ..errors import MedsynthError
 from ..inference.slicing import synthesize_slices, unified_planes
+from ..inference.sliding import synthesize_patches
 from ..io.atomic import atomic_path
 from ..losses import LSGANLoss, l1_loss
 from ..metrics import mae, psnr, ssim_3d
@@ -104,7 +105,8 @@ class Trainer:
         torch.manual_seed(train.seed)
         self.device = pick_device(train.device)
         self.amp = train.amp and self.device.type == "cuda"
-        self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+        channels_last = torch.channels_last if config.model.spatial_dims == 2 else torch.channels_last_3d
+        self.memory_format = channels_last if train.channels_last else torch.contiguous_format
 
         context = config.data.context
         self.in_channels = network_channels(task, context)
@@ -134,18 +136,8 @@ class Trainer:
         self.forward_g: nn.Module = torch.compile(self.generator) if train.compile else self.generator
         self.forward_d: nn.Module = torch.compile(self.critic) if train.compile else self.critic
 
-        self.dataset = SliceDataset(
-            data.cohort,
-            data.splits["train"],
-            task.sources,
-            task.target,
-            context=context,
-            crop_size=tuple(config.data.crop_size) if config.data.crop_size else None,
-            unified_modalities=task.modalities or None,
-            axis=config.data.axis,
-            min_foreground=config.data.min_foreground,
-            seed=train.seed,
-        )
+        self.spatial_dims = config.model.spatial_dims
+        self.dataset = self._make_dataset()
         if len(self.dataset) == 0:
             raise MedsynthError(
                 "no training slices with foreground; check the data with `medsynth data check`"
@@ -160,6 +152,31 @@ class Trainer:
         self.stats = EpochStats()
         self._stop_signal: int | None = None
 
+    def _make_dataset(self) -> SliceDataset | PatchDataset:
+        """2D/2.5D slices, or foreground-weighted random 3D patches."""
+        data, task = self.config.data, self.task
+        crop = tuple(data.crop_size) if data.crop_size else None
+        if self.spatial_dims == 3:
+            if task.is_unified:
+                raise MedsynthError("unified synthesis is 2D/2.5D only; set model.spatial_dims=2")
+            if data.context != 1:
+                raise MedsynthError("data.context (2.5D) applies to 2D models; a 3D model sees the volume")
+            return PatchDataset(
+                self.data.cohort, self.data.splits["train"], task.sources, str(task.target),
+                patch_size=crop or (64, 64, 64), samples_per_epoch=data.patches_per_epoch, seed=self.config.train.seed,
+            )  # fmt: skip
+        return SliceDataset(
+            self.data.cohort, self.data.splits["train"], task.sources, task.target,
+            context=data.context, crop_size=crop, unified_modalities=task.modalities or None, axis=data.axis,
+            min_foreground=data.min_foreground, seed=self.config.train.seed,
+        )  # fmt: skip
+
+    @property
+    def window(self) -> list[int] | None:
+        """The training crop (2D) or patch (3D) size, recorded for inference."""
+        size = getattr(self.dataset, "crop_size", None) or getattr(self.dataset, "patch_size", None)
+        return [int(s) for s in size] if size else None
+
     # ----------------------------------------------------------------------------------- state
     def state(self, *, for_inference: bool = False) -> dict[str, Any]:
         """The checkpoint payload: self-describing for inference, complete for resume."""
@@ -173,7 +190,7 @@ class Trainer:
                 "spatial_dims": self.config.model.spatial_dims,
                 "axis": self.config.data.axis,
                 "context": self.config.data.context,
-                "crop_size": self.dataset.crop_size and list(self.dataset.crop_size),
+                "crop_size": self.window,
                 "unified_modalities": list(self.task.modalities),
             },
             "data": {"fingerprint_digest": self.data.fingerprint.digest(), "splits": self.data.splits},
@@ -351,6 +368,22 @@ class Trainer:
             device=self.device,
             amp=self.amp,
         )
+        if self.spatial_dims == 3:
+            # The cache is slice-first (k, i, j); 3D networks work on (i, j, k).
+            to_volume = lambda a: np.ascontiguousarray(np.transpose(a, (1, 2, 0)))  # noqa: E731
+            to_slices = lambda a: np.transpose(a, (2, 0, 1))  # noqa: E731
+            inputs = [to_volume(np.asarray(cached.image(m))) for m in self.task.sources]
+            prediction = synthesize_patches(
+                self.generator, inputs, to_volume(mask), patch_size=self.window, device=self.device
+            )
+            yield (
+                self.task.target,
+                to_slices(prediction),
+                np.asarray(cached.image(self.task.target)),
+                mask,
+                [to_slices(a) for a in inputs],
+            )
+            return
         if not self.task.is_unified:
             inputs = [np.asarray(cached.image(m)) for m in self.task.sources]
             prediction = synthesize_slices(self.generator, inputs, mask, **common)
