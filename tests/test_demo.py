@@ -83,7 +83,7 @@ def test_files_hold_the_seeded_simulation_and_subjects_differ(cohort: tuple[Path
 @pytest.mark.parametrize("seed", [0, 1])
 def test_tissue_contrast_matches_each_sequence(seed: int) -> None:
     fractions = demo.anatomy(SPACING).fractions
-    masks = {name: fractions[demo._INDEX[name]] > 0.8 for name in ("csf", "gm", "wm")}
+    masks = {name: fractions[demo.TISSUE_INDEX[name]] > 0.8 for name in ("csf", "gm", "wm")}
     volumes, _ = demo.simulate_subject(0, SPACING, seed=seed)
     mean = {m: {t: float(v.array[mask].mean()) for t, mask in masks.items()} for m, v in volumes.items()}
     assert mean["t1"]["wm"] > mean["t1"]["gm"] > mean["t1"]["csf"]
@@ -95,7 +95,7 @@ def test_tissue_contrast_matches_each_sequence(seed: int) -> None:
 
 def test_flair_inversion_time_nulls_csf() -> None:
     flair = demo.SEQUENCES[-1]
-    csf = demo.TISSUES[demo._INDEX["csf"]]
+    csf = demo.TISSUES[demo.TISSUE_INDEX["csf"]]
     signal = flair.signal(np.array([csf.t1_ms]), np.array([csf.t2_ms]), np.array([csf.pd]))
     assert abs(signal[0]) < 1e-3
 

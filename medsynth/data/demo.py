@@ -78,7 +78,7 @@ TISSUES: tuple[Tissue, ...] = (
     Tissue("muscle", t1_ms=1412.0, t2_ms=50.0, pd=0.75),
     Tissue("bone", t1_ms=250.0, t2_ms=0.4, pd=0.20),
 )
-_INDEX = {tissue.name: i for i, tissue in enumerate(TISSUES)}
+TISSUE_INDEX = {tissue.name: i for i, tissue in enumerate(TISSUES)}
 
 #: Head shells outside the intracranial region: (tissue, inner and outer distance in mm).
 HEAD_SHELLS: tuple[tuple[str, float, float], ...] = (
@@ -144,7 +144,7 @@ SEQUENCES: tuple[Sequence, ...] = (
         "FLAIR",
         tr_ms=_FLAIR_TR_MS,
         te_ms=120.0,
-        ti_ms=round(csf_nulling_ti(_FLAIR_TR_MS, TISSUES[_INDEX["csf"]].t1_ms)),
+        ti_ms=round(csf_nulling_ti(_FLAIR_TR_MS, TISSUES[TISSUE_INDEX["csf"]].t1_ms)),
     ),
 )
 
@@ -161,18 +161,14 @@ class Anatomy:
         return tuple(int(n) for n in self.fractions.shape[1:])  # type: ignore[return-value]
 
 
-def _load_template(loader_name: str) -> nib.Nifti1Image:
-    from nilearn import datasets  # imported late: nilearn's import is slow and only the demo needs it
-
-    return getattr(datasets, loader_name)(resolution=1)
-
-
 @functools.lru_cache(maxsize=1)
 def _anatomy_1mm() -> Anatomy:
     """Tissue fractions on the 1 mm MNI grid (computed once per process: about 2 s)."""
-    t1 = _load_template("load_mni152_template")
-    gm = np.clip(np.asarray(_load_template("load_mni152_gm_template").dataobj, dtype=np.float32), 0, 1)
-    wm = np.clip(np.asarray(_load_template("load_mni152_wm_template").dataobj, dtype=np.float32), 0, 1)
+    from nilearn import datasets  # imported here: nilearn's import is slow and only the demo needs it
+
+    t1 = datasets.load_mni152_template(resolution=1)
+    gm = np.clip(np.asarray(datasets.load_mni152_gm_template(resolution=1).dataobj, dtype=np.float32), 0, 1)
+    wm = np.clip(np.asarray(datasets.load_mni152_wm_template(resolution=1).dataobj, dtype=np.float32), 0, 1)
     intracranial = np.asarray(t1.dataobj) > 0
     gm, wm = gm * intracranial, wm * intracranial
     brain = gm + wm
@@ -180,16 +176,16 @@ def _anatomy_1mm() -> Anatomy:
     gm, wm = gm / excess, wm / excess
 
     fractions = np.zeros((len(TISSUES), *gm.shape), dtype=np.float32)
-    fractions[_INDEX["gm"]] = gm
-    fractions[_INDEX["wm"]] = wm
-    fractions[_INDEX["csf"]] = intracranial - gm - wm
+    fractions[TISSUE_INDEX["gm"]] = gm
+    fractions[TISSUE_INDEX["wm"]] = wm
+    fractions[TISSUE_INDEX["csf"]] = intracranial - gm - wm
     # Shells by distance (mm, the grid is 1 mm) from the intracranial region. A voxel 1 mm wide centred at
     # distance d holds the part of [inner, outer) it overlaps, so shells tile without gaps or overlap.
     distance = ndimage.distance_transform_edt(~intracranial).astype(np.float32)
     outside = ~intracranial
     for name, inner, outer in HEAD_SHELLS:
         covered = np.clip(outer - distance + 0.5, 0, 1) - np.clip(inner - distance + 0.5, 0, 1)
-        fractions[_INDEX[name]] += covered * outside
+        fractions[TISSUE_INDEX[name]] += covered * outside
     return Anatomy(fractions, np.asarray(t1.affine, dtype=np.float64))
 
 
@@ -269,7 +265,7 @@ def warp_anatomy(base: Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, S
     scaling = rng.uniform(0.95, 1.05, size=3)
     inverse = np.linalg.inv(rotation @ np.diag(scaling))
     displacement = [3.0 * smooth_random_field(rng, base.shape, spacing, 40.0) / spacing for _ in range(3)]
-    brain = base.fractions[_INDEX["gm"]] + base.fractions[_INDEX["wm"]]
+    brain = base.fractions[TISSUE_INDEX["gm"]] + base.fractions[TISSUE_INDEX["wm"]]
     centre = np.asarray(ndimage.center_of_mass(brain))
     grid = np.ogrid[tuple(slice(0, n) for n in base.shape)]
     offsets = [g.astype(np.float32) - c for g, c in zip(grid, centre, strict=True)]
@@ -300,7 +296,9 @@ def simulate_contrast(
 ) -> np.ndarray:
     """One magnitude image: partial-volume signal x smooth bias (+-20 %), Rician noise, arbitrary scale."""
     signal = np.tensordot(sequence.signal(*relaxation).astype(np.float32), fractions, axes=1)
-    brain = fractions[_INDEX["csf"]] + fractions[_INDEX["gm"]] + fractions[_INDEX["wm"]] > 0.5
+    brain = (
+        fractions[TISSUE_INDEX["csf"]] + fractions[TISSUE_INDEX["gm"]] + fractions[TISSUE_INDEX["wm"]] > 0.5
+    )
     sigma = float(np.abs(signal[brain]).mean()) / SNR
     signal *= np.exp(0.2 * smooth_random_field(rng, signal.shape, spacing_mm, 80.0))
     real = signal + rng.normal(0.0, sigma, signal.shape).astype(np.float32)

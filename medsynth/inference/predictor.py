@@ -100,15 +100,15 @@ class Predictor:
                 raise MedsynthError(
                     f"this checkpoint synthesises {DISPLAY_NAMES[str(self.task.target)]} only, not {target!r}"
                 )
-            missing = [m for m in self.task.sources if m not in inputs]
-            if missing:
-                raise MedsynthError(
-                    f"the checkpoint needs {', '.join(self.task.sources)} as inputs; missing: {', '.join(missing)}"
-                )
             extra = sorted(set(inputs) - set(self.task.sources))
             if extra:
                 raise MedsynthError(
                     f"the checkpoint does not use {', '.join(extra)}; it takes {', '.join(self.task.sources)}"
+                )
+            missing = [m for m in self.task.sources if m not in inputs]
+            if missing:
+                raise MedsynthError(
+                    f"the checkpoint needs {', '.join(self.task.sources)} as inputs; missing: {', '.join(missing)}"
                 )
             return str(self.task.target), list(self.task.sources)
         known = self.task.modalities

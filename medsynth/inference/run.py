@@ -22,7 +22,7 @@ from ..io.atomic import atomic_write_text
 from ..io.readers import read_volume
 from ..io.volume import Volume
 from ..io.writers import write_volume
-from ..modalities import canonical_modality, is_modality
+from ..modalities import canonical_modality
 from .predictor import Predictor
 
 log = logging.getLogger("medsynth")
@@ -35,8 +35,8 @@ def parse_volume_arguments(values: list[str], predictor: Predictor) -> dict[str,
     unnamed: list[str] = []
     for value in values:
         key, sep, path = value.partition("=")
-        if sep and is_modality(key) and not Path(value).exists():
-            modality = canonical_modality(key)
+        if sep and not Path(value).exists():
+            modality = canonical_modality(key)  # "t7=a.nii.gz" -> unknown modality, listing the known ones
             if modality in named:
                 raise MedsynthError(f"--volume {modality}= given twice")
             named[modality] = path

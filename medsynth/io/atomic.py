@@ -34,6 +34,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise MedsynthError(f"cannot write here ({exc.strerror})", folder) from exc
     os.close(handle)
     temp = Path(temp_name)
+    # mkstemp creates 0600 files; give outputs the permissions of an ordinary new file (umask applies).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp, 0o666 & ~umask)
     try:
         yield temp
         with open(temp, "rb") as stream:
