@@ -157,9 +157,12 @@ def evaluate_subject(
                 metrics = compute_metrics(normalised, truth_normalised, mask=mask, data_range=2.0,
                                           space="normalised [-1, 1]")  # fmt: skip
             yield Case(record.id, method, target, inputs, metrics)
-        label = "-".join(inputs) + f"_to_{target}"
-        subject_figure(sources_normalised, prediction.normalised, truth_normalised,
-                       out / f"{record.id}_{label}.png", mask=mask, spacing=volumes[target].spacing)  # fmt: skip
+        # A unified model is scored from every input subset; one figure per target (all others given)
+        # shows it without writing 2**(M-1) near-identical PNGs per target.
+        if len(inputs) == len(volumes) - 1:
+            label = "-".join(inputs) + f"_to_{target}"
+            subject_figure(sources_normalised, prediction.normalised, truth_normalised,
+                           out / f"{record.id}_{label}.png", mask=mask, spacing=volumes[target].spacing)  # fmt: skip
 
 
 def input_sets(predictor: Predictor, available: tuple[str, ...]) -> Iterator[tuple[str, tuple[str, ...]]]:

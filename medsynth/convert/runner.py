@@ -8,7 +8,6 @@ studies, runs them serially or in a process pool, and writes the report.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
+from ..engine.checkpoint import file_digest
 from ..errors import ConfigError, MedsynthError
 from ..io.atomic import atomic_write_text
 from ..io.dicom import write_dicom_series
@@ -238,11 +238,9 @@ def _checkpoint_id(checkpoint_or_predictor: PredictorLike | str | Path) -> str:
     if not isinstance(checkpoint_or_predictor, (str, Path)):
         return type(checkpoint_or_predictor).__name__
     path = Path(checkpoint_or_predictor)
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return f"{path.name} sha256:{digest.hexdigest()}"
+    if path.is_dir():  # a run folder means its best checkpoint, as for Predictor.from_checkpoint
+        path = path / "checkpoint_best.pt"
+    return f"{path.name} sha256:{file_digest(path)}"
 
 
 def _resolve_target(predictor: PredictorLike, target: str | None) -> tuple[str, bool]:

@@ -374,8 +374,9 @@ class Trainer:
             to_slices = lambda a: np.transpose(a, (2, 0, 1))  # noqa: E731
             inputs = [to_volume(np.asarray(cached.image(m))) for m in self.task.sources]
             prediction = synthesize_patches(
-                self.generator, inputs, to_volume(mask), patch_size=self.window, device=self.device
-            )
+                self.generator, inputs, to_volume(mask), patch_size=self.window,
+                batch_size=self.config.train.inference_batch_size, device=self.device,
+            )  # fmt: skip
             yield (
                 self.task.target,
                 to_slices(prediction),
