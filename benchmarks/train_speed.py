@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     compared = [(recipe, r) for recipe, _, r in results if "unfrozen_seconds" in r]
     if compared:
         print("\nFreezing the critic's weights in the generator step (FLOPs and time per step):\n")
-        print("| recipe | GFLOP/slice frozen | unfrozen | FLOPs saved | ms/step frozen | unfrozen | time saved |")
+        print(
+            "| recipe | GFLOP/slice frozen | unfrozen | FLOPs saved | ms/step frozen | unfrozen | time saved |"
+        )
         print("|---|---|---|---|---|---|---|")
         for recipe, result in compared:
             print(_freeze_row(recipe, result))

@@ -44,7 +44,9 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def tiny_config(data: Path, task: str = "t1->t2", extra: list[str] | None = None, modalities: str | None = None):
+def tiny_config(
+    data: Path, task: str = "t1->t2", extra: list[str] | None = None, modalities: str | None = None
+):
     values = {"data.root": str(data), "task": task}
     if modalities:
         values["modalities"] = modalities

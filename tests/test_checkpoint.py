@@ -25,7 +25,9 @@ class _Exploit:
 
 def test_round_trip_keeps_tensors_and_stamps_version(tmp_path: Path) -> None:
     weights = {"w": torch.arange(6.0).reshape(2, 3)}
-    path = save_checkpoint({"generator_state": weights, "epoch": 3, "task": {"sources": ["t1"]}}, tmp_path / "c.pt")
+    path = save_checkpoint(
+        {"generator_state": weights, "epoch": 3, "task": {"sources": ["t1"]}}, tmp_path / "c.pt"
+    )
     loaded = load_checkpoint(path)
     assert torch.equal(loaded["generator_state"]["w"], weights["w"])
     assert loaded["epoch"] == 3 and loaded["format"] == "medsynth-checkpoint" and loaded["medsynth_version"]
@@ -60,7 +62,9 @@ def test_predictor_rebuilds_from_checkpoint_alone(tiny_run: Path) -> None:
     assert {"task", "generator", "fingerprint", "slicing", "data", "medsynth_version"} <= set(state)
     assert "optimizer_generator" not in state  # inference checkpoints carry no optimiser state
     latest = load_checkpoint(tiny_run / "checkpoint_latest.pt")
-    assert {"optimizer_generator", "optimizer_critic", "scheduler_generator", "rng", "step_in_epoch"} <= set(latest)
+    assert {"optimizer_generator", "optimizer_critic", "scheduler_generator", "rng", "step_in_epoch"} <= set(
+        latest
+    )
     predictor = Predictor.from_checkpoint(tiny_run)
     assert predictor.sources == ("t1",) and predictor.target == "t2"
     assert len(predictor.digest or "") == 64

@@ -19,7 +19,9 @@ def test_every_shipped_recipe_loads(recipe: str) -> None:
 
 
 def test_overrides_and_values_apply_in_order() -> None:
-    config = load_config("demo_cpu", ["train.epochs=3", "data.val=2", "train.lr_generator=1e-3"], {"train.epochs": 4})
+    config = load_config(
+        "demo_cpu", ["train.epochs=3", "data.val=2", "train.lr_generator=1e-3"], {"train.epochs": 4}
+    )
     assert config.train.epochs == 4  # explicit flags win over --set
     assert config.data.val == 2 and isinstance(config.data.val, int)  # a count stays a count
     assert config.train.lr_generator == pytest.approx(1e-3)

@@ -14,10 +14,16 @@ from medsynth.io.readers import read_volume
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
 
 
-def test_convert_a_dicom_export_with_a_trained_checkpoint(tiny_run: Path, tiny_cohort: Path, tmp_path: Path) -> None:
+def test_convert_a_dicom_export_with_a_trained_checkpoint(
+    tiny_run: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
     export = tmp_path / "export"
     t1 = read_volume(tiny_cohort / "sub-05" / "anat" / "sub-05_T1w.nii.gz")
     files = write_dicom_series(t1, export / "study" / "a", series_description="T1 MPRAGE", patient_id="P1")

@@ -50,14 +50,19 @@ def test_oblique_odd_nifti_round_trips_the_header(tiny_run: Path, tiny_cohort: P
     source = _oblique_odd_copy(_t1(tiny_cohort), tmp_path / "oblique.nii.gz")
     before = source.read_bytes()
     out = tmp_path / "out" / "syn.nii.gz"
-    assert main(["infer", "--volume", str(source), "--checkpoint", str(tiny_run), "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(["infer", "--volume", str(source), "--checkpoint", str(tiny_run), "--out", str(out), "--quiet"])
+        == 0
+    )
     _header_matches(out, source)
     assert source.read_bytes() == before  # the input is never written
     sidecar = json.loads((tmp_path / "out" / "syn.json").read_text())
     assert sidecar["target"] == "t2" and len(sidecar["checkpoint"]["sha256"]) == 64 and sidecar["seconds"] > 0
 
 
-def test_reorientation_does_not_change_the_prediction(tiny_run: Path, tiny_cohort: Path, tmp_path: Path) -> None:
+def test_reorientation_does_not_change_the_prediction(
+    tiny_run: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
     """The same anatomy stored in another axis order gives the same synthetic voxels, mapped back exactly."""
     predictor = Predictor.from_checkpoint(tiny_run)
     ras = read_volume(_t1(tiny_cohort))
@@ -81,7 +86,12 @@ def test_dicom_series_input_lands_on_its_grid(tiny_run: Path, tiny_cohort: Path,
     reference = read_volume(series)
     assert reference.meta["format"] == "dicom"
     out = tmp_path / "syn.mha"
-    assert main(["infer", "--volume", f"t1={series}", "--checkpoint", str(tiny_run), "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            ["infer", "--volume", f"t1={series}", "--checkpoint", str(tiny_run), "--out", str(out), "--quiet"]
+        )
+        == 0
+    )
     result = read_volume(out)
     assert result.shape == reference.shape
     np.testing.assert_allclose(result.affine, reference.affine, atol=1e-4)
@@ -94,7 +104,10 @@ def test_batch_folder_reuses_the_model(tiny_run: Path, tiny_cohort: Path, tmp_pa
     for subject in ("sub-04", "sub-05"):
         (folder / f"{subject}.nii.gz").write_bytes(_t1(tiny_cohort, subject).read_bytes())
     out = tmp_path / "outs"
-    assert main(["infer", "--inputs", str(folder), "--checkpoint", str(tiny_run), "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(["infer", "--inputs", str(folder), "--checkpoint", str(tiny_run), "--out", str(out), "--quiet"])
+        == 0
+    )
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["sub-04_t2.nii.gz", "sub-05_t2.nii.gz"]
 
 

@@ -88,12 +88,17 @@ def test_many_to_one_checkpoint_records_source_order(many_to_one_run: Path) -> N
     assert state["critic"]["init_args"]["in_channels"] == 4  # sources + the (real or synthetic) target
 
 
-def test_many_to_one_infer_named_or_in_order(many_to_one_run: Path, tiny_cohort: Path, tmp_path: Path) -> None:
+def test_many_to_one_infer_named_or_in_order(
+    many_to_one_run: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
     subject = held_out_subject(many_to_one_run)
     t1, t2, pd = (anat(tiny_cohort, subject, s) for s in ("T1w", "T2w", "PDw"))
     common = ["infer", "--checkpoint", str(many_to_one_run), "--quiet"]
     ordered, named = tmp_path / "ordered.nii.gz", tmp_path / "named.nii.gz"
-    assert main([*common, "--volume", str(t1), "--volume", str(t2), "--volume", str(pd), "--out", str(ordered)]) == 0
+    assert (
+        main([*common, "--volume", str(t1), "--volume", str(t2), "--volume", str(pd), "--out", str(ordered)])
+        == 0
+    )
     # Named inputs in another order reach the same channels: the result is identical.
     assert main([*common, "--volume", f"pd={pd}", "--volume", f"t1={t1}", "--volume", f"t2={t2}",
                  "--out", str(named)]) == 0  # fmt: skip

@@ -92,8 +92,12 @@ def test_existing_run_folder_is_never_overwritten(tiny_run: Path, tiny_cohort: P
         (["t1->t2", "--set", "data.val=4"], "subjects"),
     ],
 )
-def test_bad_input_is_one_line(arguments: list[str], message: str, tiny_cohort: Path, tmp_path: Path, capsys) -> None:
-    code = main(["train", *arguments, "--data", str(tiny_cohort), "--runs-dir", str(tmp_path), "--config", "demo_cpu"])
+def test_bad_input_is_one_line(
+    arguments: list[str], message: str, tiny_cohort: Path, tmp_path: Path, capsys
+) -> None:
+    code = main(
+        ["train", *arguments, "--data", str(tiny_cohort), "--runs-dir", str(tmp_path), "--config", "demo_cpu"]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error:") and "\n" not in err and message in err, err

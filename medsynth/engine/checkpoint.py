@@ -50,7 +50,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "(not a medsynth checkpoint, or tampered with)",
             path,
         ) from exc
-    except Exception as exc:  # torch raises many kinds for garbage input (KeyError, RuntimeError, EOFError...)
+    except (
+        Exception
+    ) as exc:  # torch raises many kinds for garbage input (KeyError, RuntimeError, EOFError...)
         raise CheckpointError(
             f"not a readable checkpoint ({exc.__class__.__name__}); is the file complete?", path
         ) from exc
