@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -101,8 +102,8 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
 
     def count(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         batch, *size = args[0].shape[:1] + args[0].shape[2:]
-        fed["voxels"] += batch * int(torch.tensor(size).prod())
-        fed["padded"] += batch * int(torch.tensor([-(-s // multiple) * multiple for s in size]).prod())
+        fed["voxels"] += batch * math.prod(size)
+        fed["padded"] += batch * math.prod(-(-side // multiple) * multiple for side in size)
 
     hook = predictor.generator.register_forward_pre_hook(count)
     prediction = predictor.predict(inputs, batch_size=job["batch_size"])  # warm-up; counts the voxels
@@ -137,9 +138,7 @@ def _run_child(job: dict[str, Any]) -> dict[str, Any]:
 
 def _row(name: str, spacing: float, r: dict[str, Any]) -> str:
     median, best = statistics.median(r["seconds"]), min(r["seconds"])
-    total = 1
-    for side in r["shape"]:
-        total *= side
+    total = math.prod(r["shape"])
     shape = "x".join(str(s) for s in r["shape"])
     return (
         f"| {name} | {spacing:g} mm | {shape} | {median:.2f} | {best:.2f} | {r['gflop']:.0f} "

@@ -100,8 +100,22 @@ def test_many_to_one_infer_named_or_in_order(
         == 0
     )
     # Named inputs in another order reach the same channels: the result is identical.
-    assert main([*common, "--volume", f"pd={pd}", "--volume", f"t1={t1}", "--volume", f"t2={t2}",
-                 "--out", str(named)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *common,
+                "--volume",
+                f"pd={pd}",
+                "--volume",
+                f"t1={t1}",
+                "--volume",
+                f"t2={t2}",
+                "--out",
+                str(named),
+            ]
+        )
+        == 0
+    )
     first = assert_on_input_grid(ordered, t1)
     np.testing.assert_array_equal(first, np.asarray(nib.load(named).dataobj))
     assert (tmp_path / "ordered.json").is_file()
@@ -114,27 +128,51 @@ def test_many_to_one_evaluate(many_to_one_run: Path) -> None:
     assert np.isfinite(float(rows[0]["psnr_masked"]))
 
 
-def test_many_to_one_refuses_too_few_volumes(many_to_one_run: Path, tiny_cohort: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_many_to_one_refuses_too_few_volumes(
+    many_to_one_run: Path, tiny_cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     subject = held_out_subject(many_to_one_run)
-    code = main(["infer", "--checkpoint", str(many_to_one_run), "--out", str(tmp_path / "x.nii.gz"),
-                 "--volume", str(anat(tiny_cohort, subject, "T1w")),
-                 "--volume", str(anat(tiny_cohort, subject, "T2w"))])  # fmt: skip
+    code = main(
+        [
+            "infer",
+            "--checkpoint",
+            str(many_to_one_run),
+            "--out",
+            str(tmp_path / "x.nii.gz"),
+            "--volume",
+            str(anat(tiny_cohort, subject, "T1w")),
+            "--volume",
+            str(anat(tiny_cohort, subject, "T2w")),
+        ]
+    )
     one_line_error(capsys, code, "missing: pd")
     assert not (tmp_path / "x.nii.gz").exists()
 
 
-def test_many_to_one_refuses_volumes_on_different_grids(many_to_one_run: Path, tiny_cohort: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_many_to_one_refuses_volumes_on_different_grids(
+    many_to_one_run: Path, tiny_cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     subject = held_out_subject(many_to_one_run)
     pd = nib.load(anat(tiny_cohort, subject, "PDw"))
     shifted = pd.affine.copy()
     shifted[:3, 3] += 12.0  # two voxels off: same shape, another grid
     moved = tmp_path / "pd_moved.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(pd.dataobj), shifted), moved)
-    code = main(["infer", "--checkpoint", str(many_to_one_run), "--out", str(tmp_path / "x.nii.gz"),
-                 "--volume", str(anat(tiny_cohort, subject, "T1w")),
-                 "--volume", str(anat(tiny_cohort, subject, "T2w")), "--volume", str(moved)])  # fmt: skip
+    code = main(
+        [
+            "infer",
+            "--checkpoint",
+            str(many_to_one_run),
+            "--out",
+            str(tmp_path / "x.nii.gz"),
+            "--volume",
+            str(anat(tiny_cohort, subject, "T1w")),
+            "--volume",
+            str(anat(tiny_cohort, subject, "T2w")),
+            "--volume",
+            str(moved),
+        ]
+    )
     one_line_error(capsys, code, "not on the grid")
     assert not (tmp_path / "x.nii.gz").exists()
 
@@ -147,20 +185,43 @@ def test_resvit_train_infer_evaluate(resvit_run: Path, tiny_cohort: Path, tmp_pa
     subject = held_out_subject(resvit_run)
     t1 = anat(tiny_cohort, subject, "T1w")
     out = tmp_path / "t2_syn.nii.gz"
-    assert main(["infer", "--checkpoint", str(resvit_run / "checkpoint_best.pt"), "--volume", str(t1),
-                 "--out", str(out), "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "infer",
+                "--checkpoint",
+                str(resvit_run / "checkpoint_best.pt"),
+                "--volume",
+                str(t1),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert_on_input_grid(out, t1)
     assert main(["evaluate", "--run", str(resvit_run), "--quiet"]) == 0
     rows = read_rows(resvit_run / "eval" / "metrics.csv")
     assert [(r["subject"], r["target"], r["inputs"]) for r in rows] == [(subject, "t2", "t1")]
 
 
-def test_resvit_feature_map_smaller_than_its_patch_is_refused(tiny_cohort: Path, tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_resvit_feature_map_smaller_than_its_patch_is_refused(
+    tiny_cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # 4x down-sampling of the ~32 x 48 px tiny slices leaves 8 x 12 features: no room for 16 x 16 patches.
     too_big = TINY_RESVIT.replace("patch_size: 2", "patch_size: 16")
-    arguments = ["train", "t1->t2", "--data", str(tiny_cohort), "--config", "t1_to_t2_resvit2d",
-                 "--runs-dir", str(tmp_path), "--quiet"]  # fmt: skip
+    arguments = [
+        "train",
+        "t1->t2",
+        "--data",
+        str(tiny_cohort),
+        "--config",
+        "t1_to_t2_resvit2d",
+        "--runs-dir",
+        str(tmp_path),
+        "--quiet",
+    ]
     for item in [*TINY_OVERRIDES, too_big]:
         arguments += ["--set", item]
     one_line_error(capsys, main(arguments), "smaller patch_size")
@@ -175,10 +236,16 @@ def test_every_recipe_builds_its_networks(recipe: str) -> None:
     model = config.model
     channels = network_channels(config.parsed_task(), config.data.context)
     with torch.device("meta"):
-        generator = build_generator(model.generator, spatial_dims=model.spatial_dims, in_channels=channels,
-                                    out_channels=1, **model.generator_args)  # fmt: skip
-        critic = build_critic(model.critic, spatial_dims=model.spatial_dims, in_channels=channels + 1,
-                              **model.critic_args)  # fmt: skip
+        generator = build_generator(
+            model.generator,
+            spatial_dims=model.spatial_dims,
+            in_channels=channels,
+            out_channels=1,
+            **model.generator_args,
+        )
+        critic = build_critic(
+            model.critic, spatial_dims=model.spatial_dims, in_channels=channels + 1, **model.critic_args
+        )
     assert generator.init_args["in_channels"] == channels
     if model.spatial_dims == 3:
         assert config.data.crop_size and len(config.data.crop_size) == 3

@@ -52,8 +52,9 @@ def test_inference_planes_match_the_training_layout(target: str) -> None:
 def test_training_samples_on_the_cohort_cache(unified_run: Path) -> None:
     """The target is never an input; absent inputs are zero-filled exactly where availability says 0."""
     config = load_config(unified_run / "config.yaml")
-    data = prepare_run_data(config, config.parsed_task(), unified_run, cache_dir=unified_run.parent / ".cache",
-                            progress=False)  # fmt: skip
+    data = prepare_run_data(
+        config, config.parsed_task(), unified_run, cache_dir=unified_run.parent / ".cache", progress=False
+    )
     train = data.splits["train"]
     dataset = SliceDataset(data.cohort, train, [], None, unified_modalities=MODALITIES)
     # The same slices with every modality given: what each unified sample must be cut from.
@@ -108,8 +109,23 @@ def test_unified_infer_a_target_and_every_missing_one(
     np.testing.assert_array_equal(again, np.asarray(nib.load(flair).dataobj))
     # Other inputs, other result: the availability planes reach the network.
     only_t1 = tmp_path / "flair_from_t1.nii.gz"
-    assert main(["infer", "--checkpoint", str(unified_run), "--quiet", "--volume", f"t1={t1}",
-                 "--target", "flair", "--out", str(only_t1)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "infer",
+                "--checkpoint",
+                str(unified_run),
+                "--quiet",
+                "--volume",
+                f"t1={t1}",
+                "--target",
+                "flair",
+                "--out",
+                str(only_t1),
+            ]
+        )
+        == 0
+    )
     assert not np.array_equal(np.asarray(nib.load(only_t1).dataobj), again)
 
 
@@ -127,13 +143,34 @@ def test_unified_evaluate_scores_every_target_from_every_subset(unified_run: Pat
 
 
 def test_unified_resvit_recipe(tiny_cohort: Path, tmp_path: Path) -> None:
-    run = train_run(tmp_path, "uresvit", UNIFIED, "unified_resvit2d",
-                    ["train.epochs=1", "train.decay_epochs=0", "train.steps_per_epoch=2", TINY_RESVIT], tiny_cohort)  # fmt: skip
+    run = train_run(
+        tmp_path,
+        "uresvit",
+        UNIFIED,
+        "unified_resvit2d",
+        ["train.epochs=1", "train.decay_epochs=0", "train.steps_per_epoch=2", TINY_RESVIT],
+        tiny_cohort,
+    )
     subject = held_out_subject(run)
     pd = anat(tiny_cohort, subject, "PDw")
     out = tmp_path / "t2.nii.gz"
-    assert main(["infer", "--checkpoint", str(run), "--volume", f"pd={pd}", "--target", "t2", "--out", str(out),
-                 "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "infer",
+                "--checkpoint",
+                str(run),
+                "--volume",
+                f"pd={pd}",
+                "--target",
+                "t2",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert_on_input_grid(out, pd)
 
 
@@ -147,8 +184,14 @@ def test_unified_resvit_recipe(tiny_cohort: Path, tmp_path: Path) -> None:
         (["--volume", "t1={t1}"], "needs --target"),
     ],
 )
-def test_unified_bad_requests_are_one_line(arguments: list[str], message: str, unified_run: Path, tiny_cohort: Path,
-                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_unified_bad_requests_are_one_line(
+    arguments: list[str],
+    message: str,
+    unified_run: Path,
+    tiny_cohort: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     t1 = anat(tiny_cohort, held_out_subject(unified_run), "T1w")
     filled = [a.format(t1=t1) for a in arguments]
     code = main(["infer", "--checkpoint", str(unified_run), "--out", str(tmp_path / "x.nii.gz"), *filled])

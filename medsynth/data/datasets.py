@@ -119,20 +119,33 @@ def _oriented(array: np.ndarray, axis: int) -> np.ndarray:
     return array.transpose(_STORAGE_AXIS[axis], *(_STORAGE_AXIS[a] for a in in_plane))
 
 
-def _crop_plane(stack: np.ndarray, centre: tuple[int, int], size: tuple[int, int], fill: float) -> np.ndarray:
+def window_slices(
+    centre: Sequence[int], size: Sequence[int], extent: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """A ``size`` window centred on ``centre`` in a grid of ``extent``: (grid slices, window slices).
+
+    The two tuples select the same voxels, in grid and in window coordinates; parts of the window that
+    fall off the grid are simply not selected (the caller pads them). Training crops and inference use
+    this one rule, so a network sees slices framed the same way in both.
+    """
+    grid, window = [], []
+    for centre_a, length, limit in zip(centre, size, extent, strict=True):
+        start = int(centre_a) - int(length) // 2
+        low, high = max(start, 0), min(start + int(length), int(limit))
+        grid.append(slice(low, max(high, low)))
+        window.append(slice(low - start, low - start + max(high - low, 0)))
+    return tuple(grid), tuple(window)
+
+
+def crop_plane(stack: np.ndarray, centre: tuple[int, int], size: tuple[int, int], fill: float) -> np.ndarray:
     """Crop ``(n, A, B)`` in-plane to ``size`` centred on ``centre``, padding with ``fill`` off the grid."""
     out = np.full((stack.shape[0], *size), fill, dtype=stack.dtype)
-    src, dst = [], []
-    for centre_a, length, extent in zip(centre, size, stack.shape[1:], strict=True):
-        start = centre_a - length // 2
-        low, high = max(start, 0), min(start + length, extent)
-        src.append(slice(low, max(high, low)))
-        dst.append(slice(low - start, low - start + max(high - low, 0)))
-    out[:, dst[0], dst[1]] = stack[:, src[0], src[1]]
+    grid, window = window_slices(centre, size, stack.shape[1:])
+    out[:, window[0], window[1]] = stack[:, grid[0], grid[1]]
     return out
 
 
-def _round_up(value: int, multiple: int) -> int:
+def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
@@ -214,15 +227,15 @@ class SliceDataset(Dataset):
                 raise ConfigError(f"crop_size must be two positive sizes (H, W), got {crop_size}")
             return int(crop_size[0]), int(crop_size[1])
         extents = np.array([[s.bbox[a].stop - s.bbox[a].start for a in in_plane] for s in subjects])
-        return _round_up(int(extents[:, 0].max()), multiple), _round_up(int(extents[:, 1].max()), multiple)
+        return round_up(int(extents[:, 0].max()), multiple), round_up(int(extents[:, 1].max()), multiple)
 
     def _load(self, subjects: list[CachedSubject]) -> None:
         images, masks, ids, index = [], [], [], []
         for number, (subject, centre) in enumerate(zip(subjects, self._centres, strict=True)):
-            planes = [_crop_plane(_oriented(subject.image(m), self.axis), centre, self.crop_size, BACKGROUND)
+            planes = [crop_plane(_oriented(subject.image(m), self.axis), centre, self.crop_size, BACKGROUND)
                       for m in self.modalities]  # fmt: skip
             images.append(np.stack(planes, axis=1))
-            masks.append(_crop_plane(_oriented(subject.mask, self.axis), centre, self.crop_size, 0))
+            masks.append(crop_plane(_oriented(subject.mask, self.axis), centre, self.crop_size, 0))
             ids.append(np.full(len(planes[0]), number))
             index.append(np.arange(len(planes[0])))
         self._images = np.concatenate(images)  # (slices, modalities, H, W) float32

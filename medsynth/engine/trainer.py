@@ -367,6 +367,7 @@ class Trainer:
             batch_size=self.config.train.inference_batch_size,
             device=self.device,
             amp=self.amp,
+            window=self.window,
         )
         if self.spatial_dims == 3:
             # The cache is slice-first (k, i, j); 3D networks work on (i, j, k).

@@ -196,6 +196,7 @@ class Predictor:
             [to_slices(image) for image in images],
             to_slices(mask),
             context=int(self.slicing.get("context", 1)),
+            window=self.slicing.get("crop_size"),
             planes=planes,
             batch_size=batch_size,
             device=self.device,

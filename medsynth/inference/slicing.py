@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data.datasets import crop_plane, round_up, window_slices
+
 BACKGROUND = -1.0
 
 
@@ -72,18 +74,29 @@ def synthesize_slices(
     flip_tta: bool = False,
     progress: bool = False,
     margin: int = 4,
+    window: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Synthesise a slice-first normalised volume from slice-first normalised inputs.
 
     ``mask`` (same shape) is the foreground of the inputs; only its bounding box is computed.
+    ``window`` is the training crop: slices are framed like training samples — a window of that size
+    (grown to a multiple of 16 when the head is larger) centred on the head, padded with background —
+    because instance normalisation makes the output depend on how much air surrounds the head.
     ``flip_tta`` averages the prediction with that of the left-right flipped input.
     """
     device = torch.device(device)
     output = np.full(images[0].shape, BACKGROUND, dtype=np.float32)
-    box = foreground_box(mask, margin)
+    box = foreground_box(mask, 0 if window else margin)
     if box is None:
         return output
-    cropped = [np.asarray(image)[:, box[1], box[2]] for image in images]
+    extent = [b.stop - b.start for b in box[1:]]
+    if window:
+        size = [max(int(w), round_up(e, 16)) for w, e in zip(window, extent, strict=True)]
+    else:
+        size = extent
+    centre = [(b.start + b.stop) // 2 for b in box[1:]]
+    grid, inside = window_slices(centre, size, images[0].shape[1:])
+    cropped = [crop_plane(np.asarray(image), centre, size, BACKGROUND) for image in images]
     slice_ids = np.arange(box[0].start, box[0].stop)
     generator.eval()
     # Mixed precision only on CUDA: bf16 on these CPUs is emulated and slower than fp32.
@@ -100,7 +113,7 @@ def synthesize_slices(
             prediction = generator(batch)
             if flip_tta:
                 prediction = 0.5 * (prediction + generator(batch.flip(-2)).flip(-2))
-        output[chunk, box[1], box[2]] = prediction[:, 0].float().cpu().numpy()
+        output[chunk, grid[0], grid[1]] = prediction[:, 0, inside[0], inside[1]].float().cpu().numpy()
     return output
 
 
