@@ -90,10 +90,8 @@ def synthesize_slices(
     if box is None:
         return output
     extent = [b.stop - b.start for b in box[1:]]
-    if window:
-        size = [max(int(w), round_up(e, 16)) for w, e in zip(window, extent, strict=True)]
-    else:
-        size = extent
+    # Without a training window, the margin box itself is the frame.
+    size = [max(int(w), round_up(e, 16)) for w, e in zip(window, extent, strict=True)] if window else extent
     centre = [(b.start + b.stop) // 2 for b in box[1:]]
     grid, inside = window_slices(centre, size, images[0].shape[1:])
     cropped = [crop_plane(np.asarray(image), centre, size, BACKGROUND) for image in images]
