@@ -221,3 +221,17 @@ def test_registry_names_bad_arguments():
         build_critic("patchgan", spatial_dims=2)
     with pytest.raises(ConfigError, match="norm must be one of"):
         build_critic("patchgan", spatial_dims=2, in_channels=2, norm="layer")
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_unet_stem_adds_a_full_resolution_path(spatial_dims: int) -> None:
+    size = (37, 29) if spatial_dims == 2 else (13, 11, 9)
+    plain = UNet(spatial_dims, 2, 1, base_channels=4, depth=2)
+    stem = UNet(spatial_dims, 2, 1, base_channels=4, depth=2, stem_channels=3)
+    x = torch.randn(2, 2, *size)
+    assert stem(x).shape == plain(x).shape == (2, 1, *size)
+    assert stem.stem is not None and plain.stem is None
+    rebuilt = UNet(**stem.init_args)
+    assert rebuilt.state_dict().keys() == stem.state_dict().keys()
+    with pytest.raises(ConfigError, match="stem_channels"):
+        UNet(spatial_dims, 1, 1, stem_channels=-1)

@@ -66,6 +66,7 @@ class UNet(nn.Module):
         dropout: float = 0.5,
         upsample: str = "deconv",
         final_activation: str | None = "tanh",
+        stem_channels: int = 0,
     ) -> None:
         super().__init__()
         check_choice("UNet", "spatial_dims", spatial_dims, (2, 3))
@@ -80,6 +81,10 @@ class UNet(nn.Module):
         check_choice("UNet", "norm", norm, ("instance", "batch"))
         check_choice("UNet", "upsample", upsample, ("deconv", "resize"))
         check_choice("UNet", "final_activation", final_activation, ("tanh", None))
+        if stem_channels < 0:
+            raise ConfigError(
+                f"UNet: stem_channels must be >= 0 (0 = the pix2pix U-Net), got {stem_channels}"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"UNet: dropout must be in [0, 1), got {dropout!r}")
         self.init_args = {
@@ -93,6 +98,7 @@ class UNet(nn.Module):
             "dropout": float(dropout),
             "upsample": upsample,
             "final_activation": final_activation,
+            "stem_channels": stem_channels,
         }
         self.depth = depth
         channels = [min(base_channels * 2**level, max_channels) for level in range(depth)]
@@ -106,7 +112,7 @@ class UNet(nn.Module):
             self.encoder.append(
                 ConvNormAct(
                     spatial_dims,
-                    in_channels if level == 0 else channels[level - 1],
+                    (stem_channels or in_channels) if level == 0 else channels[level - 1],
                     channels[level],
                     kernel_size=4,
                     stride=2,
@@ -132,15 +138,27 @@ class UNet(nn.Module):
                     dropout=dropout if 1 <= from_innermost <= DROPOUT_LEVELS else 0.0,
                 )
             )
-        self.head = self._up(
-            spatial_dims,
-            channels[0] * (1 if depth == 1 else 2),
-            out_channels,
-            upsample,
-            norm="none",
-            act=("tanh", {}) if final_activation == "tanh" else None,
-            dropout=0.0,
-        )
+        final_act = ("tanh", {}) if final_activation == "tanh" else None
+        head_channels = channels[0] * (1 if depth == 1 else 2)
+        if stem_channels:
+            # Full-resolution path: a 3x3 stem whose features skip to a 3x3 output layer. The pix2pix
+            # U-Net computes nothing at full resolution, so even a voxel-wise intensity mapping must
+            # be learnt through the downsampling path; the stem makes it direct and learning faster.
+            self.stem = ConvNormAct(
+                spatial_dims, in_channels, stem_channels, kernel_size=3, padding=1, act=LEAKY_RELU
+            )
+            self.head = self._up(
+                spatial_dims, head_channels, stem_channels, upsample, norm=norm, act=RELU, dropout=0.0
+            )
+            self.output = ConvNormAct(
+                spatial_dims, 2 * stem_channels, out_channels, kernel_size=3, padding=1, act=final_act
+            )
+        else:
+            self.stem = None
+            self.head = self._up(
+                spatial_dims, head_channels, out_channels, upsample, norm="none", act=final_act, dropout=0.0
+            )
+            self.output = None
         init_weights(self)
 
     @staticmethod
@@ -206,6 +224,9 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``(B, in_channels, *size)`` to ``(B, out_channels, *size)`` for any ``size``."""
         x, size = pad_to_multiple(x, 2**self.depth)
+        stem = self.stem(x) if self.stem is not None else None
+        if stem is not None:
+            x = stem
         skips = []
         for block in self.encoder:
             x = block(x)
@@ -213,4 +234,7 @@ class UNet(nn.Module):
         skips.pop()  # the bottleneck is x itself
         for block in self.decoder:
             x = torch.cat([skips.pop(), block(x)], dim=1)
-        return crop_to(self.head(x), size)
+        x = self.head(x)
+        if self.output is not None:
+            x = self.output(torch.cat([stem, x], dim=1))
+        return crop_to(x, size)
