@@ -81,7 +81,12 @@ class ConvNormAct(nn.Sequential):
                 in_channels, out_channels, kernel_size, stride, padding, bias=bias, padding_mode=padding_mode
             )
         layers: list[nn.Module] = [conv]
-        if norm != "none":
+        if norm == "instance":
+            # Instance norm computed as group norm with one channel per group: the same function (no
+            # affine, no running statistics), but PyTorch's CPU group-norm kernel is much faster than its
+            # instance-norm path under channels_last (measured: demo inference 2.25 s -> 1.51 s at 2 mm).
+            layers.append(nn.GroupNorm(out_channels, out_channels, affine=False))
+        elif norm != "none":
             layers.append(get_norm_layer(norm, spatial_dims=spatial_dims, channels=out_channels))
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
