@@ -120,7 +120,7 @@ def evaluate(
     subjects = select_subjects(records, splits, split)
     fitted = fit_baselines(predictor, records, splits.get("train", [])) if baselines else {}
     cases: list[Case] = []
-    for record in tqdm(subjects, desc="subjects", disable=not progress):
+    for record in tqdm(subjects, desc="subjects", disable=None if progress else True):
         cases.extend(evaluate_subject(predictor, record, out, space, fitted))
     write_results(cases, out, predictor, split, space)
     return cases

@@ -19,6 +19,8 @@ from medsynth.engine.run import claim_run_dir, train
 TINY_SPACING_MM = 6.0
 
 TINY_OVERRIDES = [
+    "data.context=1",
+    "train.lr_generator=2.0e-4",
     "data.val=1",
     "data.test=1",
     "model.generator_args={base_channels: 8, depth: 3, norm: instance, dropout: 0.0}",

@@ -215,7 +215,7 @@ def prepare_cohort(
     modalities = list(modalities)
     if not modalities:
         raise MedsynthError("no modality to prepare; name at least one, e.g. t1")
-    for record in tqdm(records, desc="preparing cache", unit="subject", disable=not progress):
+    for record in tqdm(records, desc="preparing cache", unit="subject", disable=None if progress else True):
         folder = _subject_folder(cache_dir, record.id)
         missing = [m for m in modalities if m not in record.paths]
         if missing:

@@ -392,7 +392,9 @@ def make_demo_cohort(
     rows = ["participant_id\thead_scale\trotation_deg\tmax_displacement_mm"]
     subject_dirs = []
     first: dict[str, Volume] = {}
-    for index in tqdm(range(n_subjects), desc="demo subjects", unit="subject", disable=not progress):
+    for index in tqdm(
+        range(n_subjects), desc="demo subjects", unit="subject", disable=None if progress else True
+    ):
         subject_id = f"{index + 1:0{width}d}"
         volumes, draw = simulate_subject(index, spacing_mm, seed)
         anat = out / f"sub-{subject_id}" / "anat"

@@ -272,7 +272,7 @@ class Trainer:
         )
         bar = tqdm(
             total=batches, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{total_epochs}",
-            unit="step", disable=self.quiet, leave=False, dynamic_ncols=True,
+            unit="step", disable=True if self.quiet else None, leave=False, dynamic_ncols=True,
         )  # fmt: skip
         with bar:
             for index, batch in enumerate(self.loader):

@@ -119,7 +119,7 @@ def infer_from_args(args: argparse.Namespace) -> int:
     else:
         raise MedsynthError("give --volume PATH (repeat for several sources) or --inputs DIR")
     batch = len(jobs) > 1
-    for paths, stem in tqdm(jobs, desc="volumes", disable=args.quiet or not batch):
+    for paths, stem in tqdm(jobs, desc="volumes", disable=True if args.quiet or not batch else None):
         inputs = {modality: read(path) for modality, path in paths.items()}
         targets = targets_for(predictor, inputs, args.target)
         for target in targets:

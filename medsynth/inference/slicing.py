@@ -103,7 +103,7 @@ def synthesize_slices(
         torch.autocast(device_type="cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
     )
     batches = range(0, len(slice_ids), batch_size)
-    for start in tqdm(batches, desc="slices", unit="batch", disable=not progress, leave=False):
+    for start in tqdm(batches, desc="slices", unit="batch", disable=None if progress else True, leave=False):
         chunk = slice_ids[start : start + batch_size]
         batch = torch.from_numpy(assemble_channels(cropped, chunk, context, planes)).to(device)
         batch = batch.contiguous(memory_format=torch.channels_last)
