@@ -42,7 +42,7 @@ from .masks import bounding_box, foreground_mask
 
 _FORMAT = "medsynth-cache"
 #: Bump when the preprocessing itself changes, so every cached subject is rebuilt.
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2  # 2: log-Otsu head masks (consistent across contrasts)
 
 
 def _file_signature(path: Path) -> list[Any]:

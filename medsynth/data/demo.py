@@ -278,7 +278,7 @@ def warp_anatomy(base: Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, S
     return warped, SubjectDraw(float(np.prod(scaling) ** (1 / 3)), angle, max_shift)
 
 
-def _jittered_tissues(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def jittered_tissues(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """T1, T2 (+-3 % sd) and PD (+-2 % sd) per tissue: subjects and scanners never measure the same."""
     n = len(TISSUES)
     t1 = np.array([t.t1_ms for t in TISSUES]) * (1.0 + 0.03 * rng.standard_normal(n))
@@ -318,7 +318,7 @@ def simulate_subject(
     base = anatomy(spacing_mm)
     rng = np.random.default_rng((seed, index))
     fractions, draw = warp_anatomy(base, rng)
-    relaxation = _jittered_tissues(rng)
+    relaxation = jittered_tissues(rng)
     volumes = {
         seq.modality: Volume(
             simulate_contrast(seq, fractions, relaxation, spacing_mm, rng),
