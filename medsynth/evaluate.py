@@ -130,9 +130,10 @@ def evaluate_subject(
     predictor: Predictor, record: SubjectRecord, out: Path, space: str, baselines: dict[str, Any]
 ) -> Iterator[Case]:
     """Synthesise and score one subject for every (target, input set) the model supports."""
-    known = [m for m in predictor.required_modalities if m in record.paths]
-    wanted = known if predictor.task.is_unified else [*predictor.sources, str(predictor.target)]
-    volumes = load_subject(record, [m for m in wanted if m in record.paths] or wanted)
+    task = predictor.task
+    needed = list(task.modalities) if task.is_unified else [*task.sources, str(task.target)]
+    # A unified model is scored on whatever the subject has; a missing fixed input is load_subject's error.
+    volumes = load_subject(record, [m for m in needed if m in record.paths] if task.is_unified else needed)
     for target, inputs in input_sets(predictor, tuple(volumes)):
         given = {m: volumes[m] for m in inputs}
         prediction = predictor.predict(given, target)
