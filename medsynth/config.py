@@ -51,6 +51,8 @@ class DataConfig:
     volume_index: int | None = None
     #: 3D only: random patches drawn per epoch.
     patches_per_epoch: int = 64
+    #: 3D only: overlap of neighbouring sliding windows at inference (Gaussian-blended), in [0, 1).
+    sliding_overlap: float = 0.5
 
     def validate(self) -> None:
         if self.axis not in (0, 1, 2):
@@ -59,6 +61,8 @@ class DataConfig:
             raise ConfigError(
                 f"data.context must be an odd number >= 1 (slices per source), got {self.context}"
             )
+        if not 0.0 <= self.sliding_overlap < 1.0:
+            raise ConfigError(f"data.sliding_overlap must be in [0, 1), got {self.sliding_overlap}")
         for name in ("val", "test"):
             value = getattr(self, name)
             if value < 0:

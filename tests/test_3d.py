@@ -93,7 +93,7 @@ def test_3d_window_batch_size_does_not_change_the_result(run_3d: Path, tiny_coho
         (
             ["t1->t2"],
             ["data.crop_size=[48, 16, 16]"],
-            "largest patch that fits every subject is (33, 39, 32)",
+            "data.crop_size: patch_size (48, 16, 16) does not fit the smallest volume; the largest patch that fits every subject is (33, 39, 32)",
         ),
         (["unified", "--modalities", "t1,t2"], TINY_3D, "set model.spatial_dims=2"),
         (["t1->t2"], ["data.crop_size=[16, 16, 16]", "data.context=3"], "applies to 2D models"),

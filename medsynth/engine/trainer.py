@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data.datasets import PatchDataset, SliceDataset, make_loader
-from ..errors import MedsynthError
+from ..errors import ConfigError, MedsynthError
 from ..inference.slicing import synthesize_slices, unified_planes
 from ..inference.sliding import synthesize_patches
 from ..io.atomic import atomic_path
@@ -161,10 +161,14 @@ class Trainer:
                 raise MedsynthError("unified synthesis is 2D/2.5D only; set model.spatial_dims=2")
             if data.context != 1:
                 raise MedsynthError("data.context (2.5D) applies to 2D models; a 3D model sees the volume")
-            return PatchDataset(
-                self.data.cohort, self.data.splits["train"], task.sources, str(task.target),
-                patch_size=crop or (64, 64, 64), samples_per_epoch=data.patches_per_epoch, seed=self.config.train.seed,
-            )  # fmt: skip
+            try:
+                return PatchDataset(
+                    self.data.cohort, self.data.splits["train"], task.sources, str(task.target),
+                    patch_size=crop or (64, 64, 64), samples_per_epoch=data.patches_per_epoch,
+                    seed=self.config.train.seed,
+                )  # fmt: skip
+            except ConfigError as exc:  # users set the patch as data.crop_size
+                raise ConfigError(f"data.crop_size: {exc}") from exc
         return SliceDataset(
             self.data.cohort, self.data.splits["train"], task.sources, task.target,
             context=data.context, crop_size=crop, unified_modalities=task.modalities or None, axis=data.axis,
@@ -192,6 +196,7 @@ class Trainer:
                 "context": self.config.data.context,
                 "crop_size": self.window,
                 "unified_modalities": list(self.task.modalities),
+                "sliding_overlap": self.config.data.sliding_overlap,
             },
             "data": {"fingerprint_digest": self.data.fingerprint.digest(), "splits": self.data.splits},
             "config": self.config.to_dict(),
@@ -376,7 +381,8 @@ class Trainer:
             inputs = [to_volume(np.asarray(cached.image(m))) for m in self.task.sources]
             prediction = synthesize_patches(
                 self.generator, inputs, to_volume(mask), patch_size=self.window,
-                batch_size=self.config.train.inference_batch_size, device=self.device,
+                overlap=self.config.data.sliding_overlap, batch_size=self.config.train.inference_batch_size,
+                device=self.device,
             )  # fmt: skip
             yield (
                 self.task.target,

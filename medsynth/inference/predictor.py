@@ -179,8 +179,8 @@ class Predictor:
 
             return synthesize_patches(
                 self.generator, [normalised[m] for m in order], mask,
-                patch_size=self.slicing["crop_size"], batch_size=batch_size, device=self.device,
-                progress=progress,
+                patch_size=self.slicing["crop_size"], overlap=float(self.slicing.get("sliding_overlap", 0.5)),
+                batch_size=batch_size, device=self.device, progress=progress,
             )  # fmt: skip
         axis = int(self.slicing.get("axis", 2))
         to_slices = lambda a: np.ascontiguousarray(np.moveaxis(a, axis, 0))  # noqa: E731
