@@ -36,7 +36,8 @@ def register_rigid(moving: Path, fixed: Path, out: Path) -> float:
     registration = sitk.ImageRegistrationMethod()
     registration.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     registration.SetMetricSamplingStrategy(registration.REGULAR)
-    registration.SetMetricSamplingPercentage(0.25, seed=0)
+    # A fixed seed: SimpleITK reads seed 0 as 'wall clock', which made runs (and a test) differ.
+    registration.SetMetricSamplingPercentage(0.25, seed=42)
     registration.SetInterpolator(sitk.sitkLinear)
     registration.SetOptimizerAsRegularStepGradientDescent(
         learningRate=2.0, minStep=1e-3, numberOfIterations=200, relaxationFactor=0.5
