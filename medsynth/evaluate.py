@@ -69,6 +69,8 @@ def evaluate_from_args(args: argparse.Namespace) -> int:
         run, checkpoint, data_root, manifest = None, args.checkpoint, args.data, None
     else:
         raise MedsynthError("give --run RUN, or --checkpoint CKPT with --data DIR")
+    if not data_root:
+        raise MedsynthError("the run does not say where its data is; pass --data DIR", args.run)
     predictor = Predictor.from_checkpoint(checkpoint, device=args.device)
     out = args.out or ((run or Path(checkpoint).parent) / "eval")
     cases = evaluate(

@@ -15,6 +15,7 @@ exit, and ``--resume`` continues at the next step with the same data order and R
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
 import signal
@@ -367,7 +368,9 @@ class Trainer:
         cached = self.data.cohort.subject(subject_id)
         mask = np.asarray(cached.mask, dtype=bool)
         context = self.config.data.context
-        common = dict(
+        synthesize = functools.partial(
+            synthesize_slices,
+            self.generator,
             context=context,
             batch_size=self.config.train.inference_batch_size,
             device=self.device,
@@ -394,7 +397,7 @@ class Trainer:
             return
         if not self.task.is_unified:
             inputs = [np.asarray(cached.image(m)) for m in self.task.sources]
-            prediction = synthesize_slices(self.generator, inputs, mask, **common)
+            prediction = synthesize(inputs, mask)
             yield self.task.target, prediction, np.asarray(cached.image(self.task.target)), mask, inputs
             return
         available = [m for m in self.task.modalities if m in cached.modalities]
@@ -406,7 +409,7 @@ class Trainer:
                 for m in self.task.modalities
             ]
             planes = unified_planes(self.task.modalities, [m for m in available if m != target], target)
-            prediction = synthesize_slices(self.generator, images, mask, planes=planes, **common)
+            prediction = synthesize(images, mask, planes=planes)
             yield target, prediction, np.asarray(cached.image(target)), mask, images
 
     # ---------------------------------------------------------------------------- epoch end
