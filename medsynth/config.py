@@ -78,6 +78,8 @@ class ModelConfig:
     generator_args: dict[str, Any] = field(default_factory=dict)
     critic: str = "patchgan"
     critic_args: dict[str, Any] = field(default_factory=dict)
+    #: Initialise the generator from a local state-dict file (ResViT: e.g. a CNN-only pre-training).
+    generator_weights: str | None = None
 
     def validate(self) -> None:
         if self.spatial_dims not in (2, 3):

@@ -62,7 +62,9 @@ class GeneratorLossTerms(NamedTuple):
 
 
 class GeneratorLoss:
-    """pix2pix generator objective: ``LSGAN generator term + lambda_l1 * L1`` (optionally masked).
+    """pix2pix generator objective: ``adversarial_weight * LSGAN generator term + lambda_l1 * L1``.
+
+    ``fake_scores=None`` (training without a critic) leaves the L1 term alone; ``mask`` restricts L1.
 
     Example:
         >>> loss = GeneratorLoss(lambda_l1=100.0)
@@ -71,18 +73,25 @@ class GeneratorLoss:
         (10.0, 0.0)
     """
 
-    def __init__(self, lambda_l1: float = DEFAULT_LAMBDA_L1) -> None:
-        if lambda_l1 < 0:
-            raise ValueError(f"GeneratorLoss: lambda_l1 must be >= 0, got {lambda_l1}")
+    def __init__(self, lambda_l1: float = DEFAULT_LAMBDA_L1, adversarial_weight: float = 1.0) -> None:
+        if lambda_l1 < 0 or adversarial_weight < 0:
+            raise ValueError(
+                f"GeneratorLoss: lambda_l1 and adversarial_weight must be >= 0, got {lambda_l1}, {adversarial_weight}"
+            )
         self.lambda_l1 = lambda_l1
+        self.adversarial_weight = adversarial_weight
 
     def __call__(
         self,
-        fake_scores: torch.Tensor,
+        fake_scores: torch.Tensor | None,
         pred: torch.Tensor,
         target: torch.Tensor,
         mask: torch.Tensor | None = None,
     ) -> GeneratorLossTerms:
-        adversarial = LSGANLoss.generator(fake_scores)
         l1 = l1_loss(pred, target, mask)
-        return GeneratorLossTerms(adversarial + self.lambda_l1 * l1, adversarial.detach(), l1.detach())
+        if fake_scores is None:
+            adversarial = torch.zeros((), dtype=l1.dtype, device=l1.device)
+        else:
+            adversarial = LSGANLoss.generator(fake_scores)
+        total = self.adversarial_weight * adversarial + self.lambda_l1 * l1
+        return GeneratorLossTerms(total, adversarial.detach(), l1.detach())

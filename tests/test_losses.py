@@ -74,3 +74,11 @@ def test_generator_loss_backpropagates_to_prediction():
     assert not terms.l1.requires_grad and not terms.adversarial.requires_grad
     with pytest.raises(ValueError, match="lambda_l1"):
         GeneratorLoss(lambda_l1=-1.0)
+
+
+def test_generator_loss_weights_the_adversarial_term_and_runs_without_a_critic() -> None:
+    pred, target = torch.zeros(1, 1, 4), torch.full((1, 1, 4), 0.5)
+    half = GeneratorLoss(lambda_l1=2.0, adversarial_weight=0.5)(torch.zeros(3), pred, target)
+    assert half.adversarial.item() == pytest.approx(0.5) and half.total.item() == pytest.approx(0.25 + 1.0)
+    alone = GeneratorLoss(lambda_l1=2.0)(None, pred, target)
+    assert alone.adversarial.item() == 0.0 and alone.total.item() == pytest.approx(1.0)

@@ -13,12 +13,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, tiny_config
 
 from medsynth.cli import main
 from medsynth.config import CONFIG_DIR, load_config
 from medsynth.engine.checkpoint import load_checkpoint
+from medsynth.engine.run import claim_run_dir, train
 from medsynth.engine.trainer import network_channels
+from medsynth.errors import ConfigError
 from medsynth.nets.registry import build_critic, build_generator
 
 #: A ResViT small enough for a CPU test: the paper's layout, few filters and a one-layer transformer.
@@ -250,3 +252,24 @@ def test_every_recipe_builds_its_networks(recipe: str) -> None:
     if model.spatial_dims == 3:
         assert config.data.crop_size and len(config.data.crop_size) == 3
         assert min(config.data.crop_size) >= critic.min_input_size()
+
+
+def test_generator_weights_initialise_resvit_and_are_refused_for_unet(
+    tiny_cohort: Path, tmp_path: Path
+) -> None:
+    resvit_args = {"base_channels": 4, "n_art_blocks": 2, "transformer_blocks": [0], "embed_dim": 8,
+                   "n_heads": 2, "n_transformer_layers": 1, "img_size": 32}  # fmt: skip
+    weights = tmp_path / "cnn.pt"
+    cnn_only = build_generator("resvit", spatial_dims=2, in_channels=1, out_channels=1,
+                               **{**resvit_args, "transformer_blocks": []})  # fmt: skip
+    torch.save(cnn_only.state_dict(), weights)
+    extra = ["model.generator=resvit", f"model.generator_args={resvit_args}", f"model.generator_weights={weights}",
+             "train.steps_per_epoch=1", "train.decay_epochs=0"]  # fmt: skip
+    config = tiny_config(tiny_cohort, extra=extra)
+    claim_run_dir(tmp_path / "resvit", config)
+    train(config, tmp_path / "resvit", quiet=True)
+    assert (tmp_path / "resvit" / "checkpoint_best.pt").is_file()
+    with pytest.raises(ConfigError, match="generator_weights"):
+        unet = tiny_config(tiny_cohort, extra=[f"model.generator_weights={weights}"])
+        claim_run_dir(tmp_path / "unet", unet)
+        train(unet, tmp_path / "unet", quiet=True)

@@ -55,12 +55,13 @@ def usable_records(records: list[SubjectRecord], task: Task, root: str | Path) -
 
 
 def normalization_specs(config: Config, modalities: tuple[str, ...]) -> dict[str, NormalizationSpec]:
-    """Per-modality normalisation: the config's choice, else CT windowing and MR percentile scaling."""
+    """Per-modality normalisation: the config's choice, else the default (CT window, MR percentiles)."""
     specs = {}
     for modality in modalities:
-        options = dict(config.data.normalization.get(modality, {}))
+        options = config.data.normalization.get(modality)
         if not options:
-            options = {"scheme": "window"} if modality == "ct" else {"scheme": "percentile"}
+            specs[modality] = NormalizationSpec.for_modality(modality)
+            continue
         try:
             specs[modality] = NormalizationSpec(**options)
         except TypeError as exc:

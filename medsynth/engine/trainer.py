@@ -35,11 +35,11 @@ from ..errors import ConfigError, MedsynthError
 from ..inference.slicing import synthesize_slices, unified_planes
 from ..inference.sliding import synthesize_patches
 from ..io.atomic import atomic_path
-from ..losses import LSGANLoss, l1_loss
+from ..losses import GeneratorLoss, LSGANLoss
 from ..metrics import mae, psnr, ssim_3d
 from ..nets.registry import build_critic, build_generator
 from ..task import Task
-from ..viz import comparison_grid
+from ..viz import comparison_grid, plot_curves
 from .checkpoint import load_checkpoint, save_checkpoint
 from .setup import RunData
 
@@ -124,6 +124,12 @@ class Trainer:
             in_channels=self.in_channels + 1,
             **config.model.critic_args,
         )
+        if config.model.generator_weights:
+            if not hasattr(self.generator, "load_pretrained"):
+                raise ConfigError(
+                    f"model.generator_weights: the {config.model.generator} generator has no initialisation from a file; use resvit"
+                )
+            self.generator.load_pretrained(config.model.generator_weights)
         self.generator.to(self.device, memory_format=self.memory_format)
         self.critic.to(self.device, memory_format=self.memory_format)
         self.use_critic = train.adversarial_weight > 0
@@ -133,7 +139,7 @@ class Trainer:
         decay = lambda epoch: _linear_decay(epoch, train.epochs, train.decay_epochs)  # noqa: E731
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, decay)
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, decay)
-        self.gan_loss = LSGANLoss()
+        self.generator_loss = GeneratorLoss(train.lambda_l1, train.adversarial_weight)
         self.forward_g: nn.Module = torch.compile(self.generator) if train.compile else self.generator
         self.forward_d: nn.Module = torch.compile(self.critic) if train.compile else self.critic
 
@@ -310,7 +316,6 @@ class Trainer:
             batch["target"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         )
         mask = batch["mask"].to(self.device, non_blocking=True) if self.config.train.masked_l1 else None
-        train = self.config.train
         with self._autocast():
             synthetic = self.forward_g(source)
         loss_critic = torch.zeros((), device=self.device)
@@ -319,22 +324,20 @@ class Trainer:
             with self._autocast():
                 real_score = self.forward_d(torch.cat([source, target], dim=1))
                 fake_score = self.forward_d(torch.cat([source, synthetic.detach()], dim=1))
-                loss_critic = self.gan_loss.critic(real_score, fake_score)
+                loss_critic = LSGANLoss.critic(real_score, fake_score)
             self.opt_d.zero_grad(set_to_none=True)
             loss_critic.backward()
             self.opt_d.step()
             # The generator step needs gradients through the critic, not of its weights.
             self.critic.requires_grad_(False)
         with self._autocast():
-            loss_l1 = l1_loss(synthetic.float(), target, mask)
-            loss_adv = torch.zeros((), device=self.device)
-            if self.use_critic:
-                loss_adv = self.gan_loss.generator(self.forward_d(torch.cat([source, synthetic], dim=1)))
-            loss_g = train.adversarial_weight * loss_adv + train.lambda_l1 * loss_l1
+            fake_scores = self.forward_d(torch.cat([source, synthetic], dim=1)) if self.use_critic else None
+            terms = self.generator_loss(fake_scores, synthetic.float(), target, mask)
         self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
+        terms.total.backward()
         self.opt_g.step()
-        losses = torch.stack([loss_critic.detach(), loss_adv.detach(), loss_l1.detach()]).tolist()
+        # One device-to-host transfer per step for the three logged numbers.
+        losses = torch.stack([loss_critic.detach(), terms.adversarial, terms.l1]).tolist()
         return dict(zip(("loss_critic", "loss_adv", "loss_l1"), losses, strict=True))
 
     def _autocast(self) -> Any:
@@ -430,6 +433,7 @@ class Trainer:
                 if key != "epoch":
                     writer.add_scalar(key, value, self.epoch + 1)
         self._save_samples()
+        plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
         self.sched_g.step()
         self.sched_d.step()
         improved = self._is_better(metrics[self.config.train.best_metric])

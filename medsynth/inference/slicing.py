@@ -18,21 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.datasets import crop_plane, round_up, window_slices
+from ..data.masks import bounding_box
 
 BACKGROUND = -1.0
-
-
-def foreground_box(mask: np.ndarray, margin: int = 4) -> tuple[slice, slice, slice] | None:
-    """Bounding box of a slice-first mask, grown by ``margin`` voxels in-plane; None when empty."""
-    if not mask.any():
-        return None
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        present = np.flatnonzero(mask.any(axis=other))
-        grow = 0 if axis == 0 else margin
-        box.append(slice(max(int(present[0]) - grow, 0), min(int(present[-1]) + 1 + grow, mask.shape[axis])))
-    return tuple(box)  # type: ignore[return-value]
 
 
 def context_indices(n_slices: int, context: int) -> np.ndarray:
@@ -86,12 +74,16 @@ def synthesize_slices(
     """
     device = torch.device(device)
     output = np.full(images[0].shape, BACKGROUND, dtype=np.float32)
-    box = foreground_box(mask, 0 if window else margin)
-    if box is None:
+    if not mask.any():
         return output
+    box = bounding_box(mask)
     extent = [b.stop - b.start for b in box[1:]]
-    # Without a training window, the margin box itself is the frame.
-    size = [max(int(w), round_up(e, 16)) for w, e in zip(window, extent, strict=True)] if window else extent
+    # Without a training window, the head's box grown by ``margin`` in-plane is the frame.
+    size = (
+        [max(int(w), round_up(e, 16)) for w, e in zip(window, extent, strict=True)]
+        if window
+        else [e + 2 * margin for e in extent]
+    )
     centre = [(b.start + b.stop) // 2 for b in box[1:]]
     grid, inside = window_slices(centre, size, images[0].shape[1:])
     cropped = [crop_plane(np.asarray(image), centre, size, BACKGROUND) for image in images]
