@@ -25,7 +25,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 def test_run_folder_holds_every_artefact(tiny_run: Path) -> None:
-    for name in ("config.yaml", "splits.json", "fingerprint.json", "metrics.csv", "checkpoint_latest.pt",
+    for name in ("config.yaml", "splits.json", "fingerprint.json", "metrics.csv", "curves.png", "checkpoint_latest.pt",
                  "checkpoint_best.pt"):  # fmt: skip
         assert (tiny_run / name).is_file(), name
     assert sorted(p.name for p in (tiny_run / "samples").iterdir()) == ["epoch_001.png", "epoch_002.png"]
