@@ -234,3 +234,16 @@ def test_reading_a_series_leaves_it_untouched(tmp_path):
     list_dicom_series(tmp_path / "s")
     assert [(hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns) for f in files] == before
     assert len(list((tmp_path / "s").iterdir())) == 5
+
+
+def test_series_folder_mode_follows_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        files = write(lps_oblique_volume(), tmp_path / "series")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "series").stat().st_mode) == 0o755
+    assert stat.S_IMODE(files[0].stat().st_mode) == 0o644

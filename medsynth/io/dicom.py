@@ -324,6 +324,7 @@ def _atomic_folder(folder: Path) -> Iterator[Path]:
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        temp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a series folder is an ordinary folder
     except OSError as exc:
         raise MedsynthError(f"cannot write here ({exc.strerror})", folder.parent) from exc
     try:
@@ -334,6 +335,13 @@ def _atomic_folder(folder: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, so set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_dicom_series(
