@@ -1,25 +1,129 @@
 """Atomic file output: write to a temporary sibling, fsync, then rename over the target.
 
-A reader never sees a half-written file, and a crash leaves either the old file or the new one.
+A reader never sees a half-written file, and a crash leaves either the old file or the new one. A
+process killed mid-write (SIGKILL, out of memory, a node that lost power) cannot remove its temporary
+file, so temporary names say who wrote them: ``.<stem>.<pid>-<host>.<token>.partial<suffixes>``, for
+example ``.t2.4121-3fa91c.9e0b27d4.partial.nii.gz``. :func:`remove_stale_partials` removes the ones
+whose writer is gone and never those of a process that is still running.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import MedsynthError
+
+_PARTIAL = re.compile(
+    r"^\.(?P<stem>.*)\.(?P<pid>[0-9]+)-(?P<host>[0-9a-f]{6})\.(?P<token>[0-9a-f]{8})\.partial(?:\.[^.]+)*$"
+)
+
+#: A partial written on another machine (a shared output folder) is removed only when older than this.
+FOREIGN_PARTIAL_AGE_S = 24 * 3600.0
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode("utf-8")).hexdigest()[:6]
+
+
+def partial_name(name: str, *, keep_suffixes: bool = True) -> str:
+    """A hidden temporary name for ``name`` that records this process and machine.
+
+    ``keep_suffixes`` keeps ``.nii.gz`` / ``.pt`` at the end so libraries that pick a format by
+    extension behave; folders pass ``keep_suffixes=False``.
+
+    >>> name = partial_name("t2.nii.gz")
+    >>> name.startswith(".t2.") and name.endswith(".partial.nii.gz") and is_partial(name)
+    True
+    """
+    stem, dot, suffixes = name.partition(".") if keep_suffixes else (name, "", "")
+    return f".{stem}.{os.getpid()}-{_host_tag()}.{secrets.token_hex(4)}.partial{dot}{suffixes}"
+
+
+def is_partial(name: str) -> bool:
+    """True for a name made by :func:`partial_name`."""
+    return _PARTIAL.match(name) is not None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def _is_stale(path: Path, now: float, foreign_age_s: float) -> bool:
+    match = _PARTIAL.match(path.name)
+    if match is None:
+        return False
+    if match["host"] == _host_tag():
+        return not _pid_alive(int(match["pid"]))
+    try:  # another machine's writer cannot be asked whether it still runs; only its age tells
+        return now - path.lstat().st_mtime > foreign_age_s
+    except OSError:
+        return False
+
+
+def remove_stale_partials(
+    folder: str | Path, *, recursive: bool = False, foreign_age_s: float = FOREIGN_PARTIAL_AGE_S
+) -> list[Path]:
+    """Remove the temporary files and folders that killed writers left in ``folder``; return them.
+
+    A partial is stale when it was written on this machine by a process that no longer exists, or
+    on another machine (an output folder shared over NFS) more than ``foreign_age_s`` ago. Partials
+    of live processes, this one included, are kept, and so is every name :func:`partial_name` did not
+    make. A missing folder yields ``[]``.
+
+    Example::
+
+        removed = remove_stale_partials(run_dir)  # before writing checkpoints into run_dir again
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        if _is_stale(entry, now, foreign_age_s):
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            removed.append(entry)
+        elif recursive and entry.is_dir() and not entry.is_symlink():
+            removed += remove_stale_partials(entry, recursive=True, foreign_age_s=foreign_age_s)
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; move it onto ``path`` if the block succeeds.
 
-    The temporary name keeps the target's suffixes (``.nii.gz``, ``.pt``) so libraries that pick a
-    format by extension behave. On any error the temporary file is removed and the target untouched.
+    The temporary name (:func:`partial_name`) keeps the target's suffixes (``.nii.gz``, ``.pt``) so
+    libraries that pick a format by extension behave. On any error the temporary file is removed and
+    the target untouched; if the process is killed, :func:`remove_stale_partials` removes it later.
     """
     path = Path(path)
     folder = path.parent
@@ -27,17 +131,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MedsynthError(f"cannot create output folder ({exc.strerror})", folder) from exc
-    suffix = "".join(path.suffixes) or ".tmp"
+    name = path.name if "." in path.name else f"{path.name}.tmp"
+    temp = folder / partial_name(name)
+    # Created like an ordinary new file (umask applies), exclusively: the random token never collides.
     try:
-        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=folder)
+        os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as exc:
         raise MedsynthError(f"cannot write here ({exc.strerror})", folder) from exc
-    os.close(handle)
-    temp = Path(temp_name)
-    # mkstemp creates 0600 files; give outputs the permissions of an ordinary new file (umask applies).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temp, 0o666 & ~umask)
     try:
         yield temp
         with open(temp, "rb") as stream:
