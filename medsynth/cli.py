@@ -180,7 +180,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _demo_job(args: argparse.Namespace) -> int:
-    from .engine.demo_job import run_demo_job
+    from .demo_job import run_demo_job
 
     return run_demo_job(args)
 

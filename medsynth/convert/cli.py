@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .plan import render_plan
-from .runner import FORMATS, run_convert
+from .formats import FORMATS
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +34,9 @@ def convert_command(args: argparse.Namespace) -> int:
     :class:`~medsynth.errors.MedsynthError` (bad paths, bad mapping) propagates to the main CLI, which
     prints it as one line.
     """
+    from .plan import render_plan
+    from .runner import run_convert
+
     report = run_convert(
         args.input,
         args.checkpoint,
