@@ -35,6 +35,15 @@ ERROR_CMAP = "magma"
 #: Percentiles of the automatic grey window: robust to a few hot voxels.
 WINDOW_PERCENTILES = (0.5, 99.5)
 _PANEL_INCHES = 2.2
+#: Figures are laid out to stay at most this many times wider than tall, so that they read on a
+#: 1,200-pixel-wide screen or page without shrinking every panel to a strip.
+MAX_WIDTH_TO_HEIGHT = 3.0
+#: An image grid whose columns outnumber its rows by more than this is drawn transposed (the colour bar
+#: of the error column adds about a third of a panel).
+_TRANSPOSE_AT = 2.5
+#: Training curves: panel size in inches (100 dpi) and at most three panels per line (1,200 px).
+_CURVE_PANEL_INCHES = (4.0, 3.2)
+_CURVE_COLUMNS = 3
 
 Window = tuple[float, float]
 
@@ -78,29 +87,38 @@ def _save(figure: Figure, path: str | Path) -> Path:
 
 
 def _draw_panels(
-    figure: Figure,
     images: Sequence[Sequence[np.ndarray]],
     columns: Sequence[str],
     windows: dict[str, Window],
     row_labels: Sequence[str],
     aspects: Sequence[float],
-) -> None:
-    """Lay out rows x columns of already oriented 2D images; the error column gets a colour bar."""
-    axes = figure.subplots(len(images), len(columns), squeeze=False)
+) -> Figure:
+    """Lay out rows x columns of already oriented 2D images; the error column gets a colour bar.
+
+    A grid much wider than tall (one example with many columns) is drawn transposed: one column per
+    example, one row per image, so the figure stays within :data:`MAX_WIDTH_TO_HEIGHT`.
+    """
+    n_rows, n_cols = len(images), len(columns)
+    transposed = n_cols > _TRANSPOSE_AT * n_rows
+    shape = (n_cols, n_rows) if transposed else (n_rows, n_cols)
+    figure = Figure(figsize=(_PANEL_INCHES * shape[1], _PANEL_INCHES * shape[0]), layout="constrained")
+    axes = figure.subplots(*shape, squeeze=False)
     for row, (row_images, label, aspect) in enumerate(zip(images, row_labels, aspects, strict=True)):
         for col, (column, image) in enumerate(zip(columns, row_images, strict=True)):
-            ax = axes[row, col]
+            ax = axes[col, row] if transposed else axes[row, col]
             low, high = windows[column]
             cmap = ERROR_CMAP if column == ERROR else "gray"
             shown = ax.imshow(image, cmap=cmap, vmin=low, vmax=high, aspect=aspect, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if row == 0:
-                ax.set_title(column, fontsize=9)
-            if col == 0 and label:
-                ax.set_ylabel(label, fontsize=9)
+            title, side = (label, column) if transposed else (column, label)
+            if (col if transposed else row) == 0 and title:
+                ax.set_title(title, fontsize=9)
+            if (row if transposed else col) == 0 and side:
+                ax.set_ylabel(side, fontsize=9)
             if column == ERROR:
                 figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    return figure
 
 
 def comparison_grid(
@@ -116,7 +134,8 @@ def comparison_grid(
 
     Each row maps column names to 2D axial slices (``volume[:, :, k]`` of a canonical RAS volume),
     e.g. ``{"t1": ..., "synthetic": ..., "target": ...}``; every row has the same keys, whose order
-    gives the columns. With ``error_column`` an ``|error|`` column, ``|synthetic - target|``, is added.
+    gives the columns (a single example with many columns is drawn transposed, one row per image,
+    to stay within :data:`MAX_WIDTH_TO_HEIGHT`). With ``error_column`` an ``|error|`` column, ``|synthetic - target|``, is added.
     ``titles`` label the rows (e.g. subject and slice). ``vmin``/``vmax`` fix a column's grey window by
     name; otherwise each column is windowed over all rows at its 0.5-99.5 percentiles.
 
@@ -149,8 +168,7 @@ def comparison_grid(
     windows = _windows(columns, samples, vmin, vmax)
 
     images = [[_radiological(samples[name][row]) for name in columns] for row in range(len(rows))]
-    figure = Figure(figsize=(_PANEL_INCHES * len(columns), _PANEL_INCHES * len(rows)), layout="constrained")
-    _draw_panels(figure, images, columns, windows, titles or [""] * len(rows), [1.0] * len(rows))
+    figure = _draw_panels(images, columns, windows, titles or [""] * len(rows), [1.0] * len(rows))
     return _save(figure, path)
 
 
@@ -203,8 +221,7 @@ def subject_figure(
     images = [[_radiological(cut[name][row]) for name in columns] for row in range(len(planes))]
     # After _radiological, image rows run along the plane's second axis and columns along its first.
     aspects = [second / first for _, (first, second) in planes.values()]
-    figure = Figure(figsize=(_PANEL_INCHES * len(columns), _PANEL_INCHES * len(planes)), layout="constrained")
-    _draw_panels(figure, images, columns, windows, list(planes), aspects)
+    figure = _draw_panels(images, columns, windows, list(planes), aspects)
     return _save(figure, path)
 
 
@@ -213,7 +230,8 @@ def plot_curves(csv_path: str | Path, png_path: str | Path) -> Path:
 
     Columns whose name contains ``loss`` share the first panel; every other numeric column (validation
     PSNR, SSIM, learning rate, ...) gets its own panel, since their scales differ. Empty cells (a metric
-    not computed that epoch) are skipped.
+    not computed that epoch) are skipped. Panels fill a grid at most three wide (1,200 px at 100 dpi),
+    so eight panels come out as 3 x 3 rather than one 3,200-pixel strip.
     """
     csv_path = Path(csv_path)
     try:
@@ -236,8 +254,14 @@ def plot_curves(csv_path: str | Path, png_path: str | Path) -> Path:
     if not panels:
         raise DataError("no numeric columns besides 'epoch' to plot", csv_path)
 
-    figure = Figure(figsize=(4 * len(panels), 3.2), layout="constrained")
-    for ax, (title, names) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+    n_cols = _curve_columns(len(panels))
+    n_rows = -(-len(panels) // n_cols)
+    width, height = _CURVE_PANEL_INCHES
+    figure = Figure(figsize=(width * n_cols, height * n_rows), layout="constrained")
+    axes = figure.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax in axes[len(panels) :]:
+        ax.remove()
+    for ax, (title, names) in zip(axes, panels, strict=False):
         for name in names:
             finite = np.isfinite(epochs) & np.isfinite(plotted[name])
             ax.plot(epochs[finite], plotted[name][finite], marker=".", label=name)
@@ -248,6 +272,13 @@ def plot_curves(csv_path: str | Path, png_path: str | Path) -> Path:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     return _save(figure, png_path)
+
+
+def _curve_columns(n_panels: int) -> int:
+    """Panels per line: one line up to two panels, then a grid at most three wide (1,200 px)."""
+    if n_panels <= 2:
+        return n_panels
+    return 2 if n_panels <= 4 else _CURVE_COLUMNS
 
 
 def _as_float(text: str | None) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from matplotlib.image import imread
+from matplotlib.image import imread, imsave
 from scipy import ndimage
 
 from medsynth.errors import DataError
@@ -105,3 +105,70 @@ def test_plot_curves_explains_unusable_files(tmp_path):
     with pytest.raises(DataError, match="no 'epoch' column"):
         plot_curves(bad, tmp_path / "c.png")
     assert not (tmp_path / "c.png").exists()
+
+
+# ---------------------------------------------------------------------------- readable at 1,200 px
+#: The columns the trainer writes to metrics.csv (three losses share a panel: ten panels).
+TRAINER_COLUMNS = [
+    "steps", "seconds", "val_seconds", "io_seconds", "slices_per_s", "lr",
+    "loss_critic", "loss_adv", "loss_l1", "val_psnr", "val_ssim", "val_mae",
+]  # fmt: skip
+
+
+def _size(png) -> tuple[int, int]:
+    height, width = imread(png).shape[:2]
+    return width, height
+
+
+@pytest.mark.parametrize(
+    ("columns", "expected"),
+    [
+        (["loss_g"], (400, 320)),
+        (["loss_g", "val_psnr"], (800, 320)),
+        (["loss_g", "val_psnr", "val_ssim"], (800, 640)),  # 2 x 2, one cell empty
+        (
+            ["loss_g", "val_psnr", "val_ssim", "val_mae", "lr", "seconds", "steps", "slices_per_s"],
+            (1200, 960),
+        ),
+        (TRAINER_COLUMNS, (1200, 1280)),
+    ],
+)
+def test_plot_curves_lays_panels_out_in_a_grid_at_most_1200_px_wide(tmp_path, columns, expected):
+    lines = ["epoch," + ",".join(columns)] + [f"{e}," + ",".join(["1.5"] * len(columns)) for e in range(3)]
+    (tmp_path / "metrics.csv").write_text("\n".join(lines) + "\n")
+    width, height = _size(plot_curves(tmp_path / "metrics.csv", tmp_path / "curves.png"))
+    assert (width, height) == expected
+    assert width / height <= 3
+
+
+@pytest.mark.parametrize("n_inputs", [1, 2, 3, 5])
+@pytest.mark.parametrize("n_rows", [1, 2, 3])
+def test_comparison_grid_is_never_more_than_three_times_wider_than_tall(tmp_path, n_rows, n_inputs):
+    plane = _head()[0][:, :, 10]
+    row = {**{f"in{i}": plane for i in range(n_inputs)}, "synthetic": plane, "target": plane}
+    width, height = _size(comparison_grid([row] * n_rows, tmp_path / "g.png"))
+    assert width / height <= 3
+    panels = n_inputs + 3
+    transposed = panels > 2.5 * n_rows
+    assert width == pytest.approx(220 * (n_rows if transposed else panels), abs=2)
+
+
+def test_a_single_example_is_drawn_one_image_per_row(tmp_path):
+    plane = np.zeros((32, 32))
+    plane[24:30, 24:30] = 1.0  # right and anterior: top left in the radiological view
+    row = {"t1": plane, "synthetic": plane, "target": plane}
+    path = comparison_grid([row], tmp_path / "g.png", error_column=False, titles=["sub-01 k=10"])
+    assert _size(path) == (220, 660)
+    top = imread(path)[:220]  # the first image (t1) still reads in radiological orientation
+    imsave(tmp_path / "top.png", top)
+    assert _marker_quadrant(tmp_path / "top.png") == ("top", "left")
+
+
+@pytest.mark.parametrize("n_inputs", [1, 3, 4, 6])
+def test_subject_figure_stays_within_three_to_one(tmp_path, n_inputs):
+    head, mask = _head()
+    inputs = {f"m{i}": head for i in range(n_inputs)}
+    width, height = _size(subject_figure(inputs, head, head, tmp_path / "s.png", mask=mask))
+    assert width / height <= 3
+    if n_inputs == 1:
+        assert width <= 1200  # the usual one-input figure reads at full size
