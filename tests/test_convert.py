@@ -280,7 +280,7 @@ def test_command_line_dry_run_and_exit_code(export: Path, tmp_path: Path, monkey
 
     from medsynth.convert import add_convert_arguments, convert_command, runner
 
-    monkeypatch.setattr(runner, "_load_predictor", lambda _: FakePredictor())
+    monkeypatch.setattr(runner, "_load_predictor", lambda *_: FakePredictor())
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"weights")
     parser = argparse.ArgumentParser()

@@ -3,6 +3,9 @@
 Research IT reads the CSV in a spreadsheet and scripts read the JSON; both hold the same rows. A row
 names the study by UIDs and hashes only (no patient name, no free-text tags), so the report can be
 shared with whoever debugs a failed batch.
+
+``--shard K/N`` runs each write ``report-shard-K-of-N.*``; :func:`merge_reports` makes the one report of
+the whole export from them, with an ``unreported`` row for every study no shard has reported yet.
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +25,16 @@ from ..io.atomic import atomic_write_text
 if TYPE_CHECKING:
     from .plan import Plan
 
-#: Row statuses, in the order the summary line lists them.
-STATUSES: tuple[str, ...] = ("converted", "planned", "skipped", "failed")
+#: What ``--format`` may ask for per study.
+FORMATS: tuple[str, ...] = ("nifti", "dicom", "both")
+
+#: Row statuses, in the order the summary line lists them. ``unreported`` appears only in merged reports.
+STATUSES: tuple[str, ...] = ("converted", "planned", "skipped", "failed", "unreported")
+
+#: The reason of a study skipped because an earlier run converted it.
+ALREADY_CONVERTED = "already converted (use --overwrite to redo)"
+
+_SHARD_REPORT = re.compile(r"^report-shard-(?P<index>[0-9]+)-of-(?P<count>[0-9]+)\.json$")
 
 
 @dataclass
@@ -80,11 +94,17 @@ class ConvertReport:
             )
         return buffer.getvalue()
 
+    @property
+    def unreported(self) -> list[str]:
+        """Study UIDs of the export that no shard report holds (merged reports only)."""
+        return [r.study_uid for r in self.studies if r.status == "unreported"]
+
     def to_json(self) -> str:
         payload = {
             "summary": {s: self.count(s) for s in STATUSES},
             "settings": self.settings,
             "studies": [asdict(r) for r in self.studies],
+            "unreported": self.unreported,
             "notes": self.notes,
         }
         return json.dumps(payload, indent=2) + "\n"
@@ -95,3 +115,147 @@ class ConvertReport:
             atomic_write_text(out / f"report{suffix}.csv", self.to_csv()),
             atomic_write_text(out / f"report{suffix}.json", self.to_json()),
         )
+
+
+def report_suffix(index: int, count: int) -> str:
+    """``""`` for an unsharded run, else ``-shard-K-of-N``: shards share one output folder.
+
+    >>> report_suffix(2, 3)
+    '-shard-2-of-3'
+    """
+    return "" if count == 1 else f"-shard-{index}-of-{count}"
+
+
+def now_iso() -> str:
+    """UTC time to the microsecond; merged reports let the later of two rows win by it."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class ShardReport:
+    """One ``report-shard-K-of-N.json`` as read back for merging."""
+
+    name: str
+    index: int
+    count: int
+    finished: str  # ISO time the run wrote it (the file's mtime for reports without one)
+    rows: tuple[StudyResult, ...]
+    notes: tuple[str, ...]
+    settings: dict[str, Any]
+
+
+def read_shard_reports(out: str | Path) -> tuple[list[ShardReport], list[str]]:
+    """Every readable ``report-shard-*-of-*.json`` in ``out``, and a note for each unreadable one."""
+    out = Path(out)
+    reports: list[ShardReport] = []
+    notes: list[str] = []
+    names = {f.name for f in fields(StudyResult)}
+    for path in sorted(out.glob("report-shard-*-of-*.json")):
+        match = _SHARD_REPORT.match(path.name)
+        if match is None:
+            continue
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+            rows = tuple(
+                StudyResult(**{k: v for k, v in row.items() if k in names}) for row in payload["studies"]
+            )
+            settings = dict(payload.get("settings", {}))
+            mtime = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(
+                timespec="microseconds"
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            notes.append(
+                f"shard report {path.name} cannot be read ({' '.join(str(exc).split())[:200]}); ignored"
+            )
+            continue
+        reports.append(
+            ShardReport(
+                name=path.name,
+                index=int(match["index"]),
+                count=int(match["count"]),
+                finished=str(settings.get("finished") or mtime),
+                rows=rows,
+                notes=tuple(payload.get("notes", [])),
+                settings=settings,
+            )
+        )
+    return reports, notes
+
+
+def _rank(row: StudyResult, finished: str) -> tuple[int, int, str]:
+    """A done row beats one that is not; a conversion beats 'already converted'; then the later one."""
+    done = row.status == "converted" or (row.status == "skipped" and row.reason == ALREADY_CONVERTED)
+    return (int(done), int(row.status == "converted"), finished)
+
+
+def merge_reports(
+    reports: Sequence[ShardReport],
+    export_studies: Iterable[tuple[str, str, list[str]]],
+    notes: Sequence[str] = (),
+) -> ConvertReport:
+    """One report of the whole export from the shards' reports.
+
+    ``export_studies`` lists ``(study UID, patient key, owning shards)`` for every study discovery
+    finds now; a study no report holds becomes an ``unreported`` row naming the shards that own it.
+    When several reports hold one study, the row kept is the done one (converted, or skipped as
+    already converted), else the later, and a note says which reports disagreed.
+
+    Example::
+
+        reports, problems = read_shard_reports("synth/")
+        merged = merge_reports(reports, [("1.2.3", "p-ab12", ["2/3"])], problems)
+    """
+    merged_notes = list(notes)
+    seen_notes = set(merged_notes)
+    for report in reports:
+        for note in report.notes:  # every shard discovered the whole export: the same notes, once
+            if note not in seen_notes:
+                seen_notes.add(note)
+                merged_notes.append(note)
+    candidates: dict[str, list[tuple[StudyResult, ShardReport]]] = {}
+    for report in sorted(reports, key=lambda r: (r.finished, r.name)):
+        for row in report.rows:
+            candidates.setdefault(row.study_uid, []).append((row, report))
+    rows: dict[str, StudyResult] = {}
+    for uid, found in candidates.items():
+        best_row, best_report = max(found, key=lambda pair: _rank(pair[0], pair[1].finished))
+        rows[uid] = best_row
+        if len(found) > 1:
+            seen = ", ".join(f"{row.status} in {report.name}" for row, report in found)
+            merged_notes.append(
+                f"study {uid} is in {len(found)} shard reports ({seen}); kept the {best_row.status} row "
+                f"of {best_report.name}"
+            )
+    export_uids: set[str] = set()
+    unreported_shards: set[str] = set()
+    for uid, key, owners in export_studies:
+        export_uids.add(uid)
+        if uid not in rows:
+            unreported_shards.update(owners)
+            reason = f"no shard has reported it yet (owned by shard {', '.join(owners)})" if owners else ""
+            rows[uid] = StudyResult(uid, key, "unreported", reason or "no shard has reported it yet")
+    gone = sorted(set(rows) - export_uids)
+    if gone:
+        merged_notes.append(
+            f"{len(gone)} reported studies are no longer in the export: {', '.join(gone[:10])}"
+        )
+    settings: dict[str, Any] = {
+        "merged_from": [r.name for r in reports],
+        "shards_reported": sorted({f"{r.index}/{r.count}" for r in reports}, key=_shard_order),
+        "shards_unreported": sorted(unreported_shards, key=_shard_order),
+        "finished": now_iso(),
+    }
+    for key in ("target", "format", "medsynth_version"):
+        values = {str(r.settings.get(key)) for r in reports if r.settings.get(key) is not None}
+        if len(values) == 1:
+            settings[key] = values.pop()
+        elif values:
+            merged_notes.append(f"shard reports disagree on {key}: {', '.join(sorted(values))}")
+    return ConvertReport(
+        studies=sorted(rows.values(), key=lambda r: r.study_uid), notes=merged_notes, settings=settings
+    )
+
+
+def _shard_order(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    return (int(count), int(index))

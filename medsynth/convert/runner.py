@@ -3,7 +3,13 @@
 A study is converted by one function call (:func:`convert_study`) that never raises for a problem
 with the data: it returns a :class:`StudyResult` saying ``failed`` and why, so one bad study never
 stops a batch of thousands. The batch (:func:`run_convert`) discovers the export, keeps this shard's
-studies, runs them serially or in a process pool, and writes the report.
+studies, runs them serially or in a process pool, and writes the report; :func:`merge_shard_reports`
+joins the reports of ``--shard K/N`` runs into one.
+
+Workers die with the batch: each asks the kernel for SIGTERM when its parent dies (Linux), and an
+interrupted batch (KeyboardInterrupt, or the CLI's SIGTERM handler) terminates the pool before the
+exception goes on. Temporary outputs of a killed run are removed by the next one
+(:func:`medsynth.io.atomic.remove_stale_partials`).
 """
 
 from __future__ import annotations
@@ -12,12 +18,13 @@ import json
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,25 +35,38 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..engine.checkpoint import file_digest
-from ..errors import ConfigError, MedsynthError
-from ..io.atomic import atomic_write_text
+from ..errors import ConfigError, DataError, MedsynthError
+from ..io.atomic import atomic_write_text, partial_name, remove_stale_partials
 from ..io.dicom import write_dicom_series
 from ..io.geometry import align_subject, grid_mismatch
 from ..io.readers import read_volume
 from ..io.volume import Volume
 from ..io.writers import write_volume
 from ..modalities import DISPLAY_NAMES, canonical_modality
+from ..model.checkpoint import file_digest, resolve_checkpoint
 from .classify import SeriesMapping
 from .discovery import SeriesRecord, discover
 from .naming import patient_key, study_folder
 from .plan import Plan, plan_study
-from .report import ConvertReport, StudyResult
+from .report import (
+    ALREADY_CONVERTED,
+    FORMATS,
+    ConvertReport,
+    StudyResult,
+    merge_reports,
+    now_iso,
+    read_shard_reports,
+    report_suffix,
+)
 from .shard import Shard
 
 log = logging.getLogger("medsynth")
 
-FORMATS: tuple[str, ...] = ("nifti", "dicom", "both")
+__all__ = ["FORMATS", "NoStudiesError", "merge_shard_reports", "run_convert", "worker_devices"]
+
+
+class NoStudiesError(DataError):
+    """The input folder holds no DICOM study at all (empty, wrong folder, or not DICOM)."""
 
 
 class PredictorLike(Protocol):
@@ -86,7 +106,7 @@ def convert_study(
         result.reason = plan.problem
         return result
     if not overwrite and _already_done(sidecar, fmt):
-        result.reason = "already converted (use --overwrite to redo)"
+        result.reason = ALREADY_CONVERTED
         return result
     try:
         reference_modality = next(iter(plan.inputs))
@@ -184,11 +204,13 @@ def _write_outputs(
 def _write_derived_series(synthetic: Volume, source: SeriesRecord, folder: Path, target: str) -> Path:
     """Write the derived series next to the NIfTI; replace an older one only once the new one is complete.
 
-    The writer builds the series in a hidden folder and renames it into place; here the old series (on
-    ``--overwrite``) is swapped out afterwards, so a killed run never leaves half a series behind.
+    The series is built inside a hidden staging folder named by :func:`~medsynth.io.atomic.partial_name`
+    and renamed into place; the old series (on ``--overwrite``) is swapped out afterwards, so a killed
+    run never leaves half a series where a reader looks, and the next run removes the staging folder.
     """
     final = folder / f"dicom_{target}"
-    fresh = folder / f".dicom_{target}-{uuid.uuid4().hex}"
+    staging = folder / partial_name(final.name, keep_suffixes=False)
+    fresh = staging / final.name
     references = [pydicom.dcmread(path, stop_before_pixels=True) for path in source.files[:1]]
     write_dicom_series(
         synthetic,
@@ -200,11 +222,11 @@ def _write_derived_series(synthetic: Volume, source: SeriesRecord, folder: Path,
         derived=True,
         derivation_description=f"{DISPLAY_NAMES[target]} synthesised by medsynth {__version__} from series {source.series_uid}",
     )
-    old = folder / f".dicom_{target}-old-{uuid.uuid4().hex}"
+    old = staging / "old"
     if final.exists():
         os.replace(final, old)
     os.replace(fresh, final)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
@@ -212,12 +234,35 @@ def _write_derived_series(synthetic: Volume, source: SeriesRecord, folder: Path,
 
 _worker_predictor: PredictorLike | None = None
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
-def _init_worker(predictor: PredictorLike | str, threads: int) -> None:
-    """Pool initializer: bound torch's threads and load the model once per worker process."""
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGTERM this worker when the batch process dies, however it dies (Linux).
+
+    Without it a killed ``convert`` leaves its workers (and through them multiprocessing's resource
+    tracker) waiting forever on a queue nobody writes to.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with suppress(OSError, AttributeError):  # no prctl in this libc: the parent's cleanup remains
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _init_worker(predictor: PredictorLike | str, threads: int, devices: Any, parent_pid: int) -> None:
+    """Pool initializer: die with the parent, bound torch's threads, load the model on this worker's device.
+
+    ``devices`` is a queue holding one device name per worker (:func:`worker_devices`); each worker
+    takes one. Ctrl-C is left to the parent, which stops the whole pool.
+    """
     global _worker_predictor
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
-    _worker_predictor = _load_predictor(predictor)
+    _worker_predictor = _load_predictor(predictor, devices.get())
 
 
 def _run_in_worker(plan: Plan, out: Path, options: dict[str, Any]) -> StudyResult:
@@ -225,11 +270,13 @@ def _run_in_worker(plan: Plan, out: Path, options: dict[str, Any]) -> StudyResul
     return convert_study(plan, _worker_predictor, out, **options)
 
 
-def _load_predictor(checkpoint_or_predictor: PredictorLike | str | Path) -> PredictorLike:
+def _load_predictor(
+    checkpoint_or_predictor: PredictorLike | str | Path, device: str = "cpu"
+) -> PredictorLike:
     if isinstance(checkpoint_or_predictor, (str, Path)):
-        from ..inference.predictor import Predictor  # the model stack is only needed to convert
+        from ..model.synthesis import SynthesisModel  # the model stack is only needed to convert
 
-        return Predictor.from_checkpoint(checkpoint_or_predictor, device="cpu")
+        return SynthesisModel.from_checkpoint(checkpoint_or_predictor, device=device)
     return checkpoint_or_predictor
 
 
@@ -237,9 +284,7 @@ def _checkpoint_id(checkpoint_or_predictor: PredictorLike | str | Path) -> str:
     """``name sha256:…`` of a checkpoint file, recorded in every sidecar for provenance."""
     if not isinstance(checkpoint_or_predictor, (str, Path)):
         return type(checkpoint_or_predictor).__name__
-    path = Path(checkpoint_or_predictor)
-    if path.is_dir():  # a run folder means its best checkpoint, as for Predictor.from_checkpoint
-        path = path / "checkpoint_best.pt"
+    path = resolve_checkpoint(checkpoint_or_predictor)
     return f"{path.name} sha256:{file_digest(path)}"
 
 
@@ -271,6 +316,36 @@ def worker_threads(workers: int, cpus: int | None = None) -> int:
     return max(1, cpus // max(1, workers))
 
 
+def worker_devices(workers: int, device: str = "auto", n_gpus: int = 0) -> list[str]:
+    """The device each worker loads the model on: worker ``i`` on GPU ``i % n_gpus``.
+
+    ``auto`` and ``cuda`` spread the workers over the node's GPUs; ``auto`` without a GPU, and
+    ``cpu``, keep every worker on the CPU; a named device (``cuda:1``) pins them all to it.
+
+    >>> worker_devices(3, "auto", n_gpus=2)
+    ['cuda:0', 'cuda:1', 'cuda:0']
+    >>> worker_devices(2, "auto", n_gpus=0)
+    ['cpu', 'cpu']
+    >>> worker_devices(2, "cuda:1", n_gpus=4)
+    ['cuda:1', 'cuda:1']
+    """
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if device in ("auto", "cuda"):
+        if n_gpus > 0:
+            return [f"cuda:{i % n_gpus}" for i in range(workers)]
+        if device == "cuda":
+            raise MedsynthError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+        return ["cpu"] * workers
+    return [device] * workers
+
+
+def _gpu_count(device: str) -> int:
+    if device == "cpu" or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.device_count()
+
+
 def run_convert(
     input: str | Path,
     checkpoint_or_predictor: PredictorLike | str | Path,
@@ -283,6 +358,7 @@ def run_convert(
     overwrite: bool = False,
     dry_run: bool = False,
     target: str | None = None,
+    device: str = "auto",
 ) -> ConvertReport:
     """Convert every study of a DICOM export and write ``report.csv``/``report.json`` into ``out``.
 
@@ -291,8 +367,13 @@ def run_convert(
         report = run_convert("export/", "run/checkpoint_best.pt", "synth/", fmt="both", workers=4)
         print(report.summary())
 
-    ``target`` is needed only for unified checkpoints. With ``dry_run`` nothing is read beyond DICOM
-    headers and nothing is written; the report's rows say ``planned`` or ``skipped``.
+    ``target`` is needed only for unified checkpoints. ``device`` is where a checkpoint is loaded:
+    with several workers on a node with several GPUs, worker ``i`` uses GPU ``i % n_gpus``
+    (:func:`worker_devices`). With ``dry_run`` nothing is read beyond DICOM headers and nothing is
+    written; the report's rows say ``planned`` or ``skipped``. Problems found before any study is
+    converted raise :class:`~medsynth.errors.MedsynthError` (:class:`NoStudiesError` for an input
+    without DICOM). If the batch is interrupted, the report of the studies finished so far is written
+    (``settings.interrupted``) before the exception goes on.
     """
     input, out = Path(input), Path(out)
     if fmt not in FORMATS:
@@ -303,10 +384,16 @@ def run_convert(
         mapping = SeriesMapping.from_yaml(mapping)
     shard = Shard.parse(shard) if isinstance(shard, str) else shard or Shard()
     _refuse_output_inside_input(input, out)
-    predictor = _load_predictor(checkpoint_or_predictor)
+    _prepare_output(out, create=not dry_run)
+    from_checkpoint = isinstance(checkpoint_or_predictor, (str, Path))
+    devices = worker_devices(workers, device, _gpu_count(device)) if from_checkpoint else ["cpu"] * workers
+    # With a pool the workers hold the models; the parent's copy only answers what the model needs.
+    predictor = _load_predictor(checkpoint_or_predictor, devices[0] if workers == 1 else "cpu")
     target, fixed = _resolve_target(predictor, target)
 
     export = discover(input, mapping)
+    if not export.studies:
+        raise NoStudiesError(_no_studies_message(export), input)
     studies = [s for s in export.studies if shard.contains(s.study_uid)]
     plans = [plan_study(s, tuple(predictor.required_modalities), target, fixed) for s in studies]
     report = ConvertReport(
@@ -317,6 +404,7 @@ def run_convert(
             "shard": str(shard),
             "studies_in_other_shards": len(export.studies) - len(studies),
             "workers": workers,
+            "devices": devices if from_checkpoint else None,
             "medsynth_version": __version__,
         },
         plans=plans,
@@ -325,21 +413,83 @@ def run_convert(
         report.studies = [_dry_run_row(p, out, target, fmt, overwrite) for p in plans]
         return report
 
+    removed = remove_stale_partials(out)
+    for study in studies:  # only this shard's folders: other shards may be writing theirs right now
+        removed += remove_stale_partials(study_folder(out, study.patient_id, study.study_uid))
+    if removed:
+        log.info("removed %d temporary outputs a killed run left behind", len(removed))
     options = {
         "target": target,
         "fmt": fmt,
         "overwrite": overwrite,
         "checkpoint_id": _checkpoint_id(checkpoint_or_predictor),
     }
-    report.studies = _run_plans(plans, checkpoint_or_predictor, predictor, out, options, workers)
-    report.studies.sort(key=lambda r: r.study_uid)
-    report.write(out, suffix=_report_suffix(shard))
+    suffix = report_suffix(shard.index, shard.count)
+    try:
+        _run_plans(plans, checkpoint_or_predictor, predictor, out, options, devices, report.studies)
+    except BaseException:
+        report.settings["interrupted"] = True
+        _finish(report, out, suffix)
+        raise
+    _finish(report, out, suffix)
     return report
 
 
-def _report_suffix(shard: Shard) -> str:
-    """Shards share one output folder, so each writes its own report."""
-    return "" if shard.count == 1 else f"-shard-{shard.index}-of-{shard.count}"
+def _finish(report: ConvertReport, out: Path, suffix: str) -> None:
+    report.studies.sort(key=lambda r: r.study_uid)
+    report.settings["finished"] = now_iso()
+    report.write(out, suffix=suffix)
+
+
+def merge_shard_reports(input: str | Path, out: str | Path) -> ConvertReport:
+    """Join the ``report-shard-K-of-N.*`` files in ``out`` into ``report.csv``/``report.json``.
+
+    The export is discovered again (headers only) so that the merged report has one row per study
+    of the export: a study no shard has reported yet is an ``unreported`` row naming its shard.
+
+    Example::
+
+        merged = merge_shard_reports("export/", "synth/")
+        print(merged.summary(), merged.unreported)
+    """
+    input, out = Path(input), Path(out)
+    if not input.is_dir():
+        raise MedsynthError("input folder not found; pass the root of the DICOM export", input)
+    if not out.is_dir():
+        raise MedsynthError("output folder not found; pass the --out of the shard runs", out)
+    reports, notes = read_shard_reports(out)
+    if not reports:
+        raise MedsynthError(
+            "no readable shard reports (report-shard-K-of-N.json) here; run convert --shard K/N first", out
+        )
+    export = discover(input)
+    counts = sorted({r.count for r in reports})
+    studies = [
+        (s.study_uid, patient_key(s.patient_id), [str(Shard.owner(s.study_uid, n)) for n in counts])
+        for s in export.studies
+    ]
+    merged = merge_reports(reports, studies, notes)
+    merged.write(out)
+    return merged
+
+
+def _no_studies_message(export: Any) -> str:
+    """One line: nothing to convert here, and the first thing discovery set aside, if anything."""
+    message = "no DICOM study found in this folder; pass the root of a DICOM export"
+    if export.notes:
+        message += f" ({len(export.notes)} notes, first: {export.notes[0]})"
+    return message
+
+
+def _prepare_output(out: Path, *, create: bool) -> None:
+    """Fail before anything is read or synthesised when ``--out`` cannot be the output folder."""
+    if out.exists() and not out.is_dir():
+        raise MedsynthError("--out is an existing file, not a folder; choose a folder", out)
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MedsynthError(f"cannot create the output folder ({exc.strerror})", out) from exc
 
 
 def _dry_run_row(plan: Plan, out: Path, target: str, fmt: str, overwrite: bool) -> StudyResult:
@@ -349,7 +499,7 @@ def _dry_run_row(plan: Plan, out: Path, target: str, fmt: str, overwrite: bool) 
     if plan.problem:
         row.status, row.reason = "skipped", plan.problem
     elif not overwrite and _already_done(sidecar, fmt):
-        row.status, row.reason = "skipped", "already converted (use --overwrite to redo)"
+        row.status, row.reason = "skipped", ALREADY_CONVERTED
     return row
 
 
@@ -359,32 +509,64 @@ def _run_plans(
     predictor: PredictorLike,
     out: Path,
     options: dict[str, Any],
-    workers: int,
-) -> list[StudyResult]:
+    devices: list[str],
+    results: list[StudyResult],
+) -> None:
+    """Convert the plans, appending to ``results`` as studies finish (kept if interrupted)."""
+    workers = len(devices)
     progress = tqdm(total=len(plans), desc="studies", unit="study", disable=None)
-    results: list[StudyResult] = []
     try:
         if workers == 1 or len(plans) <= 1:
+            if workers > 1 and isinstance(checkpoint_or_predictor, (str, Path)) and devices[0] != "cpu":
+                predictor = _load_predictor(
+                    checkpoint_or_predictor, devices[0]
+                )  # the parent's copy is on CPU
             for plan in plans:
                 results.append(convert_study(plan, predictor, out, **options))
                 progress.update()
-            return results
+            return
         # Workers load the checkpoint themselves (a path pickles cheaply); an object is sent as is.
         shipped = checkpoint_or_predictor if isinstance(checkpoint_or_predictor, (str, Path)) else predictor
         context = get_context("spawn")  # fork after torch has started threads can deadlock
-        with ProcessPoolExecutor(
+        slots = context.SimpleQueue()
+        for device in devices:
+            slots.put(device)
+        pool = ProcessPoolExecutor(
             max_workers=workers,
             mp_context=context,
             initializer=_init_worker,
-            initargs=(shipped, worker_threads(workers)),
-        ) as pool:
+            initargs=(shipped, worker_threads(workers), slots, os.getpid()),
+        )
+        try:
             futures = {pool.submit(_run_in_worker, plan, out, options): plan for plan in plans}
             for future in as_completed(futures):
                 results.append(_result_or_failure(future, futures[future]))
                 progress.update()
-        return results
+        except BaseException:
+            _stop_pool(pool)
+            raise
+        pool.shutdown()
+        slots.close()
     finally:
         progress.close()
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and terminate the workers now: an interrupted batch leaves no process.
+
+    ``shutdown(wait=True)``, what leaving a ``with`` block does, would first finish every running
+    study; on SIGTERM from a scheduler that is time the job does not have.
+    """
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # before shutdown forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + 5.0
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(1.0)
 
 
 def _result_or_failure(future: Any, plan: Plan) -> StudyResult:

@@ -40,8 +40,19 @@ class Shard:
 
     def contains(self, study_uid: str) -> bool:
         """True when this shard owns the study."""
+        return self.owner(study_uid, self.count).index == self.index
+
+    @classmethod
+    def owner(cls, study_uid: str, count: int) -> Shard:
+        """The one shard of ``count`` that owns a study: the shards of one count partition the export.
+
+        >>> [Shard.owner("1.2.3", 4).contains("1.2.3"), Shard.owner("1.2.3", 1)]
+        [True, Shard(index=1, count=1)]
+        """
+        if count < 1:
+            raise MedsynthError(f"a shard count must be at least 1, got {count}")
         digest = int.from_bytes(hashlib.sha256(study_uid.encode("utf-8")).digest()[:8], "big")
-        return digest % self.count == self.index - 1
+        return cls(digest % count + 1, count)
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
