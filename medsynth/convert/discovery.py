@@ -2,8 +2,9 @@
 
 The file walk and header parsing are :func:`medsynth.io.dicom.list_dicom_series`'s job; this module
 regroups its series by StudyInstanceUID, gives each series a modality (:mod:`.classify`) and says up
-front why a series cannot be used (non-image object, single slice, multi-frame object, irregular
-slices), so a dry run over thousands of files explains every study without touching a pixel.
+front why a series cannot be used (non-image object, single slice, multi-frame object without
+per-frame geometry, irregular slices or frames; enhanced and legacy-converted multi-frame files are read
+frame by frame, each stack as its own series), so a dry run over thousands of files explains every study without touching a pixel.
 """
 
 from __future__ import annotations
@@ -17,15 +18,8 @@ import pydicom.uid
 from ..io.dicom import DicomSeriesInfo, list_dicom_series
 from .classify import SeriesMapping, classify_series
 
-#: Enhanced (multi-frame) image storage classes keep per-frame geometry in functional groups, which the
-#: SimpleITK reader flattens to a unit grid; refusing them is better than a silently wrong geometry.
-_ENHANCED_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR",
-    "1.2.840.10008.5.1.4.1.1.4.3": "Enhanced MR Color",
-    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT",
-    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR",
-    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT",
-}
+#: Multi-frame classes whose frames are colour: read per frame, but not a contrast medsynth translates.
+_COLOUR_MULTIFRAME = {"1.2.840.10008.5.1.4.1.1.4.3": "Enhanced MR Color"}
 
 
 @dataclass(frozen=True)
@@ -61,9 +55,13 @@ class SeriesRecord:
 
     @classmethod
     def from_info(cls, info: DicomSeriesInfo) -> SeriesRecord:
-        """Adapter from the I/O layer's header summary."""
+        """Adapter from the I/O layer's header summary.
+
+        ``series_uid`` is what the reader takes: the UID, or ``UID#stack`` for one stack of a multi-frame
+        file that holds several.
+        """
         return cls(
-            series_uid=info.series_uid,
+            series_uid=info.selector,
             study_uid=info.study_uid,
             patient_id=info.patient_id,
             description=info.series_description,
@@ -109,16 +107,13 @@ def _unsupported(info: DicomSeriesInfo) -> str | None:
         if kind.endswith("Image Storage"):
             return f"no pixel matrix (Rows/Columns missing) in {kind} objects"
         return f"non-image object ({kind})"
-    if info.sop_class_uid in _ENHANCED_CLASSES:
-        return (
-            f"multi-frame {_ENHANCED_CLASSES[info.sop_class_uid]} object; per-frame geometry is not read, "
-            "export the series as classic single-frame images"
-        )
-    if info.number_of_frames > 1:
-        return f"multi-frame object ({info.number_of_frames} frames of {_sop_class_name(info.sop_class_uid)})"
+    if info.sop_class_uid in _COLOUR_MULTIFRAME:
+        return f"multi-frame {_COLOUR_MULTIFRAME[info.sop_class_uid]} object (colour frames)"
     if info.geometry_problem:
         return info.geometry_problem
-    if len(info.files) < 2:
+    if info.number_of_frames > 1 and not info.is_multiframe:
+        return f"multi-frame object ({info.number_of_frames} frames of {_sop_class_name(info.sop_class_uid)})"
+    if info.n_slices < 2:
         return "a single slice, not a 3D volume"
     return None
 

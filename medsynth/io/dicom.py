@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -50,7 +50,8 @@ _DISCOVERY_TAGS = [
     "SeriesNumber", "Modality", "ImageType", "Rows", "Columns", "NumberOfFrames", "InstanceNumber",
     "ImagePositionPatient", "ImageOrientationPatient", "ProtocolName", "SequenceName", "ScanningSequence",
     "SequenceVariant", "EchoTime", "RepetitionTime", "InversionTime", "ContrastBolusAgent", "PatientID",
-    "StudyDate",
+    "StudyDate", "PixelSpacing", "SliceThickness", "RescaleSlope", "RescaleIntercept",
+    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "DimensionIndexSequence",
 ]  # fmt: skip
 
 _STORAGE_CLASSES = {"MR": MRImageStorage, "CT": CTImageStorage}
@@ -94,14 +95,31 @@ class DicomSeriesInfo:
     study_date: str
     transfer_syntax_uid: str
     number_of_frames: int
+    frames: tuple[int, ...] = ()
+    stack: str = ""
 
     @property
     def n_files(self) -> int:
         return len(self.files)
 
+    @property
+    def is_multiframe(self) -> bool:
+        """One multi-frame (enhanced or legacy-converted) file whose ``frames`` are the slices."""
+        return bool(self.frames)
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.frames) if self.frames else self.n_files
+
+    @property
+    def selector(self) -> str:
+        """What ``read_volume(series_uid=...)`` takes: the UID, plus ``#stack`` when a file holds several."""
+        return f"{self.series_uid}#{self.stack}" if self.stack else self.series_uid
+
     def describe(self) -> str:
-        """One line for messages: UID, description and file count."""
-        return f"{self.series_uid} ({self.series_description or 'no description'}, {self.n_files} files)"
+        """One line for messages: UID (and stack), description and file or frame count."""
+        count = f"{len(self.frames)} frames" if self.frames else f"{self.n_files} files"
+        return f"{self.selector} ({self.series_description or 'no description'}, {count})"
 
 
 class DicomSeriesList(list[DicomSeriesInfo]):
@@ -203,10 +221,17 @@ def list_dicom_series(folder: str | Path, recursive: bool = False) -> DicomSerie
             continue
         seen_instances.add(instance_uid)
         groups.setdefault(str(header.dataset.SeriesInstanceUID), []).append(header)
-    series = [_summarise(uid, headers) for uid, headers in groups.items()]
+    series = []
+    for uid, headers in groups.items():
+        if len(headers) == 1 and int(headers[0].dataset.get("NumberOfFrames") or 1) > 1:
+            series += _summarise_multiframe(uid, headers[0])
+        else:
+            series.append(_summarise(uid, headers))
     series.sort(
-        key=lambda s: (s.study_uid, s.series_number if s.series_number is not None else -1, s.series_uid)
-    )
+        key=lambda s: (
+            s.study_uid, s.series_number if s.series_number is not None else -1, s.series_uid, s.stack
+        )
+    )  # fmt: skip
     return DicomSeriesList(series, unreadable)
 
 
@@ -262,13 +287,25 @@ def _geometry_problem(headers: list[_FileHeader], positions: tuple[float, ...], 
         )
     if not positions:
         return "slices lack ImagePositionPatient/ImageOrientationPatient, so they cannot be stacked"
-    reference = headers[0].orientation
-    if any(h.orientation is None or not np.allclose(h.orientation, reference, atol=1e-4) for h in headers):
-        return "slices have different orientations (a localizer or a multi-plane series)"
+    return _grid_problem([h.orientation for h in headers], positions, "slices")
+
+
+def _grid_problem(
+    orientations: Sequence[np.ndarray | None], positions: Sequence[float], what: str
+) -> str | None:
+    """Why slices (or frames) at ``positions`` along the normal do not form one regular grid, or None.
+
+    The one rule for classic series and multi-frame stacks alike.
+    """
+    reference = orientations[0]
+    if reference is None or any(o is None or not np.allclose(o, reference, atol=1e-4) for o in orientations):
+        return f"{what} have different orientations (a localizer or a multi-plane series)"
+    if len(positions) < 2:
+        return None
     gaps = np.diff(positions)
     if np.any(gaps < 1e-3):
         repeats = int(np.sum(gaps < 1e-3))
-        return f"{repeats} slices repeat a position (several echoes or time points in one series)"
+        return f"{repeats} {what} repeat a position (several echoes or time points in one series)"
     median = float(np.median(gaps))
     if np.max(np.abs(gaps - median)) > 0.01 * median + 1e-3:
         return f"uneven slice spacing ({gaps.min():.4g} to {gaps.max():.4g} mm; missing slices?)"
@@ -283,8 +320,188 @@ def _strings(value: Any) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
+def _first_float(*values: Any) -> float | None:
+    return next((float(v) for v in values if v is not None and v != ""), None)
+
+
 def _optional_float(value: Any) -> float | None:
     return None if value is None or value == "" else float(value)
+
+
+# --- multi-frame (enhanced and legacy-converted enhanced) objects --------------------------------------
+
+#: Dimension index pointers that number frames *within* a stack; the other dimensions (echo, time, ...)
+#: split a file into several stacks.
+_IN_STACK_POINTERS = frozenset({0x00200032, 0x00209057, 0x00209056})
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """Where one frame of a multi-frame file lies and how its stored values map to real ones.
+
+    Per-frame functional groups win over shared ones, which win over top-level attributes.
+    """
+
+    index: int
+    position: np.ndarray | None
+    orientation: np.ndarray | None
+    pixel_spacing: tuple[float, float] | None
+    slope: float
+    intercept: float
+    stack_id: str
+    dimension_values: tuple[int, ...]
+
+
+def _group_item(ds: Dataset, per_frame: Dataset | None, sequence: str) -> Dataset | None:
+    for groups in (per_frame, _first(ds.get("SharedFunctionalGroupsSequence"))):
+        item = _first(groups.get(sequence)) if groups is not None else None
+        if item is not None:
+            return item
+    return None
+
+
+def _first(sequence: Any) -> Dataset | None:
+    return sequence[0] if sequence else None
+
+
+def frame_geometry(ds: Dataset) -> list[FrameGeometry]:
+    """The geometry of every frame of a multi-frame dataset, in file order."""
+    count = int(ds.get("NumberOfFrames") or 1)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    frames = []
+    for index in range(count):
+        groups = per_frame[index] if index < len(per_frame) else None
+        position = _group_item(ds, groups, "PlanePositionSequence")
+        orientation = _group_item(ds, groups, "PlaneOrientationSequence")
+        measures = _group_item(ds, groups, "PixelMeasuresSequence")
+        rescale = _group_item(ds, groups, "PixelValueTransformationSequence") or ds
+        content = _group_item(ds, groups, "FrameContentSequence") or Dataset()
+        spacing = _floats((measures or ds).get("PixelSpacing"), 2)
+        slope = rescale.get("RescaleSlope")
+        intercept = rescale.get("RescaleIntercept")
+        values = content.get("DimensionIndexValues")
+        values = () if values is None else (values,) if isinstance(values, int) else tuple(values)
+        frames.append(
+            FrameGeometry(
+                index=index,
+                position=_floats((position or Dataset()).get("ImagePositionPatient"), 3),
+                orientation=_floats((orientation or Dataset()).get("ImageOrientationPatient"), 6),
+                pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
+                slope=1.0 if slope in (None, "") else float(slope),
+                intercept=0.0 if intercept in (None, "") else float(intercept),
+                stack_id=str(content.get("StackID", "")),
+                dimension_values=tuple(int(v) for v in values),
+            )
+        )
+    return frames
+
+
+def _stack_keys(ds: Dataset, frames: list[FrameGeometry]) -> tuple[list[tuple[Any, ...]], str]:
+    """A stack key per frame and what tells the stacks apart (stack ID, orientation or dimension)."""
+    if len({f.stack_id for f in frames}) > 1:
+        return [(f.stack_id,) for f in frames], "StackID"
+    orientations = [None if f.orientation is None else tuple(np.round(f.orientation, 3)) for f in frames]
+    if len(set(orientations)) > 1:
+        return [(o,) for o in orientations], "orientation"
+    pointers = [int(item.get("DimensionIndexPointer", 0)) for item in ds.get("DimensionIndexSequence") or []]
+    keep = [n for n, pointer in enumerate(pointers) if pointer not in _IN_STACK_POINTERS]
+    if keep and all(len(f.dimension_values) == len(pointers) for f in frames):
+        keys = [tuple(f.dimension_values[n] for n in keep) for f in frames]
+        if len(set(keys)) > 1:
+            return keys, "DimensionIndexValues"
+    return [() for _ in frames], ""
+
+
+def _summarise_multiframe(series_uid: str, header: _FileHeader) -> list[DicomSeriesInfo]:
+    """One entry per stack of a multi-frame file, frames sorted along the slice normal.
+
+    A file that holds several stacks (orientations, echoes, time points) lists each as its own entry
+    (``stack`` = ``1``, ``2``, ...), to be picked like a series; nothing is chosen for the user.
+    """
+    base = _summarise(series_uid, [header])
+    ds = header.dataset
+    if not base.is_image:
+        return [base]
+    # Enhanced objects keep timing in functional groups, legacy-converted ones in "unassigned" attributes.
+    shared = _first(ds.get("SharedFunctionalGroupsSequence")) or Dataset()
+    converted = _first(shared.get("UnassignedSharedConvertedAttributesSequence")) or Dataset()
+    timing = _first(shared.get("MRTimingAndRelatedParametersSequence")) or Dataset()
+    echo = _first(shared.get("MREchoSequence")) or Dataset()
+    base = replace(
+        base,
+        echo_time=_first_float(base.echo_time, converted.get("EchoTime"), echo.get("EffectiveEchoTime")),
+        repetition_time=_first_float(
+            base.repetition_time, converted.get("RepetitionTime"), timing.get("RepetitionTime")
+        ),
+        inversion_time=_first_float(base.inversion_time, converted.get("InversionTime")),
+        protocol_name=base.protocol_name or str(converted.get("ProtocolName", "")),
+        sequence_name=base.sequence_name or str(converted.get("SequenceName", "")),
+    )
+    frames = frame_geometry(ds)
+    if any(f.position is None or f.orientation is None for f in frames):
+        kind = pydicom.uid.UID(base.sop_class_uid).name.removesuffix(" Storage") or "DICOM"
+        problem = (
+            f"multi-frame {kind} object ({base.number_of_frames} frames) without per-frame position and "
+            "orientation (no Plane Position/Orientation functional groups), so the frames cannot be stacked"
+        )
+        return [replace(base, frames=tuple(f.index for f in frames), geometry_problem=problem)]
+    keys, split_by = _stack_keys(ds, frames)
+    stacks: dict[tuple[Any, ...], list[FrameGeometry]] = {}
+    for key, frame in zip(keys, frames, strict=True):
+        stacks.setdefault(key, []).append(frame)
+    infos = []
+    for number, members in enumerate(stacks.values(), start=1):
+        normal = np.cross(members[0].orientation[:3], members[0].orientation[3:])
+        members = sorted(members, key=lambda f: (float(f.position @ normal), f.index))
+        positions = tuple(float(f.position @ normal) for f in members)
+        problem = _grid_problem([f.orientation for f in members], positions, "frames")
+        spacings = {f.pixel_spacing for f in members}
+        if problem is None and (None in spacings or len(spacings) > 1):
+            problem = "frames lack PixelSpacing or have different ones, so they cannot be stacked"
+        if problem is None and len(members) < 2:
+            problem = "a single frame, not a 3D volume"
+        infos.append(
+            replace(
+                base,
+                frames=tuple(f.index for f in members),
+                slice_positions=positions,
+                geometry_problem=problem,
+                stack=f"{number}" if len(stacks) > 1 else "",
+                series_description=(
+                    f"{base.series_description} [stack {number} of {len(stacks)} by {split_by}]"
+                    if len(stacks) > 1
+                    else base.series_description
+                ),
+            )
+        )
+    return infos
+
+
+def read_multiframe(info: DicomSeriesInfo) -> tuple[np.ndarray, tuple[float, ...], np.ndarray, np.ndarray]:
+    """Real-valued voxels ``[i, j, k]`` of one multi-frame stack and its ITK-style LPS geometry.
+
+    Returns ``(array, spacing, origin, direction)`` with ``direction`` row-major 3x3 (columns: the
+    row, column and normal directions), the convention of SimpleITK's series reader, so the caller
+    builds the affine with the same function as for classic series. Frames are sorted along the normal
+    and rescaled with their own slope and intercept.
+    """
+    ds = pydicom.dcmread(info.files[0])
+    frames = frame_geometry(ds)
+    chosen = [frames[n] for n in info.frames]
+    pixels = ds.pixel_array
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    stored = pixels[list(info.frames)].astype(np.float64)  # (k, rows, columns)
+    slopes = np.array([f.slope for f in chosen])[:, None, None]
+    intercepts = np.array([f.intercept for f in chosen])[:, None, None]
+    array = (stored * slopes + intercepts).transpose(2, 1, 0)
+    row, column = chosen[0].orientation[:3], chosen[0].orientation[3:]
+    normal = np.cross(row, column)
+    positions = info.slice_positions
+    between_rows, between_columns = chosen[0].pixel_spacing
+    spacing = (between_columns, between_rows, (positions[-1] - positions[0]) / (len(positions) - 1))
+    direction = np.column_stack([row, column, normal / np.linalg.norm(normal)])
+    return array, spacing, chosen[0].position, direction.flatten()
 
 
 # --- writing -------------------------------------------------------------------------------------------

@@ -13,23 +13,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 
 from ..errors import GeometryError
 from .volume import LPS_TO_RAS, Subject, Volume
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 log = logging.getLogger("medsynth")
 
 #: Below this fraction of the reference's field of view, two images are not the same anatomy.
 MIN_OVERLAP = 0.5
 
-_INTERPOLATORS = {
-    "linear": sitk.sitkLinear,
-    "nearest": sitk.sitkNearestNeighbor,
-    "bspline": sitk.sitkBSpline,
-}
+#: Interpolation names and SimpleITK's constants for them (SimpleITK is imported only to resample).
+_INTERPOLATORS = {"linear": "sitkLinear", "nearest": "sitkNearestNeighbor", "bspline": "sitkBSpline"}
 
 
 def affine_from_itk(
@@ -49,6 +49,8 @@ def affine_from_itk(
 
 def volume_to_sitk(volume: Volume) -> sitk.Image:
     """A float32 SimpleITK image with the volume's voxels and exact LPS geometry."""
+    import SimpleITK as sitk
+
     image = sitk.GetImageFromArray(np.ascontiguousarray(volume.array.transpose(2, 1, 0)))
     spacing, origin, direction = volume.itk_geometry()
     image.SetSpacing(spacing)
@@ -113,11 +115,13 @@ def resample_to(volume: Volume, reference: Volume, interpolation: str = "linear"
         raise ValueError(
             f"unknown interpolation {interpolation!r}; choose one of {', '.join(_INTERPOLATORS)}"
         )
+    import SimpleITK as sitk
+
     resampled = sitk.Resample(
         volume_to_sitk(volume),
         volume_to_sitk(reference),
         sitk.Transform(),
-        _INTERPOLATORS[interpolation],
+        getattr(sitk, _INTERPOLATORS[interpolation]),
         float(volume.array.min()),
         sitk.sitkFloat32,
     )
