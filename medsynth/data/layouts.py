@@ -8,8 +8,8 @@ conversion first (``LAYOUTS`` lists them with an example file each):
 * ``ixi``: ``IXI002-Guys-0828-T1.nii.gz`` / ``-T2`` / ``-PD`` side by side (MRA and DTI are skipped);
 * ``brats``: ``BraTS-GLI-00000-000/BraTS-GLI-00000-000-t1n.nii.gz`` (2023) or
   ``BraTS2021_00000/BraTS2021_00000_t1.nii.gz`` (2021), segmentations skipped;
-* ``dicom``: one folder per subject holding one DICOM series per contrast, the contrast read from the
-  series description (:func:`series_modality`);
+* ``dicom``: one folder per subject holding one DICOM series per contrast, the contrast decided by the
+  rule set ``medsynth convert`` uses (:mod:`medsynth.io.series_modality`);
 * ``manifest``: a CSV ``subject,modality,path[,series_uid]`` for anything else.
 
 Scanning only walks folders (and reads DICOM headers); pixels are read later by :func:`load_subject`, so
@@ -31,6 +31,7 @@ from ..errors import DataError, MedsynthError
 from ..io.dicom import list_dicom_series
 from ..io.geometry import align_subject
 from ..io.readers import read_volume
+from ..io.series_modality import classify_info, classify_tags
 from ..io.volume import Subject
 from ..modalities import MODALITIES, canonical_modality, is_modality
 
@@ -230,39 +231,20 @@ def _scan_brats(root: Path) -> list[_Found]:
 
 # -------------------------------------------------------------------------------------------- DICOM
 
-_SKIP_SERIES = {"localizer", "localiser", "scout", "survey", "loc", "calibration", "mip"}
-_CONTRAST_WORDS = {"gd", "gad", "post", "ce", "c", "contrast", "t1c", "t1ce", "t1gd"}
-_SERIES_WORDS: dict[str, set[str]] = {
-    "t1": {"t1", "t1w", "mprage", "spgr", "bravo", "tfl", "t1c", "t1ce", "t1gd"},
-    "t2": {"t2", "t2w"},
-    "pd": {"pd", "pdw"},
-    "flair": {"flair", "t2f", "tirm"},
-}
-
 
 def series_modality(description: str, dicom_modality: str = "MR", contrast_agent: str = "") -> str | None:
     """The contrast of a DICOM series from its description, or None when it is not clear.
 
-    A keyword rule, deliberately small: scanner exports name series by hand, so a description that
-    matches no keyword or several (a dual-echo ``PD_T2``) is left out with a note rather than guessed.
-    A T1 is ``t1c`` when its description says so or the series records a ``contrast_agent``.
+    A thin wrapper over the rule set ``medsynth convert`` uses
+    (:func:`medsynth.io.series_modality.classify_tags`); the ``dicom`` layout passes all of a series'
+    tags (protocol, sequence, TR/TE/TI, ImageType) to that rule set.
 
     >>> series_modality("t1_mprage_sag_p2"), series_modality("AX T2 FLAIR"), series_modality("T1 +C")
     ('t1', 'flair', 't1c')
     """
-    if dicom_modality.upper() == "CT":
-        return "ct"
-    words = set(re.split(r"[^a-z0-9]+", description.lower())) - {""}
-    if words & _SKIP_SERIES:
-        return None
-    matches = {name for name, keys in _SERIES_WORDS.items() if words & keys}
-    if "flair" in matches:
-        matches.discard("t2")  # "T2 FLAIR" is FLAIR
-    if len(matches) != 1:
-        return None
-    (modality,) = matches
-    enhanced = bool(words & _CONTRAST_WORDS or contrast_agent.strip())
-    return "t1c" if modality == "t1" and enhanced else modality
+    return classify_tags(
+        description=description, dicom_modality=dicom_modality, contrast_agent=contrast_agent
+    ).modality
 
 
 def _holds_dicom(folder: Path) -> bool:
@@ -289,18 +271,17 @@ def _scan_dicom(root: Path) -> list[_Found]:
         for info in list_dicom_series(folder, recursive=True):
             if not info.is_image:
                 continue
-            modality = series_modality(
-                info.series_description, info.modality, info.contrast_bolus_agent
-            ) or series_modality(info.protocol_name, info.modality, info.contrast_bolus_agent)
+            decided = classify_info(info)
             series_folder = Path(os.path.commonpath([Path(f).parent for f in info.files]))
-            if modality is None:
+            if decided.modality is None:
                 log.info(
-                    "skipping DICOM series %r in %s: its contrast is not clear from the description",
+                    "skipping DICOM series %r in %s: %s",
                     info.series_description,
                     series_folder,
+                    decided.reason,
                 )
                 continue
-            found.append(_Found(folder.name, modality, series_folder, info.series_uid))
+            found.append(_Found(folder.name, decided.modality, series_folder, info.selector))
     return found
 
 
