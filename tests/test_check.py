@@ -128,3 +128,30 @@ def test_to_dict_is_json(tmp_path: Path) -> None:
 def test_no_dataset_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="looked for these layouts"):
         check_dataset(tmp_path)
+
+
+def test_subjects_with_spaces_or_accents_are_checked_not_dropped(tmp_path: Path) -> None:
+    for subject in ("sub-01", "sub-0 2é", "sub-Ünï"):
+        for suffix in ("T1w", "T2w"):
+            write_nifti(tmp_path / subject / "anat" / f"{subject}_{suffix}.nii.gz")
+
+    report = check_dataset(tmp_path)
+
+    assert sorted(s.id for s in report.subjects) == ["sub-0 2é", "sub-01", "sub-Ünï"]
+    assert not report.blocking and report.summary().endswith("all paired")
+
+
+@pytest.mark.parametrize("value", [0.0, 7.5])
+def test_constant_volume_is_blocking(tmp_path: Path, value: float) -> None:
+    make_cohort(tmp_path, 3)
+    blank = tmp_path / "sub-02/anat/sub-02_T2w.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((16, 16, 12), value, np.float32), np.diag([1.0, 1.0, 2.0, 1.0])), blank)
+
+    report = check_dataset(tmp_path)
+
+    assert report.blocking
+    (problem,) = report.problems
+    assert (problem.subject, problem.modality, problem.blocking) == ("sub-02", "t2", True)
+    assert f"is constant (every voxel is {value:g})" in problem.message and str(blank) in problem.message
+    status = {(s.id, f.modality): f.status for s in report.subjects for f in s.files}
+    assert status[("sub-02", "t2")] == "constant"

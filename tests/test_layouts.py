@@ -220,3 +220,31 @@ def test_bids_path_is_read_back_by_the_scanner(tmp_path: Path) -> None:
 
     assert record.id == "sub-IXI002Guys0828"
     assert record.modalities == ("t1", "t2", "pd", "flair", "t1c", "ct")
+
+
+def test_bids_subjects_with_spaces_or_accents_are_read(tmp_path: Path) -> None:
+    for subject in ("sub-01", "sub-0 2é", "sub-Ünï"):
+        for suffix in ("T1w", "T2w"):
+            path = tmp_path / subject / "ses-1 a" / "anat" / f"{subject}_ses-1 a_{suffix}.nii.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), path)
+
+    records = scan_dataset(tmp_path)
+
+    assert [r.id for r in records] == ["sub-0 2é_ses-1 a", "sub-01_ses-1 a", "sub-Ünï_ses-1 a"]
+    assert all(r.modalities == ("t1", "t2") for r in records)
+
+
+def test_constant_volume_is_refused_for_training(tmp_path: Path) -> None:
+    from medsynth.data.layouts import SubjectRecord
+
+    t1, t2 = tmp_path / "t1.nii.gz", tmp_path / "t2.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((6, 6, 6), np.float32), np.eye(4)), t1)
+    nib.save(nib.Nifti1Image(np.zeros((6, 6, 6), np.float32), np.eye(4)), t2)
+    record = SubjectRecord("s1", {"t1": t1, "t2": t2})
+
+    assert set(load_subject(record, ["t1"])) == {"t1"}
+    with pytest.raises(
+        DataError, match=r"t2\.nii\.gz: is constant \(every voxel is 0\).*leave subject s1 out"
+    ):
+        load_subject(record, ["t1", "t2"])

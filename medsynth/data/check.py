@@ -18,7 +18,7 @@ from ..io.geometry import MIN_OVERLAP, grid_mismatch, overlap_fraction
 from ..io.readers import read_volume
 from ..io.volume import Volume
 from ..modalities import MODALITIES, canonical_modality
-from .layouts import SubjectRecord, scan_dataset
+from .layouts import SubjectRecord, constant_problem, scan_dataset
 
 #: Fewer subjects than this cannot be split into train / validation / test by subject.
 MIN_SUBJECTS = 3
@@ -34,7 +34,7 @@ class FileCheck:
     spacing: tuple[float, float, float] | None = None
     orientation: str | None = None
     status: str = (
-        "ok"  # ok | unreadable | resampled (other grid, same anatomy) | disjoint (too little overlap)
+        "ok"  # ok | unreadable | constant (one value) | resampled (other grid, same anatomy) | disjoint
     )
 
 
@@ -169,6 +169,14 @@ def _check_subject(record: SubjectRecord, wanted: tuple[str, ...], problems: lis
             problems.append(Problem(record.id, str(exc), blocking=True, modality=modality))
             continue
         item.shape, item.spacing, item.orientation = volume.shape, volume.spacing, volume.orientation
+        constant = constant_problem(volume)
+        if constant:
+            item.status = "constant"
+            message = (
+                f"{item.path} {constant}; training refuses it, replace the file or leave the subject out"
+            )
+            problems.append(Problem(record.id, message, blocking=True, modality=modality))
+            continue
         if reference is None:
             reference = (modality, volume)
             continue

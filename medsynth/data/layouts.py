@@ -32,7 +32,7 @@ from ..io.dicom import list_dicom_series
 from ..io.geometry import align_subject
 from ..io.readers import read_volume
 from ..io.series_modality import classify_info, classify_tags
-from ..io.volume import Subject
+from ..io.volume import Subject, Volume
 from ..modalities import MODALITIES, canonical_modality, is_modality
 
 log = logging.getLogger("medsynth")
@@ -113,8 +113,8 @@ def load_subject(
     ones are resampled with a warning, disjoint ones raise ``GeometryError``.
 
     Raises:
-        DataError: the subject lacks a requested modality (the message lists what it has), or a file
-            cannot be read.
+        DataError: the subject lacks a requested modality (the message lists what it has), a file
+            cannot be read, or a volume is constant (:func:`constant_problem`).
     """
     wanted = [canonical_modality(m) for m in modalities]
     if not wanted:
@@ -137,14 +137,28 @@ def load_subject(
         m: read_volume(record.paths[m], series_uid=record.series_uids.get(m), volume_index=volume_index)
         for m in wanted
     }
+    for volume in subject.values():
+        problem = constant_problem(volume)
+        if problem:
+            raise DataError(f"{problem}; replace the file or leave subject {record.id} out", volume.source)
     return align_subject(subject, reference)
+
+
+def constant_problem(volume: Volume) -> str | None:
+    """Why a volume cannot be a training image (every voxel the same value: empty or blank), or None.
+
+    Such a file (an all-zero export, a failed conversion) normalises to nothing and teaches the network
+    nothing; it is refused where subjects are loaded for training and evaluation, never at inference.
+    """
+    low, high = float(volume.array.min()), float(volume.array.max())
+    return f"is constant (every voxel is {low:g}), an empty or blank image" if low == high else None
 
 
 # --------------------------------------------------------------------------------------------- BIDS
 
-_BIDS_FILE = re.compile(
-    r"^(sub-[A-Za-z0-9]+)(_ses-[A-Za-z0-9]+)?((?:_[A-Za-z]+-[A-Za-z0-9]+)*)_([A-Za-z0-9]+)\.nii(?:\.gz)?$"
-)
+#: BIDS labels are alphanumeric, but users' folders are not: a label is anything but ``_`` (the entity
+#: separator), so ``sub-0 2é`` or ``sub-Ünï`` are read as they are named.
+_BIDS_FILE = re.compile(r"^(sub-[^_/]+?)(_ses-[^_/]+)?((?:_[A-Za-z]+-[^_/]+)*)_([A-Za-z0-9]+)\.nii(?:\.gz)?$")
 _BIDS_SUFFIX: dict[str, str] = {
     "t1": "T1w", "t2": "T2w", "pd": "PDw", "flair": "FLAIR", "t1c": "ce-gd_T1w", "ct": "CT",
 }  # fmt: skip
@@ -175,6 +189,7 @@ def _scan_bids(root: Path) -> list[_Found]:
     for path in candidates:
         match = _BIDS_FILE.match(path.name)
         if not match:
+            log.warning("skipping %s: not named sub-<label>[_ses-<label>]_<suffix>.nii[.gz]", path)
             continue
         subject, session, entities, suffix = match.groups()
         if not is_modality(suffix):
