@@ -8,6 +8,8 @@ key, the file and the valid choices, so a typo never silently falls back to a de
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +22,11 @@ from .errors import ConfigError
 from .io.atomic import atomic_write_text
 from .task import Task
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: Recipes ship inside the package (``medsynth/configs``; the repository's ``configs/`` links there),
+#: so an installed wheel finds ``--config demo_cpu`` wherever it runs.
+CONFIG_DIR = Path(str(importlib.resources.files("medsynth") / "configs"))
+#: ``train.objective`` values; :data:`medsynth.engine.objectives.OBJECTIVES` implements them.
+OBJECTIVES = ("gan", "l1")
 
 
 @dataclass
@@ -99,7 +105,9 @@ class TrainConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     lambda_l1: float = 100.0
-    #: Weight of the adversarial term; 0 trains the generator with L1 alone and skips the critic.
+    #: ``gan`` (pix2pix: PatchGAN critic, LSGAN + lambda_l1 * L1) or ``l1`` (no critic: the ablation).
+    objective: str = "gan"
+    #: Weight of the adversarial term of the ``gan`` objective.
     adversarial_weight: float = 1.0
     masked_l1: bool = False
     #: Cap on optimisation steps per epoch (None = one pass over the training slices).
@@ -111,6 +119,11 @@ class TrainConfig:
     amp: bool = True
     compile: bool = False
     channels_last: bool = True
+    #: Time budget of the whole training job in minutes (None: run all epochs). The learning-rate
+    #: schedule is mapped onto the budget; ``--resume`` with a larger value extends a stopped run.
+    max_minutes: float | None = None
+    #: Validate (and draw figures, choose checkpoint_best.pt) every this many epochs and at the end.
+    val_every: int = 1
     #: Validation metric that chooses checkpoint_best.pt.
     best_metric: str = "psnr"
     #: Save checkpoint_latest.pt every this many steps as well as at each epoch end (0 = epoch ends only).
@@ -124,6 +137,35 @@ class TrainConfig:
             raise ConfigError("train.epochs must be >= 1 and train.decay_epochs >= 0")
         if self.batch_size < 1:
             raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        for name in ("lr_generator", "lr_critic"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"train.{name} must be a positive number, got {value}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value < 1):
+                raise ConfigError(f"train.{name} (Adam) must be in [0, 1), got {value}")
+        for name in ("lambda_l1", "adversarial_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"train.{name} must be >= 0, got {value}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
+            )
+        if self.objective == "gan" and self.adversarial_weight == 0:
+            raise ConfigError(
+                "train.adversarial_weight=0 trains without a critic: set train.objective=l1 instead"
+            )
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise ConfigError(
+                f"train.max_minutes must be a positive number of minutes, got {self.max_minutes}"
+            )
+        for name in ("val_every", "inference_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.best_metric not in ("psnr", "ssim", "mae"):
             raise ConfigError(f"train.best_metric must be psnr, ssim or mae, got {self.best_metric!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -1,6 +1,6 @@
 """``medsynth evaluate``: synthesise held-out subjects and score them honestly.
 
-Each held-out subject goes through the same path as ``medsynth infer`` (raw files -> Predictor), and is
+Each held-out subject goes through the same path as ``medsynth infer`` (raw files -> SynthesisModel), and is
 scored on the whole volume and inside the foreground mask of its inputs, in a stated intensity space:
 
 * ``normalised`` (default): the space the network works in. The target is normalised exactly as a
@@ -35,10 +35,11 @@ from .data.fingerprint import Fingerprint
 from .data.layouts import SubjectRecord, load_subject, scan_dataset
 from .data.masks import foreground_mask
 from .errors import MedsynthError
-from .inference.predictor import Predictor
 from .io.atomic import atomic_path, atomic_write_text
 from .io.volume import Volume, to_canonical
 from .metrics import compute_metrics, json_safe
+from .model.checkpoint import resolve_checkpoint
+from .model.synthesis import SynthesisModel
 from .viz import subject_figure
 
 log = logging.getLogger("medsynth")
@@ -61,7 +62,7 @@ class Case:
 def evaluate_from_args(args: argparse.Namespace) -> int:
     if args.run:
         run = args.run
-        checkpoint = args.checkpoint or run / "checkpoint_best.pt"
+        checkpoint = resolve_checkpoint(args.checkpoint or run)
         config = load_config(run / "config.yaml")
         data_root = args.data or config.data.root
         manifest = config.data.manifest
@@ -71,10 +72,10 @@ def evaluate_from_args(args: argparse.Namespace) -> int:
         raise MedsynthError("give --run RUN, or --checkpoint CKPT with --data DIR")
     if not data_root:
         raise MedsynthError("the run does not say where its data is; pass --data DIR", args.run)
-    predictor = Predictor.from_checkpoint(checkpoint, device=args.device)
+    model = SynthesisModel.from_checkpoint(checkpoint, device=args.device)
     out = args.out or ((run or Path(checkpoint).parent) / "eval")
     cases = evaluate(
-        predictor, data_root, out, split=args.split, space=args.space, manifest=manifest,
+        model, data_root, out, split=args.split, space=args.space, manifest=manifest,
         baselines=args.baselines, progress=not args.quiet,
     )  # fmt: skip
     print(render_table(cases, space_label(args.space)))
@@ -106,7 +107,7 @@ def select_subjects(
 
 
 def evaluate(
-    predictor: Predictor,
+    model: SynthesisModel,
     data_root: str | Path,
     out: Path,
     *,
@@ -118,42 +119,40 @@ def evaluate(
 ) -> list[Case]:
     """Score every subject of ``split``; write metrics.csv, summary.json and one PNG per subject."""
     records = scan_dataset(data_root, manifest)
-    splits = predictor.checkpoint_splits
+    splits = model.checkpoint_splits
     subjects = select_subjects(records, splits, split)
-    fitted = fit_baselines(predictor, records, splits.get("train", [])) if baselines else {}
+    fitted = fit_baselines(model, records, splits.get("train", [])) if baselines else {}
     cases: list[Case] = []
     for record in tqdm(subjects, desc="subjects", disable=None if progress else True):
-        cases.extend(evaluate_subject(predictor, record, out, space, fitted))
-    write_results(cases, out, predictor, split, space)
+        cases.extend(evaluate_subject(model, record, out, space, fitted))
+    write_results(cases, out, model, split, space)
     return cases
 
 
 def evaluate_subject(
-    predictor: Predictor, record: SubjectRecord, out: Path, space: str, baselines: dict[str, Any]
+    model: SynthesisModel, record: SubjectRecord, out: Path, space: str, baselines: dict[str, Any]
 ) -> Iterator[Case]:
     """Synthesise and score one subject for every (target, input set) the model supports."""
-    task = predictor.task
+    task = model.task
     needed = list(task.modalities) if task.is_unified else [*task.sources, str(task.target)]
     # A unified model is scored on whatever the subject has; a missing fixed input is load_subject's error.
     volumes = load_subject(record, [m for m in needed if m in record.paths] if task.is_unified else needed)
-    for target, inputs in input_sets(predictor, tuple(volumes)):
+    for target, inputs in input_sets(model, tuple(volumes)):
         given = {m: volumes[m] for m in inputs}
-        prediction = predictor.predict(given, target)
+        prediction = model.predict(given, target)
         truth = _canonical_array(volumes[target])
         mask = prediction.mask
-        truth_normalised = predictor.fingerprint.input_normalizer(target, truth).forward(truth)
-        sources_normalised = {
-            m: predictor.fingerprint.input_normalizer(m, a).forward(a)
-            for m, a in ((m, _canonical_array(volumes[m])) for m in inputs)
-        }
+        # Scored against the target normalised by the rule every image of the model follows.
+        truth_normalised = model.normalise({target: truth})[target]
+        sources_normalised = model.normalise({m: _canonical_array(volumes[m]) for m in inputs})
         candidates = {"model": prediction.normalised}
         first = inputs[0]
-        if "lut" in baselines and not predictor.task.is_unified:
+        if "lut" in baselines and not model.task.is_unified:
             candidates["identity"] = IdentityBaseline().predict(sources_normalised[first])
             candidates["lut"] = baselines["lut"].predict(sources_normalised[first])
         for method, normalised in candidates.items():
             if space == "native":
-                native = predictor.fingerprint.output_normalizer(target).inverse(normalised)
+                native = model.fingerprint.output_normalizer(target).inverse(normalised)
                 metrics = compute_metrics(native, truth, mask=mask, data_range=float(truth.max() - truth.min()),
                                           space=f"native {target} intensity")  # fmt: skip
             else:
@@ -168,11 +167,11 @@ def evaluate_subject(
                            out / f"{record.id}_{label}.png", mask=mask, spacing=volumes[target].spacing)  # fmt: skip
 
 
-def input_sets(predictor: Predictor, available: tuple[str, ...]) -> Iterator[tuple[str, tuple[str, ...]]]:
+def input_sets(model: SynthesisModel, available: tuple[str, ...]) -> Iterator[tuple[str, tuple[str, ...]]]:
     """(target, inputs) pairs to score: the fixed task, or for a unified model every target and every
     non-empty subset of the subject's other modalities."""
-    if not predictor.task.is_unified:
-        yield str(predictor.target), tuple(predictor.sources)
+    if not model.task.is_unified:
+        yield str(model.target), tuple(model.sources)
         return
     for target in available:
         others = [m for m in available if m != target]
@@ -181,12 +180,14 @@ def input_sets(predictor: Predictor, available: tuple[str, ...]) -> Iterator[tup
                 yield target, subset
 
 
-def fit_baselines(predictor: Predictor, records: list[SubjectRecord], train_ids: list[str]) -> dict[str, Any]:
+def fit_baselines(
+    model: SynthesisModel, records: list[SubjectRecord], train_ids: list[str]
+) -> dict[str, Any]:
     """Fit the lookup-table baseline on the run's training subjects (first source -> target)."""
-    if predictor.task.is_unified:
+    if model.task.is_unified:
         return {}
-    source, target = predictor.sources[0], str(predictor.target)
-    fingerprint: Fingerprint = predictor.fingerprint
+    source, target = model.sources[0], str(model.target)
+    fingerprint: Fingerprint = model.fingerprint
     train = [r for r in records if r.id in set(train_ids)]
     if not train:
         log.warning("no training subjects of the run in this data folder; baselines skipped")
@@ -208,7 +209,7 @@ def _canonical_array(volume: Volume) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- outputs
-def write_results(cases: list[Case], out: Path, predictor: Predictor, split: str, space: str) -> None:
+def write_results(cases: list[Case], out: Path, model: SynthesisModel, split: str, space: str) -> None:
     """metrics.csv (one row per case) and summary.json (mean, std, median per group)."""
     if not cases:
         raise MedsynthError("nothing was evaluated")
@@ -224,7 +225,7 @@ def write_results(cases: list[Case], out: Path, predictor: Predictor, split: str
                              case.metrics["space"]])  # fmt: skip
     summary = {
         "medsynth_version": __version__,
-        "checkpoint": predictor.describe(),
+        "checkpoint": model.describe(),
         "split": split,
         "space": space_label(space),
         "mask": "foreground of the input volumes (Otsu, hole-filled, largest component); *_masked metrics",

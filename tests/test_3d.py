@@ -10,10 +10,10 @@ import torch
 from test_modes import anat, assert_on_input_grid, held_out_subject, one_line_error, read_rows, train_run
 
 from medsynth.cli import main
-from medsynth.engine.checkpoint import load_checkpoint
-from medsynth.inference.predictor import Predictor
-from medsynth.inference.sliding import synthesize_patches
 from medsynth.io.readers import read_volume
+from medsynth.model.checkpoint import load_checkpoint
+from medsynth.model.sliding import synthesize_patches
+from medsynth.model.synthesis import SynthesisModel
 
 PATCH = 16
 TINY_3D = [
@@ -61,9 +61,9 @@ def test_sliding_windows_pad_a_box_smaller_than_the_patch() -> None:
 
 def test_3d_checkpoint_records_the_patch(run_3d: Path) -> None:
     state = load_checkpoint(run_3d / "checkpoint_best.pt")
-    assert state["slicing"]["spatial_dims"] == 3 and state["slicing"]["crop_size"] == [PATCH] * 3
-    assert state["generator"]["init_args"]["spatial_dims"] == 3
-    assert state["critic"]["init_args"]["spatial_dims"] == 3
+    assert state["plan"]["spatial_dims"] == 3 and state["plan"]["window"] == [PATCH] * 3
+    assert state["plan"]["generator"]["init_args"]["spatial_dims"] == 3
+    assert state["objective"]["critic"]["init_args"]["spatial_dims"] == 3
 
 
 def test_3d_infer_and_evaluate(run_3d: Path, tiny_cohort: Path, tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_3d_infer_and_evaluate(run_3d: Path, tiny_cohort: Path, tmp_path: Path) 
 
 
 def test_3d_window_batch_size_does_not_change_the_result(run_3d: Path, tiny_cohort: Path) -> None:
-    predictor = Predictor.from_checkpoint(run_3d)
+    predictor = SynthesisModel.from_checkpoint(run_3d)
     inputs = {"t1": read_volume(anat(tiny_cohort, held_out_subject(run_3d), "T1w"))}
     one, many = (predictor.predict(inputs, batch_size=b).normalised for b in (1, 5))
     np.testing.assert_allclose(one, many, atol=1e-5)

@@ -77,35 +77,38 @@ def test_cached_arrays_are_canonical_normalised_and_slice_first(tmp_path, datase
 
 def test_cache_is_reused_without_decoding(tmp_path, dataset, monkeypatch) -> None:
     records, fingerprint = dataset
-    prepare_cohort(records, ["t1", "t2"], fingerprint, tmp_path / "cache", progress=False)
-    before = _mtimes(tmp_path / "cache" / "sub-0")
+    first = prepare_cohort(records, ["t1", "t2"], fingerprint, tmp_path / "cache", progress=False)
+    before = _mtimes(first.subject("sub-0").folder)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a cached subject was decoded again")
 
     monkeypatch.setattr(cache_module, "load_subject", refuse)
     cohort = prepare_cohort(records, ["t1", "t2"], fingerprint, tmp_path / "cache", progress=False)
-    assert _mtimes(tmp_path / "cache" / "sub-0") == before
+    assert _mtimes(cohort.subject("sub-0").folder) == before
     assert cohort.ids == ("sub-0", "sub-1")
 
 
 def test_changed_input_file_rebuilds_only_that_subject(tmp_path, dataset) -> None:
     records, fingerprint = dataset
-    prepare_cohort(records, ["t1", "t2"], fingerprint, tmp_path / "cache", progress=False)
-    untouched = _mtimes(tmp_path / "cache" / "sub-1")
-    old = np.load(tmp_path / "cache" / "sub-0" / "t1.npy")
+    first = prepare_cohort(records, ["t1", "t2"], fingerprint, tmp_path / "cache", progress=False)
+    untouched = _mtimes(first.subject("sub-1").folder)
+    old = np.array(first.subject("sub-0").image("t1"))
     _write_subject(tmp_path / "data", "sub-0", seed=7)  # new pixels, same paths
     stat = records[0].paths["t1"].stat()
     os.utime(records[0].paths["t1"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     cohort = prepare_cohort(records, ["t1", "t2"], fingerprint, tmp_path / "cache", progress=False)
     assert not np.array_equal(cohort.subject("sub-0").image("t1"), old)
-    assert _mtimes(tmp_path / "cache" / "sub-1") == untouched
+    assert _mtimes(cohort.subject("sub-1").folder) == untouched
+    # The first preparation still reads its own arrays: a run never validates on another run's data
+    # for the same subject id, even when both share one cache folder.
+    np.testing.assert_array_equal(first.subject("sub-0").image("t1"), old)
 
 
 def test_changed_settings_rebuild(tmp_path, dataset) -> None:
     records, fingerprint = dataset
-    prepare_cohort(records, ["t1", "t2"], fingerprint, tmp_path / "cache", progress=False)
-    before = json.loads((tmp_path / "cache" / "sub-0" / "meta.json").read_text())["key"]
+    first = prepare_cohort(records, ["t1", "t2"], fingerprint, tmp_path / "cache", progress=False)
+    before = json.loads((first.subject("sub-0").folder / "meta.json").read_text())["key"]
     zscore = Fingerprint(
         specs={**fingerprint.specs, "t1": NormalizationSpec("zscore")}, cohort=fingerprint.cohort, subjects={}
     )

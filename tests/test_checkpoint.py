@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from medsynth.engine.checkpoint import load_checkpoint, save_checkpoint
 from medsynth.errors import CheckpointError
-from medsynth.inference.predictor import Predictor
+from medsynth.model.checkpoint import load_checkpoint, save_checkpoint
+from medsynth.model.synthesis import SynthesisModel
 
 
 class _Exploit:
@@ -59,12 +59,12 @@ def test_foreign_truncated_and_missing_files(tmp_path: Path) -> None:
 
 def test_predictor_rebuilds_from_checkpoint_alone(tiny_run: Path) -> None:
     state = load_checkpoint(tiny_run / "checkpoint_best.pt")
-    assert {"task", "generator", "fingerprint", "slicing", "data", "medsynth_version"} <= set(state)
+    assert {"plan", "generator_state", "fingerprint", "objective", "data", "medsynth_version"} <= set(state)
     assert "optimizer_generator" not in state  # inference checkpoints carry no optimiser state
     latest = load_checkpoint(tiny_run / "checkpoint_latest.pt")
-    assert {"optimizer_generator", "optimizer_critic", "scheduler_generator", "rng", "step_in_epoch"} <= set(
+    assert {"optimizer_generator", "objective_state", "elapsed_seconds", "rng", "step_in_epoch"} <= set(
         latest
     )
-    predictor = Predictor.from_checkpoint(tiny_run)
+    predictor = SynthesisModel.from_checkpoint(tiny_run)
     assert predictor.sources == ("t1",) and predictor.target == "t2"
     assert len(predictor.digest or "") == 64

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from medsynth.data.cache import Cohort, prepare_cohort
-from medsynth.data.datasets import PatchDataset, SliceDataset, make_loader, unified_input
+from medsynth.data.datasets import PatchDataset, SliceDataset, make_loader
 from medsynth.data.fingerprint import Fingerprint, NormalizationSpec
 from medsynth.data.layouts import SubjectRecord, load_subject
 from medsynth.errors import ConfigError, MedsynthError
+from medsynth.model.layout import InputLayout
 
 MODALITIES = ("t1", "t2", "pd")
 SHAPE = (24, 20, 12)
@@ -131,12 +132,14 @@ def test_unified_target_never_an_input(cohort) -> None:
         one_hot.sum(dim=1), torch.ones(len(dataset))
     )
     assert len({tuple(r) for r in available.tolist()}) > 2  # several subsets are drawn
-    # The target is that modality's centre slice, and unified_input rebuilds the sample exactly.
+    # The target is that modality's centre slice, and InputLayout.assemble rebuilds the sample exactly.
     fixed = SliceDataset(cohort, ["a", "b"], ["t1", "t2", "pd"], None, context=3)
     sample = fixed.__getitems__([4])["source"][0].reshape(count, context, *source.shape[2:]).numpy()
     given = {m: sample[i] for i, m in enumerate(MODALITIES) if available[4, i]}
     target = MODALITIES[int(target_index[4])]
-    np.testing.assert_array_equal(unified_input(given, MODALITIES, target, context=3), source[4].numpy())
+    np.testing.assert_array_equal(
+        InputLayout(MODALITIES, 3, unified=True).assemble(given, target), source[4].numpy()
+    )
     torch.testing.assert_close(batch["target"][4, 0], torch.from_numpy(sample[int(target_index[4]), 1]))
 
 
@@ -150,10 +153,10 @@ def test_unified_draws_depend_on_seed_and_epoch_only(cohort) -> None:
 
 def test_unified_input_errors() -> None:
     with pytest.raises(MedsynthError, match="both an input and the target"):
-        unified_input({"t1": np.zeros((1, 4, 4))}, MODALITIES, "t1")
+        InputLayout(MODALITIES, unified=True).assemble({"t1": np.zeros((1, 4, 4))}, "t1")
     with pytest.raises(MedsynthError, match="does not know ct"):
-        unified_input({"ct": np.zeros((1, 4, 4))}, MODALITIES, "t1")
-    batched = unified_input({"t1": np.ones((5, 1, 4, 4))}, MODALITIES, "pd")
+        InputLayout(MODALITIES, unified=True).assemble({"ct": np.zeros((1, 4, 4))}, "t1")
+    batched = InputLayout(MODALITIES, unified=True).assemble({"t1": np.ones((5, 1, 4, 4))}, "pd")
     assert batched.shape == (5, 9, 4, 4)
 
 

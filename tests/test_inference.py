@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from medsynth.cli import main
-from medsynth.inference.predictor import Predictor
 from medsynth.io.dicom import write_dicom_series
 from medsynth.io.readers import read_volume
 from medsynth.io.volume import Volume, to_canonical
+from medsynth.model.synthesis import SynthesisModel
 
 
 def _t1(cohort: Path, subject: str = "sub-05") -> Path:
@@ -64,7 +64,7 @@ def test_reorientation_does_not_change_the_prediction(
     tiny_run: Path, tiny_cohort: Path, tmp_path: Path
 ) -> None:
     """The same anatomy stored in another axis order gives the same synthetic voxels, mapped back exactly."""
-    predictor = Predictor.from_checkpoint(tiny_run)
+    predictor = SynthesisModel.from_checkpoint(tiny_run)
     ras = read_volume(_t1(tiny_cohort))
     flipped = Volume(ras.array[::-1, :, ::-1].copy(), ras.affine @ _flip_affine(ras.shape), ras.meta)
     assert flipped.orientation == "LAI"

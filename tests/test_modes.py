@@ -17,10 +17,10 @@ from conftest import TINY_OVERRIDES, tiny_config
 
 from medsynth.cli import main
 from medsynth.config import CONFIG_DIR, load_config
-from medsynth.engine.checkpoint import load_checkpoint
 from medsynth.engine.run import claim_run_dir, train
-from medsynth.engine.trainer import network_channels
 from medsynth.errors import ConfigError
+from medsynth.model.checkpoint import load_checkpoint
+from medsynth.model.layout import InputLayout
 from medsynth.nets.registry import build_critic, build_generator
 
 #: A ResViT small enough for a CPU test: the paper's layout, few filters and a one-layer transformer.
@@ -85,9 +85,11 @@ def resvit_run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 # ------------------------------------------------------------------------------- many-to-one
 def test_many_to_one_checkpoint_records_source_order(many_to_one_run: Path) -> None:
     state = load_checkpoint(many_to_one_run / "checkpoint_best.pt")
-    assert state["task"]["sources"] == ["t1", "t2", "pd"] and state["task"]["target"] == "flair"
-    assert state["generator"]["init_args"]["in_channels"] == 3
-    assert state["critic"]["init_args"]["in_channels"] == 4  # sources + the (real or synthetic) target
+    assert (
+        state["plan"]["task"]["sources"] == ["t1", "t2", "pd"] and state["plan"]["task"]["target"] == "flair"
+    )
+    assert state["plan"]["generator"]["init_args"]["in_channels"] == 3
+    assert state["objective"]["critic"]["init_args"]["in_channels"] == 4  # sources + the (real or synthetic) target
 
 
 def test_many_to_one_infer_named_or_in_order(
@@ -182,8 +184,8 @@ def test_many_to_one_refuses_volumes_on_different_grids(
 # ------------------------------------------------------------------------------------ ResViT
 def test_resvit_train_infer_evaluate(resvit_run: Path, tiny_cohort: Path, tmp_path: Path) -> None:
     state = load_checkpoint(resvit_run / "checkpoint_best.pt")
-    assert state["generator"]["name"] == "resvit"
-    assert state["generator"]["init_args"]["transformer_blocks"] == [0, 2]
+    assert state["plan"]["generator"]["name"] == "resvit"
+    assert state["plan"]["generator"]["init_args"]["transformer_blocks"] == [0, 2]
     subject = held_out_subject(resvit_run)
     t1 = anat(tiny_cohort, subject, "T1w")
     out = tmp_path / "t2_syn.nii.gz"
@@ -236,7 +238,8 @@ def test_every_recipe_builds_its_networks(recipe: str) -> None:
     """Every recipe loads and its generator/critic accept its arguments (built without memory)."""
     config = load_config(recipe)
     model = config.model
-    channels = network_channels(config.parsed_task(), config.data.context)
+    task = config.parsed_task()
+    channels = InputLayout(task.modalities or task.sources, config.data.context, task.is_unified).channels
     with torch.device("meta"):
         generator = build_generator(
             model.generator,

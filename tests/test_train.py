@@ -14,8 +14,8 @@ import yaml
 from conftest import TINY_OVERRIDES, tiny_config
 
 from medsynth.cli import main
-from medsynth.engine.checkpoint import load_checkpoint
 from medsynth.engine.run import claim_run_dir, train
+from medsynth.model.checkpoint import load_checkpoint
 
 
 def _losses(run_dir: Path) -> list[float]:

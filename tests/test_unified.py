@@ -20,10 +20,10 @@ from test_modes import (
 
 from medsynth.cli import main
 from medsynth.config import load_config
-from medsynth.data.datasets import SliceDataset, unified_input
-from medsynth.engine.checkpoint import load_checkpoint
+from medsynth.data.datasets import SliceDataset
 from medsynth.engine.setup import prepare_run_data
-from medsynth.inference.slicing import unified_planes
+from medsynth.model.checkpoint import load_checkpoint
+from medsynth.model.layout import InputLayout
 
 MODALITIES = ("t1", "t2", "pd", "flair")
 UNIFIED = ["unified", "--modalities", ",".join(MODALITIES)]
@@ -37,18 +37,6 @@ def unified_run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 # ---------------------------------------------------------------------------------- sampling
-@pytest.mark.parametrize("target", MODALITIES)
-def test_inference_planes_match_the_training_layout(target: str) -> None:
-    """unified_planes (inference) == the planes unified_input (training layout) builds, for every subset."""
-    others = [m for m in MODALITIES if m != target]
-    for size in range(1, len(others) + 1):
-        for subset in itertools.combinations(others, size):
-            built = unified_input({m: np.full((1, 2, 3), 0.5) for m in subset}, MODALITIES, target)
-            np.testing.assert_array_equal(
-                built[len(MODALITIES) :, 0, 0], unified_planes(MODALITIES, subset, target)
-            )
-
-
 def test_training_samples_on_the_cohort_cache(unified_run: Path) -> None:
     """The target is never an input; absent inputs are zero-filled exactly where availability says 0."""
     config = load_config(unified_run / "config.yaml")
@@ -73,11 +61,14 @@ def test_training_samples_on_the_cohort_cache(unified_run: Path) -> None:
         np.testing.assert_array_equal(source[:, :count], images * available[:, :, None, None])
         np.testing.assert_array_equal(target[:, 0], images[rows, target_index])
         for i in rows[:: max(len(rows) // 20, 1)]:
-            inputs = [m for m, a in zip(MODALITIES, available[i], strict=True) if a]
-            planes = unified_planes(MODALITIES, inputs, MODALITIES[target_index[i]])
-            np.testing.assert_array_equal(
-                source[i, count:], np.broadcast_to(planes[:, None, None], source[i, count:].shape)
-            )
+            # The sample equals what synthesis builds from the same images (one layout function).
+            given = {
+                m: images[i, j][None]
+                for j, (m, a) in enumerate(zip(MODALITIES, available[i], strict=True))
+                if a
+            }
+            rebuilt = InputLayout(MODALITIES, unified=True).assemble(given, MODALITIES[target_index[i]])
+            np.testing.assert_array_equal(source[i], rebuilt)
         seen_targets |= set(target_index.tolist())
         seen_sizes |= set(available.sum(axis=1).astype(int).tolist())
     assert seen_targets == set(range(count)) and seen_sizes == {1, 2, 3}
@@ -86,10 +77,10 @@ def test_training_samples_on_the_cohort_cache(unified_run: Path) -> None:
 # ----------------------------------------------------------------------- train, infer, evaluate
 def test_unified_checkpoint_tells_both_networks_the_target(unified_run: Path) -> None:
     state = load_checkpoint(unified_run / "checkpoint_best.pt")
-    assert state["task"]["modalities"] == list(MODALITIES)
+    assert state["plan"]["task"]["modalities"] == list(MODALITIES)
     images_and_codes = len(MODALITIES) + 2 * len(MODALITIES)  # images, availability, target one-hot
-    assert state["generator"]["init_args"]["in_channels"] == images_and_codes
-    assert state["critic"]["init_args"]["in_channels"] == images_and_codes + 1
+    assert state["plan"]["generator"]["init_args"]["in_channels"] == images_and_codes
+    assert state["objective"]["critic"]["init_args"]["in_channels"] == images_and_codes + 1
 
 
 def test_unified_infer_a_target_and_every_missing_one(

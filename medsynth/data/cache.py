@@ -1,7 +1,7 @@
 """The preprocessed cache: each subject decoded, reoriented and normalised once, then memory-mapped.
 
 Decoding DICOM/NIfTI, resampling and normalising cost far more than a training step, so
-:func:`prepare_cohort` does it once per subject and stores, under ``cache_dir/<subject>/``:
+:func:`prepare_cohort` does it once per subject and stores, under ``cache_dir/<subject>/<key>/``:
 
 * ``<modality>.npy``: float32, canonical RAS, normalised with the volume's own statistics
   (:meth:`Fingerprint.input_normalizer`), **stored slice-axis first** as ``(k, i, j)`` so that an axial
@@ -12,8 +12,10 @@ Decoding DICOM/NIfTI, resampling and normalising cost far more than a training s
   bounding box in volume order ``(i, j, k)``.
 
 The key hashes every input file's path, size and ``mtime_ns`` (all files of a DICOM folder), the series
-UIDs, the modalities, the preprocessing version and the fingerprint's digest; a subject whose key changed
-is rebuilt, the others are reused without being decoded.
+UIDs, the modalities, the preprocessing version and the fingerprint's digest. The key names the folder,
+so runs that share a cache (one ``--runs-dir``) but differ in data or normalisation never read each
+other's arrays, even while both are running; equal keys are reused without being decoded. Folders of
+keys no run uses any more are left in place: delete ``<runs-dir>/.cache`` to reclaim the space.
 
 Axial is the storage order and the fast path. Sagittal or coronal slicing transposes a subject's arrays
 once when a dataset loads them (``SliceDataset(axis=0|1)``), which costs one copy per subject, not
@@ -179,19 +181,20 @@ class CachedSubject:
 
 
 class Cohort:
-    """The cached subjects of one preparation, opened lazily by id."""
+    """The cached subjects of one preparation, opened lazily by id, each under its own key."""
 
-    def __init__(self, cache_dir: str | Path, subject_ids: Sequence[str], modalities: Sequence[str]) -> None:
+    def __init__(self, cache_dir: str | Path, keys: dict[str, str], modalities: Sequence[str]) -> None:
         self.cache_dir = Path(cache_dir)
-        self.ids = tuple(subject_ids)
+        self.keys = dict(keys)
+        self.ids = tuple(keys)
         self.modalities = tuple(modalities)
 
     def subject(self, subject_id: str) -> CachedSubject:
-        if subject_id not in self.ids:
+        if subject_id not in self.keys:
             raise MedsynthError(f"subject {subject_id!r} is not in the prepared cohort", self.cache_dir)
-        folder = self.cache_dir / subject_id
+        folder = _subject_folder(self.cache_dir, subject_id) / self.keys[subject_id]
         meta = _read_meta(folder)
-        if meta is None:
+        if meta is None or meta.get("key") != self.keys[subject_id]:
             raise DataError("cached subject is missing or damaged; run the preparation again", folder)
         return CachedSubject(subject_id, folder, meta)
 
@@ -215,14 +218,16 @@ def prepare_cohort(
     modalities = list(modalities)
     if not modalities:
         raise MedsynthError("no modality to prepare; name at least one, e.g. t1")
+    keys = {}
     for record in tqdm(records, desc="preparing cache", unit="subject", disable=None if progress else True):
-        folder = _subject_folder(cache_dir, record.id)
         missing = [m for m in modalities if m not in record.paths]
         if missing:
             raise DataError(
                 f"subject {record.id} has no {', '.join(missing)} image; add it or leave the subject out"
             )
         key = subject_key(record, modalities, fingerprint)
+        folder = _subject_folder(cache_dir, record.id) / key
         if not _is_current(folder, key, modalities):
             _build_subject(record, modalities, fingerprint, folder, key)
-    return Cohort(cache_dir, [r.id for r in records], modalities)
+        keys[record.id] = key
+    return Cohort(cache_dir, keys, modalities)

@@ -11,12 +11,9 @@ of a large cohort would not fit.
 Randomness (shuffling, unified-mode modality draws, patch centres) is a pure function of
 ``(seed, epoch, index)``, so a run is reproducible whatever the batch size or resume point.
 
-**Unified mode** trains one network for every "available subset -> missing modality" pair. The input
-layout is fixed: ``M x context`` image channels (zero where a modality is not given), ``M`` availability
-planes (1/0) and ``M`` one-hot planes naming the target. Telling the network what is present and what
-is wanted through extra input channels needs no change to any generator or critic, and the critic sees
-it too because it is conditioned on the source. :func:`unified_input` builds the same layout at
-inference.
+**Unified mode** trains one network for every "available subset -> missing modality" pair; the channel
+layout (and the one function that builds it, for training and synthesis alike) is
+:mod:`medsynth.model.layout`.
 """
 
 from __future__ import annotations
@@ -30,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, MedsynthError
+from ..model.layout import assemble_fixed, assemble_unified
 from .cache import CachedSubject, Cohort
 
 log = logging.getLogger("medsynth")
@@ -60,57 +58,6 @@ def uniform_draws(seed: int, epoch: int, index: np.ndarray, stream: np.ndarray |
         h = _mix(h + np.asarray(index, dtype=np.uint64))
         h = _mix(h + np.asarray(stream, dtype=np.uint64))
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def _assemble_unified(stack: np.ndarray, available: np.ndarray, target_index: np.ndarray) -> np.ndarray:
-    """(B, M, context, H, W) images + (B, M) availability + (B,) target -> (B, M*context + 2M, H, W)."""
-    batch, count, context, height, width = stack.shape
-    images = (stack * available[:, :, None, None, None]).reshape(batch, count * context, height, width)
-    planes = np.broadcast_to(available[:, :, None, None], (batch, count, height, width))
-    one_hot = np.eye(count, dtype=np.float32)[target_index]
-    targets = np.broadcast_to(one_hot[:, :, None, None], (batch, count, height, width))
-    return np.concatenate([images, planes, targets], axis=1).astype(np.float32, copy=False)
-
-
-def unified_input(
-    images: dict[str, np.ndarray], modalities: Sequence[str], target: str, context: int = 1
-) -> np.ndarray:
-    """The unified-mode network input for the given images, exactly as :class:`SliceDataset` builds it.
-
-    ``images`` maps the available modalities to normalised arrays of shape ``(..., context, H, W)``
-    (any leading batch dimensions); returns ``(..., M*context + 2M, H, W)`` float32 with
-    ``M = len(modalities)``.
-
-    >>> x = unified_input({"t1": np.ones((1, 4, 4))}, ["t1", "t2", "pd"], target="t2")
-    >>> x.shape, x[:, 0, 0].tolist()
-    ((9, 4, 4), [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
-    """
-    modalities = tuple(modalities)
-    if target not in modalities:
-        raise MedsynthError(f"target {target!r} is not one of the model's modalities {', '.join(modalities)}")
-    if target in images:
-        raise MedsynthError(f"{target!r} is both an input and the target; leave it out of the inputs")
-    unknown = sorted(set(images) - set(modalities))
-    if unknown or not images:
-        raise MedsynthError(
-            f"give at least one input among {', '.join(modalities)}"
-            + (f"; the model does not know {', '.join(unknown)}" if unknown else "")
-        )
-    shapes = {np.shape(a) for a in images.values()}
-    shape = next(iter(shapes))
-    if len(shapes) > 1 or len(shape) < 3 or shape[-3] != context:
-        raise ValueError(f"inputs must share a shape (..., {context}, H, W), got {sorted(shapes)}")
-    lead, (height, width) = shape[:-3], shape[-2:]
-    count = len(modalities)
-    stack = np.zeros((int(np.prod(lead, dtype=np.int64)), count, context, height, width), np.float32)
-    available = np.zeros((stack.shape[0], count), np.float32)
-    for name, array in images.items():
-        position = modalities.index(name)
-        stack[:, position] = np.reshape(array, (-1, context, height, width))
-        available[:, position] = 1.0
-    target_index = np.full(stack.shape[0], modalities.index(target))
-    out = _assemble_unified(stack, available, target_index)
-    return out.reshape(*lead, out.shape[1], height, width)
 
 
 def _oriented(array: np.ndarray, axis: int) -> np.ndarray:
@@ -155,7 +102,7 @@ class SliceDataset(Dataset):
     Items are dicts: ``source`` (C, H, W) float32 with ``C = len(sources) * context`` (source-major:
     all context slices of the first source, then the next), ``target`` (1, H, W) when a target is set,
     ``mask`` (1, H, W) float32, ``subject`` and ``slice`` (index along ``axis``). Context slices past a
-    volume end repeat the end slice. In unified mode ``source`` follows :func:`unified_input` and items
+    volume end repeat the end slice. In unified mode ``source`` follows :mod:`medsynth.model.layout` and items
     also carry ``target_index`` and ``available`` (M,).
 
     ``axis`` is the canonical slicing axis: 2 axial (default, the cache's storage order), 0 sagittal,
@@ -272,18 +219,17 @@ class SliceDataset(Dataset):
             "subject": [self.subject_ids[n] for n in self._subject_number[centre]],
             "slice": torch.from_numpy(self._slice_index[centre]),
         }
-        height, width = self.crop_size
         if self.unified:
             stack = self._images[neighbours].transpose(0, 2, 1, 3, 4)  # (B, M, context, H, W)
             available, target_index = self._draw_unified(index)
-            batch["source"] = torch.from_numpy(_assemble_unified(stack, available, target_index))
+            batch["source"] = torch.from_numpy(assemble_unified(stack, available, target_index))
             batch["target"] = torch.from_numpy(self._images[centre, target_index][:, None])
             batch["target_index"] = torch.from_numpy(target_index)
             batch["available"] = torch.from_numpy(available)
             return batch
         count = len(self.sources)
         source = self._images[neighbours, :count].transpose(0, 2, 1, 3, 4)  # (B, S, context, H, W)
-        batch["source"] = torch.from_numpy(source.reshape(len(index), count * self.context, height, width))
+        batch["source"] = torch.from_numpy(assemble_fixed(source))
         if self.target is not None:
             batch["target"] = torch.from_numpy(self._images[centre, count][:, None])
         return batch

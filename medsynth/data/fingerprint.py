@@ -148,16 +148,16 @@ class Fingerprint:
             raise MedsynthError(f"the fingerprint has no statistics for {modality!r} (it covers: {known})")
         return self.specs[modality]
 
-    def input_normalizer(
-        self, modality: str, array: np.ndarray, mask: np.ndarray | None = None
-    ) -> Normalizer:
-        """Normaliser fitted on this volume, as used for inputs in training and inference alike.
+    def input_normalizer(self, modality: str, array: np.ndarray) -> Normalizer:
+        """Normaliser fitted on this volume inside its *own* foreground mask.
 
-        ``mask`` defaults to the volume's own foreground mask; pass a mask only if it was computed
-        the same way in training and inference.
+        The one rule for every image the network sees or is scored against: the cache (training and
+        validation), inference and evaluation all call it, and it takes no mask argument so that no
+        caller can fit on a different region (a joint mask of several inputs would scale each input
+        differently from training).
         """
         spec = self._spec(modality)
-        return spec.make().fit(array, foreground_mask([array]) if mask is None else mask)
+        return spec.make().fit(array, foreground_mask([array]))
 
     def output_normalizer(self, modality: str) -> Normalizer:
         """Cohort-level normaliser whose ``inverse`` maps a synthetic ``modality`` back to intensities."""

@@ -13,6 +13,7 @@ import yaml
 
 from ..config import Config, load_config
 from ..errors import MedsynthError
+from ..model.checkpoint import BEST, LATEST
 from ..task import Task
 from .setup import prepare_run_data
 from .trainer import Trainer
@@ -62,8 +63,14 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume:
         run_dir = args.resume
         saved = run_dir / "config.yaml"
-        if not (run_dir / "checkpoint_latest.pt").is_file() or not saved.is_file():
-            raise MedsynthError("nothing to resume: no checkpoint_latest.pt and config.yaml here", run_dir)
+        if not saved.is_file():
+            raise MedsynthError("nothing to resume: no medsynth run here (no config.yaml)", run_dir)
+        if not (run_dir / LATEST).is_file():
+            raise MedsynthError(
+                "nothing to resume: the run stopped before its first checkpoint_latest.pt; "
+                "start it again with the same command, without --resume",
+                run_dir,
+            )
         config = load_config(saved, args.overrides)
         if args.device:
             config.train.device = args.device
@@ -77,20 +84,23 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def claim_run_dir(run_dir: Path, config: Config) -> None:
     """Refuse a folder that holds another run; resuming is explicit and nothing is overwritten.
 
-    A folder whose run never saved a checkpoint (it failed while preparing data) is taken again when
-    its saved configuration is the same, so fixing the data and re-running just works.
+    A folder whose run never saved a checkpoint (it failed while preparing data, or was stopped in its
+    first epoch) holds nothing worth keeping: it is taken again, and when the configuration changed
+    (the user fixed a ``--set``), the splits and fingerprint derived from the old one are dropped.
     """
     saved = run_dir / "config.yaml"
-    if (run_dir / "checkpoint_latest.pt").exists():
+    if (run_dir / LATEST).exists():
         raise MedsynthError(
             f"this folder already holds a run; continue it with --resume {run_dir} or pick another --name",
             run_dir,
         )
     if saved.exists():
         if yaml.safe_load(saved.read_text(encoding="utf-8")) != config.to_dict():
-            raise MedsynthError(
-                "this folder holds a different run (config.yaml differs); pick another --name", run_dir
+            log.info(
+                "run folder %s never saved a checkpoint; starting it afresh with the new settings", run_dir
             )
+            for derived in ("splits.json", "fingerprint.json", "metrics.csv"):
+                (run_dir / derived).unlink(missing_ok=True)
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise MedsynthError(
             "output folder is not empty and holds no medsynth run; pick another --name", run_dir
@@ -113,7 +123,7 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, quiet: bool = 
     data = prepare_run_data(config, task, run_dir, cache_dir=cache_dir, progress=not quiet)
     trainer = Trainer(config, task, data, run_dir, quiet=quiet)
     if resume:
-        trainer.resume(run_dir / "checkpoint_latest.pt")
+        trainer.resume(run_dir / LATEST)
         log.info("resuming %s at epoch %d, step %d", run_dir, trainer.epoch + 1, trainer.step_in_epoch)
     elif not quiet:
         sizes = {k: len(v) for k, v in data.splits.items()}
@@ -125,6 +135,6 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, quiet: bool = 
     minutes = (time.perf_counter() - started) / 60
     print(
         f"done in {minutes:.1f} min: best validation {best['metric']} {best.get('value', float('nan')):.4g} "
-        f"at epoch {best.get('epoch')} -> {run_dir / 'checkpoint_best.pt'}"
+        f"at epoch {best.get('epoch')} -> {run_dir / BEST}"
     )
     return best

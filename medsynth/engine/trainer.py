@@ -1,71 +1,60 @@
-"""The pix2pix training loop: conditional PatchGAN critic, LSGAN + lambda * L1, resumable.
+"""The training loop: epochs of objective steps, then validation, figures and checkpoints at a cadence.
 
-One optimisation step:
+What one step does belongs to the objective (:mod:`.objectives`: the pix2pix GAN step, or L1 alone);
+the loop owns the generator, its optimiser, the data order, the learning-rate schedule, the clock and
+the run folder:
 
-1. critic step on ``(source, target)`` (real) vs ``(source, G(source).detach())`` (synthetic);
-2. generator step on the least-squares adversarial term plus ``lambda * L1``, with the critic's
-   parameters frozen so no critic weight gradients are computed.
+* learning rate: pix2pix's constant-then-linear-decay over ``train.epochs + train.decay_epochs``, or,
+  with a time budget (``train.max_minutes``), the same shape mapped onto the budget's minutes;
+* validation (``train.val_every`` epochs, and always at the end): whole held-out volumes through the
+  same :class:`~medsynth.model.synthesis.SynthesisModel` inference uses, a row in ``metrics.csv``, a
+  sample PNG, ``curves.png``, ``checkpoint_best.pt`` when the validation metric improves;
+* ``checkpoint_latest.pt`` at every epoch end (and every ``train.checkpoint_every`` steps). PNGs and
+  checkpoints are written by a background thread from copies, so the next epoch does not wait for disk.
 
-Every epoch ends with validation on whole held-out volumes (the same slice-wise synthesis inference
-uses), a row in ``metrics.csv``, a sample PNG and ``checkpoint_latest.pt`` (``checkpoint_best.pt`` when the
-validation metric improves). SIGTERM/SIGINT finish the current step, save ``checkpoint_latest.pt`` and
-exit, and ``--resume`` continues at the next step with the same data order and RNG state.
+Losses stay on the device and are read only when logged, so a GPU step never waits for the host.
+SIGTERM/SIGINT finish the current step, save ``checkpoint_latest.pt`` and exit; ``--resume`` continues
+at the next step with the same data order and RNG state.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import logging
 import math
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data.datasets import PatchDataset, SliceDataset, make_loader
 from ..errors import ConfigError, MedsynthError
-from ..inference.slicing import synthesize_slices, unified_planes
-from ..inference.sliding import synthesize_patches
 from ..io.atomic import atomic_path
-from ..losses import GeneratorLoss, LSGANLoss
 from ..metrics import mae, psnr, ssim_3d
-from ..nets.registry import build_critic, build_generator
+from ..model.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
+from ..model.device import pick_device
+from ..model.layout import InputLayout
+from ..model.networks import build_model_generator
+from ..model.plan import SynthesisPlan
+from ..model.synthesis import SynthesisModel
 from ..task import Task
 from ..viz import comparison_grid, plot_curves
-from .checkpoint import load_checkpoint, save_checkpoint
+from .objectives import build_objective
 from .setup import RunData
 
 log = logging.getLogger("medsynth")
 
 METRICS_FIELDS = [
-    "epoch", "steps", "seconds", "slices_per_s", "lr", "loss_critic", "loss_adv", "loss_l1",
-    "val_psnr", "val_ssim", "val_mae",
+    "epoch", "steps", "seconds", "val_seconds", "io_seconds", "slices_per_s", "lr",
+    "loss_critic", "loss_adv", "loss_l1", "val_psnr", "val_ssim", "val_mae",
 ]  # fmt: skip
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` means CUDA when present; asking for CUDA without one is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MedsynthError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-    return torch.device(name)
-
-
-def network_channels(task: Task, context: int) -> int:
-    """Generator input channels: image channels, plus availability and target codes when unified."""
-    if task.is_unified:
-        count = len(task.modalities)
-        return count * context + 2 * count
-    return len(task.sources) * context
 
 
 @dataclass
@@ -75,16 +64,12 @@ class EpochStats:
     steps: int = 0
     slices: int = 0
     seconds: float = 0.0
-    sums: dict[str, float] = field(
-        default_factory=lambda: {"loss_critic": 0.0, "loss_adv": 0.0, "loss_l1": 0.0}
-    )
+    sums: dict[str, float] = field(default_factory=dict)
 
-    def add(self, batch_size: int, seconds: float, **losses: float) -> None:
-        self.steps += 1
-        self.slices += batch_size
-        self.seconds += seconds
+    def add(self, losses: dict[str, float], steps: int) -> None:
         for key, value in losses.items():
-            self.sums[key] += value
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += steps
 
     def means(self) -> dict[str, float]:
         return {key: value / max(self.steps, 1) for key, value in self.sums.items()}
@@ -94,7 +79,7 @@ class EpochStats:
 
 
 class Trainer:
-    """Train a generator/critic pair on a prepared run; ``fit()`` is resumable at any step."""
+    """Train a generator with an objective on a prepared run; ``fit()`` is resumable at any step."""
 
     def __init__(
         self, config: Config, task: Task, data: RunData, run_dir: Path, *, quiet: bool = False
@@ -105,59 +90,59 @@ class Trainer:
             torch.set_num_threads(train.num_threads)
         torch.manual_seed(train.seed)
         self.device = pick_device(train.device)
-        self.amp = train.amp and self.device.type == "cuda"
-        channels_last = torch.channels_last if config.model.spatial_dims == 2 else torch.channels_last_3d
+        self.spatial_dims = config.model.spatial_dims
+        channels_last = torch.channels_last if self.spatial_dims == 2 else torch.channels_last_3d
         self.memory_format = channels_last if train.channels_last else torch.contiguous_format
 
-        context = config.data.context
-        self.in_channels = network_channels(task, context)
-        self.generator = build_generator(
-            config.model.generator,
-            spatial_dims=config.model.spatial_dims,
-            in_channels=self.in_channels,
-            out_channels=1,
-            **config.model.generator_args,
-        )
-        self.critic = build_critic(
-            config.model.critic,
-            spatial_dims=config.model.spatial_dims,
-            in_channels=self.in_channels + 1,
-            **config.model.critic_args,
-        )
-        if config.model.generator_weights:
-            if not hasattr(self.generator, "load_pretrained"):
-                raise ConfigError(
-                    f"model.generator_weights: the {config.model.generator} generator has no initialisation from a file; use resvit"
-                )
-            self.generator.load_pretrained(config.model.generator_weights)
-        self.generator.to(self.device, memory_format=self.memory_format)
-        self.critic.to(self.device, memory_format=self.memory_format)
-        self.use_critic = train.adversarial_weight > 0
-        betas = (train.beta1, train.beta2)
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=train.lr_generator, betas=betas)
-        self.opt_d = torch.optim.Adam(self.critic.parameters(), lr=train.lr_critic, betas=betas)
-        decay = lambda epoch: _linear_decay(epoch, train.epochs, train.decay_epochs)  # noqa: E731
-        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, decay)
-        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, decay)
-        self.generator_loss = GeneratorLoss(train.lambda_l1, train.adversarial_weight)
-        self.forward_g: nn.Module = torch.compile(self.generator) if train.compile else self.generator
-        self.forward_d: nn.Module = torch.compile(self.critic) if train.compile else self.critic
-
-        self.spatial_dims = config.model.spatial_dims
         self.dataset = self._make_dataset()
         if len(self.dataset) == 0:
             raise MedsynthError(
                 "no training slices with foreground; check the data with `medsynth data check`"
             )
+        layout = InputLayout(
+            tuple(task.modalities if task.is_unified else task.sources), config.data.context, task.is_unified
+        )
+        self.generator, generator_spec = build_model_generator(config.model, layout.channels)
+        self.generator.to(self.device, memory_format=self.memory_format)
+        self.plan = SynthesisPlan(
+            task=task, generator=generator_spec, spatial_dims=self.spatial_dims, axis=config.data.axis,
+            context=config.data.context, window=self.window, sliding_overlap=config.data.sliding_overlap,
+            precision="bf16" if train.amp else "fp32",
+        )  # fmt: skip
+        # Validation runs the very object inference loads from the checkpoint, on the live generator.
+        self.model = SynthesisModel(self.plan, self.generator, data.fingerprint, device=self.device)
+        betas = (train.beta1, train.beta2)
+        self.opt_g = torch.optim.Adam(
+            self.generator.parameters(), lr=train.lr_generator, betas=betas, fused=self.device.type == "cuda"
+        )
+        forward = torch.compile(self.generator) if train.compile else self.generator
+        self.objective = build_objective(
+            train.objective, config=config, generator=forward, in_channels=layout.channels,
+            optimizer=self.opt_g, device=self.device, memory_format=self.memory_format,
+            precision=self.plan.precision,
+        )  # fmt: skip
+        self.optimizers = [self.opt_g, *self.objective.optimizers]
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
         self.loader = make_loader(
             self.dataset, train.batch_size, shuffle=True, seed=train.seed, drop_last=True
         )
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
+        #: Seconds of fit() spent so far over all sessions of this run (the time budget's clock).
+        self.elapsed = 0.0
+        self.stopped_by_budget = False
         self.best: dict[str, Any] = {"metric": train.best_metric, "value": None, "epoch": None}
         self.stats = EpochStats()
+        self._running: dict[str, torch.Tensor] = {}
+        self._running_steps = 0
         self._stop_signal: int | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medsynth-writer")
+        self._pending: list[Future] = []
+        self._val_seconds = 0.0
+        self.samples: list[Any] = []
 
     def _make_dataset(self) -> SliceDataset | PatchDataset:
         """2D/2.5D slices, or foreground-weighted random 3D patches."""
@@ -183,63 +168,59 @@ class Trainer:
         )  # fmt: skip
 
     @property
-    def window(self) -> list[int] | None:
-        """The training crop (2D) or patch (3D) size, recorded for inference."""
+    def window(self) -> tuple[int, ...] | None:
+        """The training crop (2D) or patch (3D) size, recorded in the plan for inference."""
         size = getattr(self.dataset, "crop_size", None) or getattr(self.dataset, "patch_size", None)
-        return [int(s) for s in size] if size else None
+        return tuple(int(s) for s in size) if size else None
 
     # ----------------------------------------------------------------------------------- state
     def state(self, *, for_inference: bool = False) -> dict[str, Any]:
         """The checkpoint payload: self-describing for inference, complete for resume."""
         payload: dict[str, Any] = {
-            "task": self.task.to_dict(),
-            "generator": {"name": self.config.model.generator, "init_args": self.generator.init_args},
-            "critic": {"name": self.config.model.critic, "init_args": self.critic.init_args},
+            "plan": self.plan.to_dict(),
             "generator_state": self.generator.state_dict(),
             "fingerprint": self.data.fingerprint.to_dict(),
-            "slicing": {
-                "spatial_dims": self.config.model.spatial_dims,
-                "axis": self.config.data.axis,
-                "context": self.config.data.context,
-                "crop_size": self.window,
-                "unified_modalities": list(self.task.modalities),
-                "sliding_overlap": self.config.data.sliding_overlap,
-            },
+            "objective": self.objective.describe(),
             "data": {"fingerprint_digest": self.data.fingerprint.digest(), "splits": self.data.splits},
             "config": self.config.to_dict(),
             "epoch": self.epoch,
             "global_step": self.global_step,
             "best": dict(self.best),
+            #: True once the run has spent its epochs or its time budget (``medsynth demo`` skips it then).
+            "finished": self.epoch >= self.config.train.total_epochs or self.stopped_by_budget,
         }
         if for_inference:
             return payload
+        self._absorb_losses()
         payload.update(
-            critic_state=self.critic.state_dict(),
+            objective_state=self.objective.state_dict(),
             optimizer_generator=self.opt_g.state_dict(),
-            optimizer_critic=self.opt_d.state_dict(),
-            scheduler_generator=self.sched_g.state_dict(),
-            scheduler_critic=self.sched_d.state_dict(),
             step_in_epoch=self.step_in_epoch,
             epoch_stats=self.stats.to_dict(),
+            elapsed_seconds=self.elapsed,
             rng={"torch": torch.get_rng_state(), "cuda": _cuda_rng_states()},
         )
         return payload
 
     def resume(self, path: Path) -> None:
-        """Restore weights, optimisers, schedulers, counters and RNG state from ``checkpoint_latest.pt``."""
+        """Restore weights, optimisers, counters, clock and RNG state from ``checkpoint_latest.pt``."""
         state = load_checkpoint(path)
-        if Task.from_dict(state["task"]) != self.task:
+        saved = SynthesisPlan.from_checkpoint(state, str(path))
+        if saved.task != self.task:
+            raise MedsynthError(f"the run in {path.parent} trains {saved.task}, not {self.task}")
+        try:
+            self.generator.load_state_dict(state["generator_state"])
+            self.objective.load_state_dict(state["objective_state"])
+            self.opt_g.load_state_dict(state["optimizer_generator"])
+        except (KeyError, RuntimeError, ValueError) as exc:
             raise MedsynthError(
-                f"the run in {path.parent} trains {Task.from_dict(state['task'])}, not {self.task}"
-            )
-        self.generator.load_state_dict(state["generator_state"])
-        self.critic.load_state_dict(state["critic_state"])
-        self.opt_g.load_state_dict(state["optimizer_generator"])
-        self.opt_d.load_state_dict(state["optimizer_critic"])
-        self.sched_g.load_state_dict(state["scheduler_generator"])
-        self.sched_d.load_state_dict(state["scheduler_critic"])
+                f"checkpoint_latest.pt does not match this recipe ({exc.__class__.__name__}); "
+                "resume with the run's own config.yaml",
+                path,
+            ) from exc
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best = state["global_step"], state["best"]
+        self.elapsed = float(state.get("elapsed_seconds", 0.0))
         stats = state["epoch_stats"]
         self.stats = EpochStats(stats["steps"], stats["slices"], stats["seconds"], dict(stats["sums"]))
         torch.set_rng_state(state["rng"]["torch"])
@@ -247,32 +228,80 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         _truncate_metrics(self.run_dir / "metrics.csv", self.epoch)
 
-    def save_latest(self) -> None:
-        save_checkpoint(self.state(), self.run_dir / "checkpoint_latest.pt")
+    def save_latest(self, *, background: bool = False) -> None:
+        payload = self.state()
+        if background:
+            self._submit(save_checkpoint, _host_copy(payload), self.run_dir / LATEST)
+        else:
+            save_checkpoint(payload, self.run_dir / LATEST)
 
     # ------------------------------------------------------------------------------------ loop
+    @property
+    def budget_seconds(self) -> float | None:
+        minutes = self.config.train.max_minutes
+        return None if minutes is None else 60.0 * minutes
+
     def fit(self) -> dict[str, Any]:
-        """Train to the configured number of epochs (from wherever the run stands) and validate."""
+        """Train until the configured epochs or the time budget are spent, validating at the cadence."""
         total = self.config.train.total_epochs
         writer = _tensorboard(self.run_dir / "tensorboard")
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._session_start, self._elapsed_at_start = time.perf_counter(), self.elapsed
         try:
-            while self.epoch < total:
+            while self.epoch < total and not self.stopped_by_budget:
                 self._train_epoch(total)
                 if self._stop_signal is not None:
+                    self._drain()
                     self.save_latest()
+                    name = signal.Signals(self._stop_signal).name
+                    print(
+                        f"stopped by {name} at epoch {self.epoch + 1}, step {self.step_in_epoch}; "
+                        f"{self.run_dir / LATEST} saved; continue with: medsynth train --resume {self.run_dir}",
+                        flush=True,
+                    )
                     raise SystemExit(128 + self._stop_signal)
-                metrics = self.validate()
+                last = self.epoch + 1 == total or self.stopped_by_budget
+                every = self.config.train.val_every
+                metrics = self.validate() if last or (self.epoch + 1) % every == 0 else None
                 self._end_epoch(metrics, writer)
+            self._drain()
         finally:
+            self._writer.shutdown(wait=True)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if writer is not None:
                 writer.close()
+        if self.stopped_by_budget and not self.quiet:
+            print(
+                f"stopped by the time budget (train.max_minutes={self.config.train.max_minutes}) after "
+                f"{self.epoch} epochs; extend it with: medsynth train --resume {self.run_dir} "
+                f"--set train.max_minutes=<more>"
+            )
         return self.best
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop_signal = signum
+
+    def _clock(self) -> float:
+        """Seconds of fit() over all sessions of this run."""
+        return self._elapsed_at_start + time.perf_counter() - self._session_start
+
+    def lr_factor(self) -> float:
+        """pix2pix's schedule: 1, then linear decay; over epochs, or over the time budget's minutes."""
+        train = self.config.train
+        budget = self.budget_seconds
+        if budget is None:
+            return 1.0 - max(0, self.epoch + 1 - train.epochs) / float(train.decay_epochs + 1)
+        constant = train.epochs / float(train.total_epochs)
+        progress = min(self._clock() / budget, 1.0)
+        return 1.0 if progress < constant else max(1.0 - (progress - constant) / (1.0 - constant), 0.01)
+
+    def _set_lr(self) -> float:
+        factor = self.lr_factor()
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+        return self.opt_g.param_groups[0]["lr"]
 
     def _train_epoch(self, total_epochs: int) -> None:
         train = self.config.train
@@ -286,29 +315,43 @@ class Trainer:
             total=batches, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{total_epochs}",
             unit="step", disable=True if self.quiet else None, leave=False, dynamic_ncols=True,
         )  # fmt: skip
+        budget = self.budget_seconds
+        started = time.perf_counter()
+        self._set_lr()
         with bar:
             for index, batch in enumerate(self.loader):
                 if index < self.step_in_epoch:
                     continue  # resumed mid-epoch: these batches were trained before the stop
                 if index >= batches:
                     break
-                started = time.perf_counter()
                 losses = self.train_step(batch)
+                self._accumulate(losses)
                 self.step_in_epoch += 1
                 self.global_step += 1
-                self.stats.add(batch["source"].shape[0], time.perf_counter() - started, **losses)
-                bar.set_postfix(
-                    {k.removeprefix("loss_"): f"{v:.3f}" for k, v in losses.items()}, refresh=False
-                )
+                self.stats.slices += int(batch["source"].shape[0])
+                if budget is not None:
+                    self._set_lr()
+                if index % 10 == 0 or index + 1 == batches:  # reading losses waits for the device
+                    self._absorb_losses()
+                    bar.set_postfix(self._postfix(), refresh=False)
                 bar.update()
-                every = train.checkpoint_every
                 if self._stop_signal is not None:
-                    return
+                    break
+                every = train.checkpoint_every
                 if every and self.global_step % every == 0:
-                    self.save_latest()
+                    self.stats.seconds += time.perf_counter() - started
+                    started = time.perf_counter()
+                    self.save_latest(background=True)
+                if budget is not None and self._clock() >= budget:
+                    self.stopped_by_budget = True
+                    break
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats.seconds += time.perf_counter() - started
+        self._absorb_losses()
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One critic step and one generator step; returns the batch's losses."""
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One step of the objective; returns its losses as detached device tensors."""
         source = (
             batch["source"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         )
@@ -316,33 +359,37 @@ class Trainer:
             batch["target"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         )
         mask = batch["mask"].to(self.device, non_blocking=True) if self.config.train.masked_l1 else None
-        with self._autocast():
-            synthetic = self.forward_g(source)
-        loss_critic = torch.zeros((), device=self.device)
-        if self.use_critic:
-            self.critic.requires_grad_(True)
-            with self._autocast():
-                real_score = self.forward_d(torch.cat([source, target], dim=1))
-                fake_score = self.forward_d(torch.cat([source, synthetic.detach()], dim=1))
-                loss_critic = LSGANLoss.critic(real_score, fake_score)
-            self.opt_d.zero_grad(set_to_none=True)
-            loss_critic.backward()
-            self.opt_d.step()
-            # The generator step needs gradients through the critic, not of its weights.
-            self.critic.requires_grad_(False)
-        with self._autocast():
-            fake_scores = self.forward_d(torch.cat([source, synthetic], dim=1)) if self.use_critic else None
-            terms = self.generator_loss(fake_scores, synthetic.float(), target, mask)
-        self.opt_g.zero_grad(set_to_none=True)
-        terms.total.backward()
-        self.opt_g.step()
-        # One device-to-host transfer per step for the three logged numbers.
-        losses = torch.stack([loss_critic.detach(), terms.adversarial, terms.l1]).tolist()
-        return dict(zip(("loss_critic", "loss_adv", "loss_l1"), losses, strict=True))
+        return self.objective.step(source, target, mask)
 
-    def _autocast(self) -> Any:
-        # bf16 on CUDA needs no gradient scaler; on CPU, fp32 is faster than emulated bf16 here.
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.amp)
+    def _accumulate(self, losses: dict[str, torch.Tensor]) -> None:
+        for key, value in losses.items():
+            self._running[key] = self._running[key] + value if key in self._running else value.float()
+        self._running_steps += 1
+
+    def _absorb_losses(self) -> None:
+        """Move the device-side loss sums into the epoch statistics (one host transfer)."""
+        if not self._running_steps:
+            return
+        keys = list(self._running)
+        values = torch.stack([self._running[k] for k in keys]).tolist()
+        self.stats.add(dict(zip(keys, values, strict=True)), self._running_steps)
+        self._running, self._running_steps = {}, 0
+
+    def _postfix(self) -> dict[str, str]:
+        postfix = {k.removeprefix("loss_"): f"{v:.3f}" for k, v in self.stats.means().items()}
+        postfix["job"] = self._job_progress()
+        return postfix
+
+    def _job_progress(self) -> str:
+        """Elapsed / remaining time of the whole training job (budget, or an estimate from epochs done)."""
+        elapsed = self._clock()
+        if self.budget_seconds is not None:
+            remaining = max(self.budget_seconds - elapsed, 0.0)
+        else:
+            total = self.config.train.total_epochs
+            done = self.epoch + self.step_in_epoch / max(len(self.loader), 1)
+            remaining = elapsed / done * (total - done) if done > 0 else math.nan
+        return f"{_mmss(elapsed)} elapsed, {_mmss(remaining)} left"
 
     # ------------------------------------------------------------------------------ validation
     def validate(self) -> dict[str, float]:
@@ -350,6 +397,7 @@ class Trainer:
 
         Intensity space: normalised [-1, 1] (data range 2), the space the network is trained in.
         """
+        started = time.perf_counter()
         subject_ids = self.data.splits["val"][: self.config.train.val_subjects or None]
         scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "mae": []}
         self.samples = []
@@ -358,101 +406,83 @@ class Trainer:
                 scores["psnr"].append(psnr(prediction, truth, mask=mask, data_range=2.0))
                 scores["ssim"].append(ssim_3d(prediction, truth, mask=mask, data_range=2.0))
                 scores["mae"].append(mae(prediction, truth, mask=mask, data_range=2.0))
-                if len(self.samples) < 1:
+                if not self.samples:
                     self.samples.append((inputs, prediction, truth, mask, target))
         self.generator.train()
+        self._val_seconds = time.perf_counter() - started
         return {key: float(np.mean(values)) if values else math.nan for key, values in scores.items()}
 
     def synthesize_subject(self, subject_id: str):
         """Yield (target, synthetic, truth, mask, inputs) slice-first normalised arrays for one subject.
 
-        A unified model is scored on every modality of the subject from all the others.
+        A unified model is scored on every modality of the subject from all the others. The cache stores
+        ``(k, i, j)``; :class:`SynthesisModel` takes canonical ``(i, j, k)`` views of it.
         """
         cached = self.data.cohort.subject(subject_id)
+        to_volume = lambda a: np.transpose(a, (1, 2, 0))  # noqa: E731
+        to_slices = lambda a: np.transpose(a, (2, 0, 1))  # noqa: E731
         mask = np.asarray(cached.mask, dtype=bool)
-        context = self.config.data.context
-        synthesize = functools.partial(
-            synthesize_slices,
-            self.generator,
-            context=context,
-            batch_size=self.config.train.inference_batch_size,
-            device=self.device,
-            amp=self.amp,
-            window=self.window,
-        )
-        if self.spatial_dims == 3:
-            # The cache is slice-first (k, i, j); 3D networks work on (i, j, k).
-            to_volume = lambda a: np.ascontiguousarray(np.transpose(a, (1, 2, 0)))  # noqa: E731
-            to_slices = lambda a: np.transpose(a, (2, 0, 1))  # noqa: E731
-            inputs = [to_volume(np.asarray(cached.image(m))) for m in self.task.sources]
-            prediction = synthesize_patches(
-                self.generator, inputs, to_volume(mask), patch_size=self.window,
-                overlap=self.config.data.sliding_overlap, batch_size=self.config.train.inference_batch_size,
-                device=self.device,
-            )  # fmt: skip
-            yield (
-                self.task.target,
-                to_slices(prediction),
-                np.asarray(cached.image(self.task.target)),
-                mask,
-                [to_slices(a) for a in inputs],
-            )
-            return
-        if not self.task.is_unified:
-            inputs = [np.asarray(cached.image(m)) for m in self.task.sources]
-            prediction = synthesize(inputs, mask)
-            yield self.task.target, prediction, np.asarray(cached.image(self.task.target)), mask, inputs
-            return
-        available = [m for m in self.task.modalities if m in cached.modalities]
-        for target in available:
-            images = [
-                np.asarray(cached.image(m))
-                if m in available and m != target
-                else np.zeros(mask.shape, np.float32)
-                for m in self.task.modalities
-            ]
-            planes = unified_planes(self.task.modalities, [m for m in available if m != target], target)
-            prediction = synthesize(images, mask, planes=planes)
-            yield target, prediction, np.asarray(cached.image(target)), mask, images
+        batch = self.config.train.inference_batch_size
+        if self.task.is_unified:
+            available = [m for m in self.task.modalities if m in cached.modalities]
+            pairs = [(t, [m for m in available if m != t]) for t in available]
+        else:
+            pairs = [(str(self.task.target), list(self.task.sources))]
+        for target, sources in pairs:
+            images = {m: to_volume(cached.image(m)) for m in sources}
+            prediction = self.model.synthesize_normalised(images, to_volume(mask), target, batch_size=batch)
+            inputs = [to_slices(images[m]) for m in sources]
+            yield target, to_slices(prediction), np.asarray(cached.image(target)), mask, inputs
 
     # ---------------------------------------------------------------------------- epoch end
-    def _end_epoch(self, metrics: dict[str, float], writer: Any) -> None:
+    def _end_epoch(self, metrics: dict[str, float] | None, writer: Any) -> None:
+        io_started = time.perf_counter()
+        self._check_pending()
         means = self.stats.means()
-        row = {
+        validated = metrics is not None
+        row: dict[str, Any] = {
             "epoch": self.epoch + 1,
             "steps": self.global_step,
             "seconds": round(self.stats.seconds, 3),
+            "val_seconds": round(self._val_seconds if validated else 0.0, 3),
             "slices_per_s": round(self.stats.slices / max(self.stats.seconds, 1e-9), 2),
             "lr": self.opt_g.param_groups[0]["lr"],
             **{k: round(v, 6) for k, v in means.items()},
-            **{f"val_{k}": round(v, 6) for k, v in metrics.items()},
+            **({f"val_{k}": round(v, 6) for k, v in metrics.items()} if validated else {}),
         }
-        _append_metrics(self.run_dir / "metrics.csv", row)
-        if writer is not None:
-            for key, value in row.items():
-                if key != "epoch":
-                    writer.add_scalar(key, value, self.epoch + 1)
-        self._save_samples()
-        plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
-        self.sched_g.step()
-        self.sched_d.step()
-        improved = self._is_better(metrics[self.config.train.best_metric])
+        improved = validated and self._is_better(metrics[self.config.train.best_metric])
         if improved:
             self.best = {"metric": self.config.train.best_metric, "value": metrics[self.best["metric"]],
                          "epoch": self.epoch + 1, **{f"val_{k}": v for k, v in metrics.items()}}  # fmt: skip
         self.epoch += 1
         self.step_in_epoch = 0
         self.stats = EpochStats()
+        # The latest checkpoint first: a failed write of the best one must not cost the resumable state.
+        self.save_latest(background=True)
         if improved:
-            save_checkpoint(self.state(for_inference=True), self.run_dir / "checkpoint_best.pt")
-        self.save_latest()
+            self._submit(save_checkpoint, _host_copy(self.state(for_inference=True)), self.run_dir / BEST)
+        # Main-thread seconds of this epoch end (copies for the writer, metrics, events); disk writes
+        # themselves happen in the background while the next epoch trains.
+        row["io_seconds"] = round(time.perf_counter() - io_started, 3)
+        _append_metrics(self.run_dir / "metrics.csv", row)
+        if writer is not None:
+            for key, value in row.items():
+                if key != "epoch":
+                    writer.add_scalar(key, value, row["epoch"])
+        if validated:
+            self._submit(self._save_figures, self.samples, row["epoch"])
         if not self.quiet:
-            tqdm.write(
-                f"epoch {row['epoch']:>3}/{self.config.train.total_epochs}  "
-                f"critic {row['loss_critic']:.3f}  adv {row['loss_adv']:.3f}  L1 {row['loss_l1']:.4f}  "
+            val = (
                 f"val PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.3f}  MAE {metrics['mae']:.4f} "
-                f"([-1,1] space, in mask)  {row['slices_per_s']:.0f} slices/s"
-                + ("  *best" if improved else "")
+                "([-1,1] space, in mask)  "
+                if validated
+                else ""
+            )
+            losses = "  ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in means.items())
+            tqdm.write(
+                f"epoch {row['epoch']:>3}/{self.config.train.total_epochs}  {losses}  {val}"
+                f"{row['slices_per_s']:.0f} slices/s  train {row['seconds']:.1f} s / val {row['val_seconds']:.1f} s"
+                f" / io {row['io_seconds']:.1f} s  [{self._job_progress()}]" + ("  *best" if improved else "")
             )
 
     def _is_better(self, value: float) -> bool:
@@ -463,21 +493,52 @@ class Trainer:
             return True
         return value < best if self.config.train.best_metric == "mae" else value > best
 
-    def _save_samples(self) -> None:
-        if not getattr(self, "samples", None):
+    def _save_figures(self, samples: list[Any], epoch: int) -> None:
+        """Sample grid of the first validation subject and the learning curves (background thread)."""
+        plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
+        if not samples:
             return
-        inputs, prediction, truth, mask, _target = self.samples[0]
+        inputs, prediction, truth, mask, _target = samples[0]
         present = np.flatnonzero(mask.any(axis=(1, 2)))
         if present.size == 0:
             return
         picks = np.linspace(present[0], present[-1], 5)[1:4].astype(int)
         rows = [{"input": inputs[0][k], "synthetic": prediction[k], "target": truth[k]} for k in picks]
-        comparison_grid(rows, self.run_dir / "samples" / f"epoch_{self.epoch + 1:03d}.png")
+        comparison_grid(rows, self.run_dir / "samples" / f"epoch_{epoch:03d}.png")
+
+    # ------------------------------------------------------------------------ background I/O
+    def _submit(self, function: Any, *args: Any) -> None:
+        self._pending.append(self._writer.submit(function, *args))
+
+    def _check_pending(self) -> None:
+        """Surface an error of a finished background write (e.g. a full disk) in the main thread."""
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for future in done:
+            future.result()
+
+    def _drain(self) -> None:
+        for future in self._pending:
+            future.result()
+        self._pending = []
 
 
-def _linear_decay(epoch: int, constant: int, decay: int) -> float:
-    """pix2pix schedule: 1 for ``constant`` epochs, then linearly towards 0 over ``decay`` epochs."""
-    return 1.0 - max(0, epoch + 1 - constant) / float(decay + 1)
+def _host_copy(payload: Any) -> Any:
+    """A deep copy whose tensors live on the CPU: the background writer must not see later updates."""
+    if isinstance(payload, torch.Tensor):
+        return payload.detach().to("cpu", copy=True)
+    if isinstance(payload, dict):
+        return {k: _host_copy(v) for k, v in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return type(payload)(_host_copy(v) for v in payload)
+    return payload
+
+
+def _mmss(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{secs:02d}"
 
 
 def _cuda_rng_states() -> list[torch.Tensor]:
@@ -500,7 +561,7 @@ def _truncate_metrics(path: Path, completed_epochs: int) -> None:
     with open(path, newline="", encoding="utf-8") as stream:
         rows = [r for r in csv.DictReader(stream) if int(r["epoch"]) <= completed_epochs]
     with atomic_path(path) as temp, open(temp, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=METRICS_FIELDS)
+        writer = csv.DictWriter(stream, fieldnames=METRICS_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 

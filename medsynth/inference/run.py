@@ -23,13 +23,13 @@ from ..io.readers import read_volume
 from ..io.volume import Volume
 from ..io.writers import write_volume
 from ..modalities import canonical_modality
-from .predictor import Predictor
+from ..model.synthesis import SynthesisModel
 
 log = logging.getLogger("medsynth")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
 
-def parse_volume_arguments(values: list[str], predictor: Predictor) -> dict[str, str]:
+def parse_volume_arguments(values: list[str], model: SynthesisModel) -> dict[str, str]:
     """``[t1=]path`` arguments -> {modality: path}; unnamed ones follow the checkpoint's input order."""
     named: dict[str, str] = {}
     unnamed: list[str] = []
@@ -43,15 +43,15 @@ def parse_volume_arguments(values: list[str], predictor: Predictor) -> dict[str,
         else:
             unnamed.append(value)
     if unnamed:
-        if predictor.task.is_unified:
+        if model.task.is_unified:
             raise MedsynthError(
                 "a unified model needs named inputs, e.g. --volume t1=a.nii.gz --volume t2=b.nii.gz"
             )
-        free = [m for m in predictor.sources if m not in named]
+        free = [m for m in model.sources if m not in named]
         if len(unnamed) > len(free):
             raise MedsynthError(
-                f"{len(unnamed) + len(named)} volumes given; the checkpoint takes {len(predictor.sources)} "
-                f"({', '.join(predictor.sources)})"
+                f"{len(unnamed) + len(named)} volumes given; the checkpoint takes {len(model.sources)} "
+                f"({', '.join(model.sources)})"
             )
         named.update(zip(free, unnamed, strict=False))
     return named
@@ -104,50 +104,50 @@ def check_writable(path: Path) -> None:
 
 
 def infer_from_args(args: argparse.Namespace) -> int:
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    model = SynthesisModel.from_checkpoint(args.checkpoint, device=args.device)
     read = lambda p: read_volume(p, series_uid=args.series_uid, volume_index=args.volume_index)  # noqa: E731
     jobs: list[tuple[dict[str, str], str]] = []
     if args.inputs:
-        if len(predictor.required_modalities) != 1 or predictor.task.is_unified:
+        if len(model.required_modalities) != 1 or model.task.is_unified:
             raise MedsynthError(
                 "--inputs works with one-source checkpoints; use --volume for several sources"
             )
-        jobs = [({predictor.sources[0]: str(p)}, volume_stem(p)) for p in list_batch_inputs(args.inputs)]
+        jobs = [({model.sources[0]: str(p)}, volume_stem(p)) for p in list_batch_inputs(args.inputs)]
     elif args.volume:
-        paths = parse_volume_arguments(args.volume, predictor)
+        paths = parse_volume_arguments(args.volume, model)
         jobs = [(paths, volume_stem(next(iter(paths.values()))))]
     else:
         raise MedsynthError("give --volume PATH (repeat for several sources) or --inputs DIR")
     batch = len(jobs) > 1
     for paths, stem in tqdm(jobs, desc="volumes", disable=True if args.quiet or not batch else None):
         inputs = {modality: read(path) for modality, path in paths.items()}
-        targets = targets_for(predictor, inputs, args.target)
+        targets = targets_for(model, inputs, args.target)
         for target in targets:
-            name = target or str(predictor.target)
+            name = target or str(model.target)
             out = output_path_for(args.out, stem, name, batch or len(targets) > 1)
             check_writable(out)
-            prediction = predictor.predict(
+            prediction = model.predict(
                 inputs, target, batch_size=args.batch_size, flip_tta=args.tta, progress=not args.quiet
             )
-            write_prediction(prediction.volume, out, predictor, paths, prediction.seconds, vars(args))
+            write_prediction(prediction.volume, out, model, paths, prediction.seconds, vars(args))
             if not args.quiet:
                 print(f"{out}  ({prediction.target}, {prediction.seconds:.1f} s)")
     return 0
 
 
-def targets_for(predictor: Predictor, inputs: dict[str, Volume], requested: str | None) -> list[str | None]:
+def targets_for(model: SynthesisModel, inputs: dict[str, Volume], requested: str | None) -> list[str | None]:
     """``--target missing`` on a unified model means every modality the inputs lack."""
     if requested == "missing":
-        if not predictor.task.is_unified:
-            return [predictor.target]
-        return [m for m in predictor.task.modalities if m not in inputs]
+        if not model.task.is_unified:
+            return [model.target]
+        return [m for m in model.task.modalities if m not in inputs]
     return [requested]
 
 
 def write_prediction(
     volume: Volume,
     out: Path,
-    predictor: Predictor,
+    model: SynthesisModel,
     inputs: dict[str, str],
     seconds: float,
     arguments: dict[str, Any],
@@ -159,7 +159,7 @@ def write_prediction(
         "output": str(out),
         "target": volume.meta.get("modality"),
         "inputs": inputs,
-        "checkpoint": predictor.describe(),
+        "checkpoint": model.describe(),
         "arguments": {
             k: str(v) if isinstance(v, Path) else v for k, v in arguments.items() if k != "handler"
         },

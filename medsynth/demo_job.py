@@ -11,13 +11,13 @@ import argparse
 import time
 from pathlib import Path
 
-from ..config import load_config
-from ..data.demo import make_demo_cohort
-from ..evaluate import evaluate, render_table, space_label
-from ..inference.predictor import Predictor
-from ..io.atomic import atomic_write_text
-from .checkpoint import load_checkpoint
-from .run import claim_run_dir, default_run_name, train
+from .config import load_config
+from .data.demo import make_demo_cohort
+from .engine.run import claim_run_dir, default_run_name, train
+from .evaluate import evaluate, render_table, space_label
+from .io.atomic import atomic_write_text
+from .model.checkpoint import BEST, LATEST, load_checkpoint
+from .model.synthesis import SynthesisModel
 
 DEMO_SPACING_MM = 2.0
 
@@ -34,12 +34,15 @@ def run_demo_job(args: argparse.Namespace) -> int:
     else:
         print(f"[1/3] demo cohort already in {data_dir}")
 
-    config = load_config(args.config, args.overrides, {"data.root": str(data_dir)})
+    values: dict[str, object] = {"data.root": str(data_dir)}
+    if args.minutes is not None:
+        values["train.max_minutes"] = args.minutes
+    config = load_config(args.config, args.overrides, values)
     run_dir = workdir / "runs" / (config.name or default_run_name(config))
-    latest = run_dir / "checkpoint_latest.pt"
+    latest = run_dir / LATEST
     if latest.is_file():
         state = load_checkpoint(latest)
-        finished = state["epoch"] >= config.train.total_epochs
+        finished = bool(state.get("finished"))
         print(f"[2/3] run {run_dir} " + ("already trained" if finished else "interrupted; resuming"))
         if not finished:
             train(load_config(run_dir / "config.yaml"), run_dir, resume=True, quiet=args.quiet)
@@ -49,7 +52,7 @@ def run_demo_job(args: argparse.Namespace) -> int:
         train(config, run_dir, quiet=args.quiet)
 
     print("[3/3] evaluating the held-out test subjects against the trivial baselines")
-    predictor = Predictor.from_checkpoint(run_dir / "checkpoint_best.pt")
+    predictor = SynthesisModel.from_checkpoint(run_dir / BEST)
     cases = evaluate(predictor, data_dir, run_dir / "eval", baselines=True, progress=not args.quiet)
     table = render_table(cases, space_label("normalised"))
     atomic_write_text(run_dir / "eval" / "table.txt", table + "\n")

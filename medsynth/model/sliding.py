@@ -13,6 +13,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from ..data.masks import bounding_box
+from .device import autocast
 from .slicing import BACKGROUND
 
 
@@ -26,6 +27,7 @@ def synthesize_patches(
     overlap: float = 0.5,
     batch_size: int = 2,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
     progress: bool = False,
     margin: int = 4,
 ) -> np.ndarray:
@@ -41,16 +43,18 @@ def synthesize_patches(
     ]
     padded = np.pad(stack, pad, constant_values=BACKGROUND)
     generator.eval()
-    result = sliding_window_inference(
-        torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32)).to(device),
-        roi_size=tuple(int(p) for p in patch_size),
-        sw_batch_size=batch_size,
-        predictor=generator,
-        overlap=overlap,
-        mode="gaussian",
-        padding_mode="replicate",
-        progress=progress,
-    )
+    device = torch.device(device)
+    with autocast(device, precision):
+        result = sliding_window_inference(
+            torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32)).to(device),
+            roi_size=tuple(int(p) for p in patch_size),
+            sw_batch_size=batch_size,
+            predictor=generator,
+            overlap=overlap,
+            mode="gaussian",
+            padding_mode="replicate",
+            progress=progress,
+        )
     crop = tuple(slice(0, s) for s in stack.shape[2:])
     output[box] = result[0, 0][crop].float().cpu().numpy()
     return output

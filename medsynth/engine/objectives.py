@@ -1,0 +1,184 @@
+"""Training objectives: what one optimisation step does, behind one seam the loop calls.
+
+The loop (:class:`~medsynth.engine.trainer.Trainer`) owns the generator, its optimiser and the data;
+an objective owns everything else a method needs (a critic and its optimiser for a GAN) and performs
+one step. A new method (CycleGAN, a diffusion or flow-matching generator) is a new class registered in
+:data:`OBJECTIVES`, selected with ``train.objective`` in a recipe; the loop does not change.
+
+Every step returns its losses as *detached device tensors*: reading them forces the host to wait for
+the GPU, so the loop reads them only when it logs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..losses import GeneratorLoss, LSGANLoss
+from ..model.device import autocast
+from ..model.networks import build_model_critic
+
+
+class Objective(Protocol):
+    """One training method; see the module docstring."""
+
+    #: Losses a step reports, in order (columns of metrics.csv).
+    loss_names: tuple[str, ...]
+
+    def step(
+        self, source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]: ...
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Its own optimisers (not the generator's); the loop sets their learning rates."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class _Context:
+    """What every objective receives from the loop."""
+
+    def __init__(
+        self,
+        config: Config,
+        generator: nn.Module,
+        in_channels: int,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        memory_format: torch.memory_format,
+        precision: str,
+    ) -> None:
+        #: The generator's forward (possibly ``torch.compile``-d) and its input channels.
+        self.config, self.generator, self.in_channels, self.optimizer = (
+            config,
+            generator,
+            in_channels,
+            optimizer,
+        )
+        self.device, self.memory_format, self.precision = device, memory_format, precision
+
+    def autocast(self) -> Any:
+        return autocast(self.device, self.precision)
+
+
+class L1Objective:
+    """Reconstruction only: ``lambda_l1 * L1(G(x), y)``, no critic (the pix2pix paper's "L1 alone")."""
+
+    loss_names = ("loss_l1",)
+
+    def __init__(self, context: _Context) -> None:
+        self.ctx = context
+        self.loss = GeneratorLoss(context.config.train.lambda_l1, adversarial_weight=0.0)
+
+    def step(
+        self, source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        with self.ctx.autocast():
+            synthetic = self.ctx.generator(source)
+        terms = self.loss(None, synthetic.float(), target, mask)
+        self.ctx.optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        self.ctx.optimizer.step()
+        return {"loss_l1": terms.l1}
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """No state beyond the generator's."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "l1", "lambda_l1": self.loss.lambda_l1}
+
+
+class GANObjective:
+    """pix2pix: a conditional PatchGAN critic, LSGAN + ``lambda_l1`` * L1.
+
+    1. critic step on ``(source, target)`` (real) vs ``(source, G(source).detach())`` (synthetic);
+    2. generator step on the least-squares adversarial term plus ``lambda_l1 * L1``, with the critic's
+       parameters frozen so no critic weight gradients are computed.
+    """
+
+    loss_names = ("loss_critic", "loss_adv", "loss_l1")
+
+    def __init__(self, context: _Context) -> None:
+        self.ctx = context
+        config = context.config
+        train = config.train
+        self.critic = build_model_critic(config.model, context.in_channels).to(
+            context.device, memory_format=context.memory_format
+        )
+        self.optimizer = torch.optim.Adam(
+            self.critic.parameters(), lr=train.lr_critic, betas=(train.beta1, train.beta2),
+            fused=context.device.type == "cuda",
+        )  # fmt: skip
+        self.loss = GeneratorLoss(train.lambda_l1, train.adversarial_weight)
+        self.forward_critic: nn.Module = torch.compile(self.critic) if train.compile else self.critic
+
+    def step(
+        self, source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        ctx, critic = self.ctx, self.forward_critic
+        with ctx.autocast():
+            synthetic = ctx.generator(source)
+        self.critic.requires_grad_(True)
+        with ctx.autocast():
+            real_score = critic(torch.cat([source, target], dim=1))
+            fake_score = critic(torch.cat([source, synthetic.detach()], dim=1))
+            loss_critic = LSGANLoss.critic(real_score, fake_score)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_critic.backward()
+        self.optimizer.step()
+        # The generator step needs gradients through the critic, not of its weights.
+        self.critic.requires_grad_(False)
+        with ctx.autocast():
+            fake_scores = critic(torch.cat([source, synthetic], dim=1))
+            terms = self.loss(fake_scores, synthetic.float(), target, mask)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        ctx.optimizer.step()
+        return {"loss_critic": loss_critic.detach(), "loss_adv": terms.adversarial, "loss_l1": terms.l1}
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "critic_state": self.critic.state_dict(),
+            "optimizer_critic": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.critic.load_state_dict(state["critic_state"])
+        self.optimizer.load_state_dict(state["optimizer_critic"])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": "gan",
+            "critic": {"name": self.ctx.config.model.critic, "init_args": dict(self.critic.init_args)},
+            "lambda_l1": self.loss.lambda_l1,
+            "adversarial_weight": self.loss.adversarial_weight,
+        }
+
+
+#: ``train.objective`` -> class; :data:`medsynth.config.OBJECTIVES` lists the same names for validation.
+OBJECTIVES: dict[str, type] = {"gan": GANObjective, "l1": L1Objective}
+
+
+def build_objective(name: str, **context: Any) -> Objective:
+    """The objective registered as ``name``, given the loop's generator, optimiser, device and recipe."""
+    return OBJECTIVES[name](_Context(**context))

@@ -1,0 +1,88 @@
+"""Whole-volume synthesis with a 2D generator, slice by slice (2D or 2.5D).
+
+Works on normalised arrays stored slice-axis first (``(n_slices, H, W)``): the layout of the
+preprocessed cache. Only the head's bounding box is computed: slices without foreground and the air
+around the head are filled with the background value (-1 in normalised space) instead of being pushed
+through the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.datasets import crop_plane, round_up, window_slices
+from ..data.masks import bounding_box
+from .device import autocast
+from .layout import InputLayout
+
+BACKGROUND = -1.0
+
+
+def context_indices(n_slices: int, context: int) -> np.ndarray:
+    """For every slice, the indices of its ``context`` neighbours (edge slices replicated)."""
+    half = context // 2
+    offsets = np.arange(-half, half + 1)
+    return np.clip(np.arange(n_slices)[:, None] + offsets[None, :], 0, n_slices - 1)
+
+
+@torch.inference_mode()
+def synthesize_slices(
+    generator: torch.nn.Module,
+    images: Mapping[str, np.ndarray],
+    mask: np.ndarray,
+    *,
+    layout: InputLayout,
+    target: str | None = None,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    flip_tta: bool = False,
+    progress: bool = False,
+    margin: int = 4,
+    window: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Synthesise a slice-first normalised volume from slice-first normalised inputs.
+
+    ``images`` maps the given modalities to arrays of one shape; ``layout`` turns them into network
+    channels (``target`` names what a unified model should produce). ``mask`` (same shape) is the
+    foreground of the inputs; only its bounding box is computed. ``window`` is the training crop:
+    slices are framed like training samples — a window of that size (grown to a multiple of 16 when the
+    head is larger) centred on the head, padded with background — because instance and batch statistics
+    depend on how much air surrounds the head. ``flip_tta`` averages the prediction with that of the
+    left-right flipped input.
+    """
+    device = torch.device(device)
+    shape = next(iter(images.values())).shape
+    output = np.full(shape, BACKGROUND, dtype=np.float32)
+    if not mask.any():
+        return output
+    box = bounding_box(mask)
+    extent = [b.stop - b.start for b in box[1:]]
+    # Without a training window, the head's box grown by ``margin`` in-plane is the frame.
+    size = (
+        [max(int(w), round_up(e, 16)) for w, e in zip(window, extent, strict=True)]
+        if window
+        else [e + 2 * margin for e in extent]
+    )
+    centre = [(b.start + b.stop) // 2 for b in box[1:]]
+    grid, inside = window_slices(centre, size, shape[1:])
+    cropped = {m: crop_plane(np.asarray(image), centre, size, BACKGROUND) for m, image in images.items()}
+    slice_ids = np.arange(box[0].start, box[0].stop)
+    neighbours = context_indices(shape[0], layout.context)
+    generator.eval()
+    batches = range(0, len(slice_ids), batch_size)
+    for start in tqdm(batches, desc="slices", unit="batch", disable=None if progress else True, leave=False):
+        chunk = slice_ids[start : start + batch_size]
+        stacks = {m: image[neighbours[chunk]] for m, image in cropped.items()}  # (B, context, H, W)
+        batch = torch.from_numpy(layout.assemble(stacks, target)).to(device, non_blocking=True)
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            prediction = generator(batch)
+            if flip_tta:
+                prediction = 0.5 * (prediction + generator(batch.flip(-2)).flip(-2))
+        output[chunk, grid[0], grid[1]] = prediction[:, 0, inside[0], inside[1]].float().cpu().numpy()
+    return output

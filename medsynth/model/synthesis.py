@@ -1,0 +1,199 @@
+"""A trained synthesis model: whole volumes in, a synthetic volume on the input's grid out.
+
+:class:`SynthesisModel` is the one implementation of "run the model on a subject". Validation during
+training calls :meth:`~SynthesisModel.synthesize_normalised` on the cache's arrays; ``infer``,
+``evaluate`` and ``convert`` call :meth:`~SynthesisModel.predict`, which adds the steps around it:
+
+    read (any orientation) -> canonical RAS -> foreground mask -> per-volume normalisation
+    -> slice-wise (2D/2.5D) or sliding-window (3D) synthesis inside the head's bounding box
+    -> inverse normalisation with the cohort-level target parameters -> original orientation
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.fingerprint import Fingerprint
+from ..data.masks import foreground_mask
+from ..errors import CheckpointError, GeometryError
+from ..io.geometry import grid_mismatch
+from ..io.volume import Volume, to_canonical
+from ..nets.registry import build_generator
+from ..task import Task
+from .checkpoint import file_digest, load_checkpoint, resolve_checkpoint
+from .device import pick_device
+from .plan import SynthesisPlan
+from .slicing import synthesize_slices
+from .sliding import synthesize_patches
+
+
+@dataclass
+class Prediction:
+    """A synthetic volume and the intermediate arrays evaluation needs."""
+
+    volume: Volume
+    normalised: np.ndarray  # canonical RAS, [-1, 1]
+    mask: np.ndarray  # canonical RAS foreground of the inputs
+    target: str
+    seconds: float
+
+
+class SynthesisModel:
+    """A generator with the plan and normalisation it was trained with, ready to synthesise volumes."""
+
+    def __init__(
+        self,
+        plan: SynthesisPlan,
+        generator: torch.nn.Module,
+        fingerprint: Fingerprint,
+        *,
+        device: str | torch.device = "cpu",
+        source: str = "<memory>",
+        digest: str | None = None,
+        epoch: int | None = None,
+        splits: dict[str, list[str]] | None = None,
+    ) -> None:
+        self.plan, self.generator, self.fingerprint = plan, generator, fingerprint
+        self.device = pick_device(str(device))
+        self.source, self.digest, self.epoch = source, digest, epoch
+        #: Subject-level splits of the training run, so evaluation scores the held-out subjects.
+        self.checkpoint_splits: dict[str, list[str]] = dict(splits or {})
+
+    @classmethod
+    def from_payload(
+        cls, payload: dict[str, Any], *, device: str = "cpu", source: str = "<memory>"
+    ) -> SynthesisModel:
+        """Rebuild the generator from a loaded checkpoint alone."""
+        plan = SynthesisPlan.from_checkpoint(payload, source)
+        try:
+            generator = build_generator(plan.generator.name, **plan.generator.init_args)
+            generator.load_state_dict(payload["generator_state"])
+            fingerprint = Fingerprint.from_dict(payload["fingerprint"])
+        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"incomplete or incompatible medsynth checkpoint ({exc})", source) from exc
+        model = cls(
+            plan, generator, fingerprint, device=device, source=source, epoch=payload.get("epoch"),
+            splits=payload.get("data", {}).get("splits", {}),
+        )  # fmt: skip
+        model.generator.to(model.device).eval()
+        if plan.spatial_dims == 2:
+            model.generator.to(memory_format=torch.channels_last)
+        return model
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> SynthesisModel:
+        """Load a checkpoint file, or the best checkpoint of a run folder."""
+        path = resolve_checkpoint(path)
+        model = cls.from_payload(load_checkpoint(path), device=device, source=str(path))
+        model.digest = file_digest(path)
+        return model
+
+    # ------------------------------------------------------------------------------- describe
+    @property
+    def task(self) -> Task:
+        return self.plan.task
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self.task.sources
+
+    @property
+    def target(self) -> str | None:
+        return self.task.target
+
+    @property
+    def required_modalities(self) -> tuple[str, ...]:
+        return self.plan.required_modalities
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": str(self.task), "checkpoint": self.source, "sha256": self.digest, "epoch": self.epoch}
+
+    # ------------------------------------------------------------------------------- compute
+    def normalise(self, canonical: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Canonical arrays -> normalised inputs, by the same rule the training cache used."""
+        return {m: self.fingerprint.input_normalizer(m, a).forward(a) for m, a in canonical.items()}
+
+    def synthesize_normalised(
+        self,
+        images: Mapping[str, np.ndarray],
+        mask: np.ndarray,
+        target: str | None = None,
+        *,
+        batch_size: int = 16,
+        flip_tta: bool = False,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Canonical ``(I, J, K)`` normalised inputs -> canonical normalised synthetic ``target``.
+
+        ``images`` holds the sources of a fixed task, or any subset of a unified model's modalities
+        without ``target``. Views are fine (the cache's memory maps, transposed): nothing is written.
+        """
+        plan = self.plan
+        target = str(plan.task.target) if target is None else target
+        if plan.spatial_dims == 3:
+            return synthesize_patches(
+                self.generator, [images[m] for m in plan.layout.modalities], mask,
+                patch_size=plan.window or (64, 64, 64), overlap=plan.sliding_overlap,
+                batch_size=batch_size, device=self.device, precision=plan.precision, progress=progress,
+            )  # fmt: skip
+        axis = plan.axis
+        result = synthesize_slices(
+            self.generator,
+            {m: np.moveaxis(a, axis, 0) for m, a in images.items()},
+            np.moveaxis(mask, axis, 0),
+            layout=plan.layout,
+            target=target,
+            window=plan.window,
+            batch_size=batch_size,
+            device=self.device,
+            precision=plan.precision,
+            flip_tta=flip_tta,
+            progress=progress,
+        )
+        return np.moveaxis(result, 0, axis)
+
+    def predict(
+        self,
+        inputs: dict[str, Volume],
+        target: str | None = None,
+        *,
+        batch_size: int = 16,
+        flip_tta: bool = False,
+        progress: bool = False,
+    ) -> Prediction:
+        """Synthesise ``target`` (or the task's target) on the grid of the first input volume."""
+        started = time.perf_counter()
+        target, order = self.plan.resolve_target(inputs, target)
+        reference = inputs[order[0]] if not self.task.is_unified else next(iter(inputs.values()))
+        for modality, volume in inputs.items():
+            problem = grid_mismatch(reference, volume)
+            if problem:
+                raise GeometryError(
+                    f"{modality} is not on the grid of {reference.source} ({problem}); "
+                    "register/resample the inputs onto one grid first",
+                    volume.source,
+                )
+        canonical = {}
+        for modality in order:
+            volume, reorientation = to_canonical(inputs[modality])
+            canonical[modality] = volume.array
+        mask = foreground_mask([canonical[m] for m in order])
+        normalised = self.synthesize_normalised(
+            self.normalise(canonical),
+            mask,
+            target,
+            batch_size=batch_size,
+            flip_tta=flip_tta,
+            progress=progress,
+        )
+        native = self.fingerprint.output_normalizer(target).inverse(normalised)
+        array = reorientation.undo(native.astype(np.float32))
+        volume = reference.with_array(array, modality=target, synthetic=True, path=None)
+        return Prediction(volume, normalised, mask, target, time.perf_counter() - started)
