@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--config", default="demo_cpu", help="recipe (default: the fast CPU recipe)")
     job.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     job.add_argument("--subjects", type=int, default=12)
+    job.add_argument(
+        "--minutes", type=float, default=None,
+        help="training time budget in minutes (default: the recipe's train.max_minutes)",
+    )  # fmt: skip
     job.add_argument("--quiet", action="store_true")
     job.set_defaults(handler=_demo_job)
 
