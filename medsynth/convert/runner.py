@@ -252,7 +252,7 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _init_worker(predictor: PredictorLike | str, threads: int, devices: Any, parent_pid: int) -> None:
+def _init_worker(predictor: PredictorLike | str | Path, threads: int, devices: Any, parent_pid: int) -> None:
     """Pool initializer: die with the parent, bound torch's threads, load the model on this worker's device.
 
     ``devices`` is a queue holding one device name per worker (:func:`worker_devices`); each worker
