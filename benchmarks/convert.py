@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import machine
+
 from medsynth.convert import discover, run_convert
 from medsynth.data.demo import make_demo_cohort
 from medsynth.io.volume import Volume
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("--format", dest="fmt", default="both", choices=("nifti", "dicom", "both"))
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
+    print(machine.describe())
 
     with tempfile.TemporaryDirectory(prefix="medsynth-bench-") as temp:
         cohort = Path(temp) / "demo"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+import machine
 import numpy as np
 
 from medsynth.data import demo
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--source", default="t1")
     parser.add_argument("--target", default="t2")
     args = parser.parse_args()
+    print(machine.describe())
     base = demo.anatomy(args.spacing)
     scores = []
     print(f"oracle (noise- and bias-free {args.target}) vs the real {args.target}, mask of {args.source}")

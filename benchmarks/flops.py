@@ -1,13 +1,15 @@
-"""FLOPs and CPU time of one pix2pix training step (critic step + generator step).
+"""FLOPs and time of one pix2pix training step (critic step + generator step), on a CPU or a GPU.
 
 The step is the one the trainer runs: the generator synthesises a batch; the critic scores
 (source, real) and (source, synthetic.detach()) and steps; the generator is scored again through the
 frozen critic and steps on LSGAN + lambda * L1. FLOPs are counted by ``torch.utils.flop_counter`` on
 that exact step (convolutions and matrix products, forward and backward; the optimiser's element-wise
-update is not counted) and reported per slice (per patch in 3D).
+update is not counted) and reported per slice (per patch in 3D). The throughput is put against the
+machine's own matrix-product peak, measured in the same run (:mod:`machine`).
 
     python benchmarks/flops.py                              # pix2pix: U-Net 7 levels @128, 70x70 critic, batch 8
     python benchmarks/flops.py --generator resvit --size 128 --batch 2
+    python benchmarks/flops.py --device cuda --batch 32     # on a GPU (fp32 step; peak = bf16 matmul)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import machine
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -22,8 +25,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from medsynth.losses import GeneratorLoss, LSGANLoss
 from medsynth.nets import PatchGAN, UNet, build_critic, build_generator
 
-#: Sustained fp32 throughput assumed for the 2 CPU cores this is run on, to put the timing in context.
-REFERENCE_GFLOPS = 150.0
 GENERATOR_LOSS = GeneratorLoss()
 
 
@@ -66,9 +67,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--channels-last", action="store_true", help="channels_last(_3d) memory format")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
 
+    machine.cuda_or_exit(args.device)
     torch.set_num_threads(args.threads)
+    print(machine.describe(args.device))
+    peak = machine.measure_peak(args.device)
+    print(peak)
     torch.manual_seed(0)
     if args.generator == "unet":
         depth = args.depth or UNet.depth_for(args.size)
@@ -85,8 +91,10 @@ def main() -> None:
         base_channels=args.base_channels,
         n_layers=args.critic_layers,
     )
+    generator, critic = generator.to(args.device), critic.to(args.device)
     shape = (args.batch, args.in_channels, *(args.size,) * args.spatial_dims)
-    source, target = torch.randn(shape), torch.rand(args.batch, 1, *shape[2:]) * 2 - 1
+    source = torch.randn(shape, device=args.device)
+    target = torch.rand(args.batch, 1, *shape[2:], device=args.device) * 2 - 1
     if args.channels_last:
         fmt = torch.channels_last if args.spatial_dims == 2 else torch.channels_last_3d
         generator, critic = generator.to(memory_format=fmt), critic.to(memory_format=fmt)
@@ -99,9 +107,11 @@ def main() -> None:
     with FlopCounterMode(display=False) as counter:
         training_step(generator, critic, optimisers, source, target)  # also the warm-up
     gflop = counter.get_total_flops() / 1e9
+    machine.synchronize(args.device)
     start = time.perf_counter()
     for _ in range(args.repeats):
         training_step(generator, critic, optimisers, source, target)
+    machine.synchronize(args.device)
     seconds = (time.perf_counter() - start) / args.repeats
 
     g_params = sum(p.numel() for p in generator.parameters()) / 1e6
@@ -113,14 +123,11 @@ def main() -> None:
     )
     print(
         f"input      batch {args.batch} x {args.in_channels} x {args.size}^{args.spatial_dims}, "
-        f"{args.threads} threads{', channels_last' if args.channels_last else ''}"
+        f"{args.device}, {args.threads} threads{', channels_last' if args.channels_last else ''}"
     )
     print(f"FLOPs      {gflop:.1f} GFLOP per step, {gflop / args.batch:.2f} GFLOP per slice")
     print(f"time       {seconds:.2f} s per step, {seconds / args.batch * 1e3:.0f} ms per slice")
-    achieved = gflop / seconds
-    print(
-        f"throughput {achieved:.1f} GFLOP/s = {achieved / REFERENCE_GFLOPS:.0%} of {REFERENCE_GFLOPS:.0f} GFLOP/s fp32"
-    )
+    print(f"throughput {machine.fraction(gflop / seconds, peak)}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import machine
+
 from medsynth.data.cache import prepare_cohort
 from medsynth.data.datasets import SliceDataset, make_loader
 from medsynth.data.demo import make_demo_cohort
@@ -61,6 +63,7 @@ def _measure(args: argparse.Namespace, data: Path, cache: Path) -> None:
 
 def main() -> None:
     args = _parse()
+    print(machine.describe())
     with tempfile.TemporaryDirectory(prefix="medsynth-bench-") as scratch:
         data = args.data
         if data is None:

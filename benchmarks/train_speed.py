@@ -1,9 +1,10 @@
-"""Training throughput of the recipes: slices/s, ms/step, FLOPs, fraction of the CPU's peak, peak memory.
+"""Training throughput of the recipes: slices/s, ms/step, FLOPs, fraction of the measured peak, memory.
 
 Each measurement builds the real :class:`~medsynth.engine.trainer.Trainer` (networks, optimisers, memory
 format, slice dataset and loader from the prepared cache) on the demo cohort at 2 mm, then times
 ``Trainer.train_step`` (critic step + generator step) on the loader's own batches. FLOPs come from
-``torch.utils.flop_counter`` over one step. Every measurement runs in a fresh child process so that its
+``torch.utils.flop_counter`` over one step; GFLOP/s are put against the machine's own matrix-product peak,
+measured at the start of the run (:mod:`machine`), which also names the machine. Every measurement runs in a fresh child process so that its
 peak resident memory (``ru_maxrss``) is its own. The machine may be shared: step times are medians and the
 load average is printed.
 
@@ -12,7 +13,8 @@ It also measures what freezing the critic during the generator step saves (the T
 
     python benchmarks/train_speed.py                          # demo_cpu and t1_to_t2_unet2d, 2 threads
     python benchmarks/train_speed.py --channels-last both --compile
-    python benchmarks/train_speed.py --config configs/demo_cpu.yaml --size 128 128 --steps 10
+    python benchmarks/train_speed.py --config demo_cpu --size 128 128 --steps 10
+    python benchmarks/train_speed.py --device cuda --config t1_to_t2_unet2d --batch-size 32
 """
 
 from __future__ import annotations
@@ -29,20 +31,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: Sustained fp32 throughput of the 2 AVX2 cores these figures are quoted against (issue 3).
-PEAK_GFLOPS = 150.0
-DEFAULT_RECIPES = ("configs/demo_cpu.yaml", "configs/t1_to_t2_unet2d.yaml")
+import machine
+
+DEFAULT_RECIPES = ("demo_cpu", "t1_to_t2_unet2d")
 DEMO_SUBJECTS = 3  # one train, one validation, one test subject: the cohort only feeds the loader
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action="append", help="recipe (repeatable; default: the two recipes)")
+    parser.add_argument(
+        "--config", action="append", help="recipe name or YAML (repeatable; default: the two recipes)"
+    )
     parser.add_argument("--data", type=Path, help="dataset with T1w/T2w (default: a 2 mm demo cohort)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="crop (default: the recipe's)")
     parser.add_argument("--batch-size", type=int, help="default: the recipe's")
     parser.add_argument("--steps", type=int, default=6, help="timed steps (median taken) after one warm-up")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--channels-last", choices=("on", "off", "both"), default="on")
     parser.add_argument("--compile", action="store_true", help="also measure with torch.compile")
     parser.add_argument("--no-freeze-compare", action="store_true", help="skip the frozen-critic comparison")
@@ -50,11 +55,13 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _step_seconds(trainer: Any, batches: list[dict], steps: int) -> list[float]:
+def _step_seconds(trainer: Any, batches: list[dict], steps: int, device: str) -> list[float]:
     times = []
     for index in range(steps):
+        machine.synchronize(device)
         started = time.perf_counter()
         trainer.train_step(batches[index % len(batches)])
+        machine.synchronize(device)
         times.append(time.perf_counter() - started)
     return times
 
@@ -76,7 +83,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     from medsynth.engine.trainer import Trainer
 
     values: dict[str, Any] = {
-        "data.root": job["data"], "data.val": 1, "data.test": 1, "train.device": "cpu",
+        "data.root": job["data"], "data.val": 1, "data.test": 1, "train.device": job["device"],
         "train.num_threads": job["threads"], "train.channels_last": job["channels_last"],
         "train.compile": job["compile"],
     }  # fmt: skip
@@ -96,16 +103,19 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
             "crop": list(trainer.dataset.crop_size),
             "batch": config.train.batch_size,
             "gflop_step": _step_gflop(trainer, batches[0]),
-            "seconds": _step_seconds(trainer, batches, job["steps"]),
+            "seconds": _step_seconds(trainer, batches, job["steps"], job["device"]),
         }
-        if job["freeze_compare"]:
+        critic = getattr(trainer.objective, "critic", None)  # GAN objectives only
+        if job["freeze_compare"] and critic is not None:
             # Counterfactual: the critic's weights stay trainable through the generator step.
-            trainer.critic.requires_grad_(True)
-            trainer.critic.requires_grad_ = lambda requires_grad=True: trainer.critic
+            critic.requires_grad_(True)
+            critic.requires_grad_ = lambda requires_grad=True: critic
             result["unfrozen_gflop_step"] = _step_gflop(trainer, batches[0])
-            result["unfrozen_seconds"] = _step_seconds(trainer, batches, job["steps"])
+            result["unfrozen_seconds"] = _step_seconds(trainer, batches, job["steps"], job["device"])
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["threads"] = torch.get_num_threads()
+    if job["device"] == "cuda":
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
 
 
@@ -117,15 +127,16 @@ def _run_child(job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def _row(recipe: str, variant: str, r: dict[str, Any]) -> str:
+def _row(recipe: str, variant: str, r: dict[str, Any], peak: machine.Peak) -> str:
     median, best = statistics.median(r["seconds"]), min(r["seconds"])
     gflop_slice = r["gflop_step"] / r["batch"]
     achieved = r["gflop_step"] / median
     crop = "x".join(str(s) for s in r["crop"])
+    gpu = f" {r['peak_gpu_mib']:.0f} |" if "peak_gpu_mib" in r else ""
     return (
         f"| {recipe} | {variant} | {crop} | {r['batch']} | {r['batch'] / median:.1f} | {median * 1e3:.0f} "
-        f"| {best * 1e3:.0f} | {gflop_slice:.2f} | {achieved:.1f} | {achieved / PEAK_GFLOPS:.0%} "
-        f"| {r['gflop_step'] / best / PEAK_GFLOPS:.0%} | {r['peak_rss_mib']:.0f} |"
+        f"| {best * 1e3:.0f} | {gflop_slice:.2f} | {achieved:.1f} | {machine.percent(achieved, peak)} "
+        f"| {machine.percent(r['gflop_step'] / best, peak)} | {r['peak_rss_mib']:.0f} |{gpu}"
     )
 
 
@@ -143,8 +154,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return
+    machine.cuda_or_exit(args.device)
+    import torch
+
     from medsynth.data.demo import make_demo_cohort
 
+    torch.set_num_threads(args.threads)
+    print(machine.describe(args.device))
+    peak = machine.measure_peak(args.device)
+    print(peak, flush=True)
     recipes = args.config or list(DEFAULT_RECIPES)
     formats = {"on": [True], "off": [False], "both": [True, False]}[args.channels_last]
     variants = [(f"channels_last={'on' if fmt else 'off'}", fmt, False) for fmt in formats]
@@ -162,26 +180,26 @@ def main(argv: list[str] | None = None) -> None:
                 job = {
                     "config": recipe, "data": str(data), "cache": str(Path(scratch) / "cache"),
                     "threads": args.threads, "channels_last": channels_last, "compile": compile_,
+                    "device": args.device,
                     "size": args.size, "batch_size": args.batch_size, "steps": args.steps,
                     "freeze_compare": number == 0 and not args.no_freeze_compare,
                 }  # fmt: skip
                 results.append((Path(recipe).stem, variant, _run_child(job)))
     load_after = os.getloadavg()
 
-    import torch
-
     print(
-        f"torch {torch.__version__}, {args.threads} threads, data {args.data or '2 mm demo cohort'}, "
+        f"\n{args.device}, {args.threads} threads, data {args.data or '2 mm demo cohort'}, "
         f"median (and best) of {args.steps} steps after 1 warm-up; load average before {load_before[0]:.2f}, "
         f"after {load_after[0]:.2f} (1 min) on {os.cpu_count()} CPUs\n"
     )
+    gpu = " peak GPU MiB |" if args.device == "cuda" else ""
     print(
         "| recipe | variant | crop | batch | slices/s | ms/step | ms/step (best) | GFLOP/slice | GFLOP/s "
-        f"| of {PEAK_GFLOPS:.0f} GFLOP/s | (best) | peak RSS MiB |"
+        f"| of the measured peak | (best) | peak RSS MiB |{gpu}"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     for recipe, variant, result in results:
-        print(_row(recipe, variant, result))
+        print(_row(recipe, variant, result, peak))
     compared = [(recipe, r) for recipe, _, r in results if "unfrozen_seconds" in r]
     if compared:
         print("\nFreezing the critic's weights in the generator step (FLOPs and time per step):\n")
