@@ -249,24 +249,60 @@ class SliceDataset(Dataset):
 
 
 class BatchLoader:
-    """Iterates whole batches from a dataset's ``__getitems__``, in an order fixed by seed and epoch."""
+    """Iterates whole batches from a dataset's ``__getitems__``, in an order fixed by seed and epoch.
 
-    def __init__(self, dataset: Any, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool) -> None:
+    With ``world_size > 1`` (one loader per training process) each ``rank`` takes a disjoint share of
+    the same ``(seed, epoch)`` permutation: global step ``s`` is the samples
+    ``order[s * B * W : (s + 1) * B * W]`` and rank ``r`` takes its ``r``-th block of ``B``. Every rank
+    makes the same number of steps (``drop_last`` is required), and one process (``world_size=1``)
+    iterates exactly as before. Resuming at step ``s`` of an epoch skips the same samples whatever
+    rank reads them.
+
+    Example:
+        >>> class Items:
+        ...     def __len__(self): return 10
+        ...     def set_epoch(self, epoch): pass
+        ...     def __getitems__(self, index): return [int(i) for i in index]
+        >>> shares = [list(BatchLoader(Items(), 2, shuffle=False, seed=0, drop_last=True, rank=r, world_size=2))
+        ...           for r in (0, 1)]
+        >>> shares
+        [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-        if drop_last and len(dataset) < batch_size:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
+        if world_size > 1 and not drop_last:
+            raise ConfigError("a loader shared by several processes needs drop_last=True (equal steps)")
+        per_step = batch_size * world_size
+        if drop_last and len(dataset) < per_step:
+            shared = f" ({batch_size} per process x {world_size} processes)" if world_size > 1 else ""
             raise MedsynthError(
-                f"only {len(dataset)} samples for a batch of {batch_size}; lower the batch size or add subjects"
+                f"only {len(dataset)} samples for a batch of {per_step}{shared}; "
+                "lower the batch size or add subjects"
             )
         self.dataset, self.batch_size = dataset, batch_size
         self.shuffle, self.seed, self.drop_last, self.epoch = shuffle, seed, drop_last, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.dataset), self.batch_size)
+        full, rest = divmod(len(self.dataset), self.batch_size * self.world_size)
         return full if self.drop_last or not rest else full + 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -276,8 +312,10 @@ class BatchLoader:
             if self.shuffle
             else np.arange(total)
         )
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield self.dataset.__getitems__(order[start : start + self.batch_size])
+        step = self.batch_size * self.world_size
+        for start in range(0, len(self) * step, step):
+            first = start + self.rank * self.batch_size
+            yield self.dataset.__getitems__(order[first : first + self.batch_size])
 
 
 def make_loader(
@@ -287,13 +325,18 @@ def make_loader(
     shuffle: bool = True,
     seed: int = 0,
     drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> BatchLoader:
     """Batches of a slice or patch dataset; call ``loader.set_epoch(e)`` before each epoch.
 
     No worker processes: slices are gathered from RAM faster than workers could ship them, and
-    patch fetches are memory-mapped reads.
+    patch fetches are memory-mapped reads. ``rank``/``world_size``: this process's share in a
+    distributed run (see :class:`BatchLoader`).
     """
-    return BatchLoader(dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return BatchLoader(
+        dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size
+    )
 
 
 class PatchDataset(Dataset):
