@@ -119,6 +119,9 @@ class TrainConfig:
     amp: bool = True
     compile: bool = False
     channels_last: bool = True
+    #: CUDA only: keep the training slices on the GPU and gather batches there (falls back to pinned
+    #: host memory when they exceed half the free GPU memory). Ignored on a CPU.
+    data_on_device: bool = True
     #: Time budget of the whole training job in minutes (None: run all epochs). The learning-rate
     #: schedule is mapped onto the budget; ``--resume`` with a larger value extends a stopped run.
     max_minutes: float | None = None

@@ -207,3 +207,42 @@ def test_patch_dataset_shapes_and_foreground_centres(cohort) -> None:
 def test_patch_larger_than_volume_names_the_largest_that_fits(cohort) -> None:
     with pytest.raises(MedsynthError, match=r"largest patch that fits every subject is \(24, 20, 12\)"):
         PatchDataset(cohort, ["a", "b"], ["t1"], "t2", patch_size=(32, 16, 8), samples_per_epoch=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"sources": ["t1"], "target": "t2"},
+        {"sources": ["t1", "pd"], "target": "t2", "context": 3},
+        {"sources": [], "target": None, "unified_modalities": MODALITIES, "context": 3},
+        {"sources": ["t1"], "target": "t2", "axis": 0},
+    ],
+)
+def test_torch_gather_equals_numpy_gather(cohort, kwargs) -> None:
+    """The GPU-resident path (here: torch indexing on the CPU) yields the numpy path's batches exactly."""
+    kwargs = dict(kwargs)
+    sources, target = kwargs.pop("sources"), kwargs.pop("target")
+    host = SliceDataset(cohort, ["a", "b"], sources, target, seed=3, **kwargs)
+    resident = SliceDataset(cohort, ["a", "b"], sources, target, seed=3, **kwargs)
+    resident.to_device("cpu")
+    for epoch in (0, 2):
+        loaders = [make_loader(d, 5, shuffle=True, seed=1, drop_last=True) for d in (host, resident)]
+        for loader in loaders:
+            loader.set_epoch(epoch)
+        for expected, got in zip(*loaders, strict=True):
+            assert expected.keys() == got.keys()
+            for key, value in expected.items():
+                if isinstance(value, torch.Tensor):
+                    assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+                    assert torch.equal(got[key], value), key
+                else:
+                    assert got[key] == value
+
+
+def test_place_on_device_leaves_a_cpu_run_alone(cohort) -> None:
+    from medsynth.data.datasets import place_on_device
+
+    dataset = SliceDataset(cohort, ["a", "b"], ["t1"], "t2")
+    assert "host" in place_on_device(dataset, torch.device("cpu"), resident=True)
+    assert dataset._resident is None and not dataset.pin_memory
+    assert dataset.resident_bytes > 0

@@ -163,6 +163,9 @@ class SliceDataset(Dataset):
         first = self._selected - local
         last = first + self._depth[self._selected] - 1
         self._neighbours = np.clip(self._selected[:, None] + half, first[:, None], last[:, None])
+        #: Where batches are gathered: host numpy (default), or torch on ``device`` after :meth:`to_device`.
+        self.device, self.pin_memory = torch.device("cpu"), False
+        self._resident: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _crop_size(
         self, subjects: list[CachedSubject], crop_size: tuple[int, int] | None, multiple: int
@@ -209,11 +212,83 @@ class SliceDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {key: value[0] for key, value in self.__getitems__([index]).items()}
 
+    # ------------------------------------------------------------------ where batches are gathered
+    def to_device(self, device: torch.device | str) -> None:
+        """Hold the slice arrays on ``device`` and gather batches there with torch indexing.
+
+        On a GPU the step then never waits for a host copy: per batch only the indices (a few hundred
+        bytes, pinned, copied non-blocking) cross the bus. The batches equal the numpy path's exactly
+        (same order, same unified-mode draws, drawn on the host as before). ``"cpu"`` selects the torch
+        gather on the host, which is how tests check that equality without a GPU.
+        """
+        device = torch.device(device)
+        self._resident = (torch.from_numpy(self._images).to(device), torch.from_numpy(self._masks).to(device))
+        self.device, self.pin_memory = device, False
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes :meth:`to_device` moves: the cropped slices and their masks."""
+        return int(self._images.nbytes + self._masks.nbytes)
+
+    def _indices_on_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """Host index arrays -> device tensors in one pinned, non-blocking copy (no host wait on CUDA)."""
+        flat = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in arrays]))
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        parts = flat.split([int(np.size(a)) for a in arrays])
+        return [part.view(np.shape(a)) for part, a in zip(parts, arrays, strict=True)]
+
+    def _gather_resident(
+        self, index: np.ndarray, centre: np.ndarray, neighbours: np.ndarray
+    ) -> dict[str, Any]:
+        """:meth:`__getitems__` with the arrays on ``self.device``: the same values, gathered by torch."""
+        images, masks = self._resident
+        batch: dict[str, Any] = {
+            "subject": [self.subject_ids[n] for n in self._subject_number[centre]],
+            "slice": torch.from_numpy(self._slice_index[centre]),
+        }
+        size, height, width = len(index), *self.crop_size
+        if self.unified:
+            available, target_index = self._draw_unified(index)
+            centre_d, neighbours_d, available_d, target_d = self._indices_on_device(
+                centre, neighbours, available, target_index
+            )
+            available_f = available_d.to(torch.float32)
+            count = len(self.modalities)
+            stack = images[neighbours_d].transpose(1, 2)  # (B, M, context, H, W)
+            planes = (stack * available_f[:, :, None, None, None]).reshape(
+                size, count * self.context, height, width
+            )
+            one_hot = torch.eye(count, dtype=torch.float32, device=self.device)[target_d]
+            batch["source"] = torch.cat(
+                [planes, available_f[:, :, None, None].expand(size, count, height, width),
+                 one_hot[:, :, None, None].expand(size, count, height, width)], dim=1,
+            )  # fmt: skip
+            batch["target"] = images[centre_d, target_d][:, None]
+            batch["target_index"], batch["available"] = target_d, available_f
+        else:
+            centre_d, neighbours_d = self._indices_on_device(centre, neighbours)
+            count = len(self.sources)
+            stack = images[neighbours_d, :count].transpose(1, 2)  # (B, S, context, H, W)
+            batch["source"] = stack.reshape(size, count * self.context, height, width).contiguous()
+            if self.target is not None:
+                batch["target"] = images[centre_d, count][:, None]
+        batch["mask"] = masks[centre_d][:, None].to(torch.float32)
+        return batch
+
     def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
         """A whole batch with one gather per array: ``source`` (B, C, H, W), ``target`` (B, 1, H, W), ..."""
         index = np.asarray(indices, dtype=np.int64)
         centre = self._selected[index]
         neighbours = self._neighbours[index]  # (B, context)
+        if self._resident is not None:
+            return self._gather_resident(index, centre, neighbours)
+        if self.pin_memory:
+            return _pinned(self._gather(index, centre, neighbours))
+        return self._gather(index, centre, neighbours)
+
+    def _gather(self, index: np.ndarray, centre: np.ndarray, neighbours: np.ndarray) -> dict[str, Any]:
+        """The numpy gather from host RAM (the default, and the reference of the device path)."""
         batch: dict[str, Any] = {
             "mask": torch.from_numpy(self._masks[centre][:, None].astype(np.float32)),
             "subject": [self.subject_ids[n] for n in self._subject_number[centre]],
@@ -339,6 +414,41 @@ def make_loader(
     )
 
 
+def _pinned(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch's tensors in page-locked memory, so that ``.to(cuda, non_blocking=True)`` is truly async."""
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+#: Share of the device's free memory the training slices may take when they are moved there.
+RESIDENT_SHARE = 0.5
+
+
+def place_on_device(dataset: SliceDataset | PatchDataset, device: torch.device, *, resident: bool) -> str:
+    """Decide where a CUDA run's batches come from; returns the one-line decision (also logged).
+
+    * ``resident`` and a slice dataset that takes at most :data:`RESIDENT_SHARE` of the free device
+      memory: its arrays move to the GPU once and batches are gathered there (:meth:`SliceDataset.to_device`);
+    * otherwise batches are gathered on the host into pinned memory and copied non-blocking.
+
+    A CPU device changes nothing (the numpy gather is what a CPU step wants).
+    """
+    if device.type != "cuda":
+        return "training batches gathered on the host"
+    if resident and isinstance(dataset, SliceDataset):
+        free, _total = torch.cuda.mem_get_info(device)
+        if dataset.resident_bytes <= RESIDENT_SHARE * free:
+            dataset.to_device(device)
+            message = f"training slices resident on {device} ({dataset.resident_bytes / 2**20:.0f} MB)"
+            log.info(message)
+            return message
+        log.info(
+            "training slices (%.0f MB) exceed %.0f %% of the free GPU memory; pinned host batches instead",
+            dataset.resident_bytes / 2**20, 100 * RESIDENT_SHARE,
+        )  # fmt: skip
+    dataset.pin_memory = True
+    return "training batches gathered on the host into pinned memory, copied non-blocking"
+
+
 class PatchDataset(Dataset):
     """Random 3D patches (``patch_size`` in canonical ``(i, j, k)`` order) for 3D networks.
 
@@ -389,6 +499,8 @@ class PatchDataset(Dataset):
         self._masks = [s.mask for s in self._subjects]
         # Cumulative foreground counts per storage slice k: a weighted centre is drawn slice first.
         self._cumulative = [np.cumsum(m.reshape(len(m), -1).sum(axis=1, dtype=np.int64)) for m in self._masks]
+        #: Return batches in page-locked memory (set by :func:`place_on_device` for a CUDA run).
+        self.pin_memory = False
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -424,9 +536,10 @@ class PatchDataset(Dataset):
             sources.append([images[m][box].transpose(1, 2, 0) for m in self.sources])
             targets.append(images[self.target][box].transpose(1, 2, 0)[None])
             masks.append(self._masks[number][box].transpose(1, 2, 0)[None])
-        return {
+        batch = {
             "source": torch.from_numpy(np.asarray(sources, dtype=np.float32)),
             "target": torch.from_numpy(np.asarray(targets, dtype=np.float32)),
             "mask": torch.from_numpy(np.asarray(masks, dtype=np.float32)),
             "subject": [self._subjects[n].id for n in numbers],
         }
+        return _pinned(batch) if self.pin_memory else batch

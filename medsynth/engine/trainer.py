@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..data.datasets import PatchDataset, SliceDataset, make_loader
+from ..data.datasets import PatchDataset, SliceDataset, make_loader, place_on_device
 from ..errors import ConfigError, MedsynthError
 from ..io.atomic import atomic_path
 from ..metrics import mae, psnr, ssim_3d
@@ -125,6 +125,8 @@ class Trainer:
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group.setdefault("initial_lr", group["lr"])
+        # CUDA: slices resident on the GPU (else pinned host batches); a CPU run is unchanged.
+        place_on_device(self.dataset, self.device, resident=train.data_on_device)
         self.loader = make_loader(
             self.dataset, train.batch_size, shuffle=True, seed=train.seed, drop_last=True
         )
