@@ -211,7 +211,7 @@ def subject_figure(
     columns = list(arrays)
     i, j, k = _centre(shape, mask)
     # Each plane: how to cut it and the spacing of its (first, second) in-plane axes.
-    planes = {
+    planes: dict[str, tuple[tuple[int | slice, ...], tuple[float, float]]] = {
         "axial": ((slice(None), slice(None), k), (spacing[0], spacing[1])),
         "coronal": ((slice(None), j, slice(None)), (spacing[0], spacing[2])),
         "sagittal": ((i, slice(None), slice(None)), (spacing[1], spacing[2])),
