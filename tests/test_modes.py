@@ -18,9 +18,12 @@ from conftest import TINY_OVERRIDES, tiny_config
 from medsynth.cli import main
 from medsynth.config import CONFIG_DIR, load_config
 from medsynth.engine.run import claim_run_dir, train
+from medsynth.engine.setup import prepare_run_data
 from medsynth.errors import ConfigError
 from medsynth.model.checkpoint import load_checkpoint
+from medsynth.io.readers import read_volume
 from medsynth.model.layout import InputLayout
+from medsynth.model.synthesis import SynthesisModel
 from medsynth.nets.registry import build_critic, build_generator
 
 #: A ResViT small enough for a CPU test: the paper's layout, few filters and a one-layer transformer.
@@ -89,7 +92,9 @@ def test_many_to_one_checkpoint_records_source_order(many_to_one_run: Path) -> N
         state["plan"]["task"]["sources"] == ["t1", "t2", "pd"] and state["plan"]["task"]["target"] == "flair"
     )
     assert state["plan"]["generator"]["init_args"]["in_channels"] == 3
-    assert state["objective"]["critic"]["init_args"]["in_channels"] == 4  # sources + the (real or synthetic) target
+    assert (
+        state["objective"]["critic"]["init_args"]["in_channels"] == 4
+    )  # sources + the (real or synthetic) target
 
 
 def test_many_to_one_infer_named_or_in_order(
@@ -123,6 +128,39 @@ def test_many_to_one_infer_named_or_in_order(
     first = assert_on_input_grid(ordered, t1)
     np.testing.assert_array_equal(first, np.asarray(nib.load(named).dataobj))
     assert (tmp_path / "ordered.json").is_file()
+
+
+def test_inference_feeds_the_network_what_training_cached(
+    many_to_one_run: Path, tiny_cohort: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No train/inference skew: for a 3-source model, the normalised inputs ``predict`` hands to the
+    network equal the cache's arrays of the same subject (each input normalised on its own foreground)."""
+    config = load_config(many_to_one_run / "config.yaml")
+    data = prepare_run_data(
+        config,
+        config.parsed_task(),
+        many_to_one_run,
+        cache_dir=many_to_one_run.parent / ".cache",
+        progress=False,
+    )
+    model = SynthesisModel.from_checkpoint(many_to_one_run)
+    subject = held_out_subject(many_to_one_run)
+    seen: dict[str, np.ndarray] = {}
+
+    def capture(images, mask, target=None, **kwargs):
+        seen.update({m: np.array(a) for m, a in images.items()})
+        return np.full(mask.shape, -1.0, np.float32)
+
+    monkeypatch.setattr(model, "synthesize_normalised", capture)
+    inputs = {
+        m: read_volume(anat(tiny_cohort, subject, s))
+        for m, s in (("t1", "T1w"), ("t2", "T2w"), ("pd", "PDw"))
+    }
+    model.predict(inputs)
+    cached = data.cohort.subject(subject)
+    assert sorted(seen) == ["pd", "t1", "t2"]
+    for modality, array in seen.items():
+        np.testing.assert_allclose(array, np.transpose(cached.image(modality), (1, 2, 0)), atol=1e-6)
 
 
 def test_many_to_one_evaluate(many_to_one_run: Path) -> None:
@@ -276,3 +314,16 @@ def test_generator_weights_initialise_resvit_and_are_refused_for_unet(
         unet = tiny_config(tiny_cohort, extra=[f"model.generator_weights={weights}"])
         claim_run_dir(tmp_path / "unet", unet)
         train(unet, tmp_path / "unet", quiet=True)
+
+
+# ------------------------------------------------------------------------------- objectives
+def test_l1_objective_trains_without_a_critic_and_evaluates(tiny_cohort: Path, tmp_path: Path) -> None:
+    """The objective seam: ``train.objective: l1`` trains the generator alone, then infers and evaluates."""
+    run = train_run(tmp_path, "l1", [], "demo_l1", [], tiny_cohort)
+    latest = load_checkpoint(run / "checkpoint_latest.pt")
+    assert latest["objective"]["name"] == "l1" and latest["objective_state"] == {}
+    assert "critic" not in latest["objective"]
+    rows = read_rows(run / "metrics.csv")
+    assert rows and all(r["loss_critic"] == "" and float(r["loss_l1"]) > 0 for r in rows)
+    assert main(["evaluate", "--run", str(run), "--quiet"]) == 0
+    assert np.isfinite(float(read_rows(run / "eval" / "metrics.csv")[0]["psnr_masked"]))

@@ -133,8 +133,9 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
-        #: Seconds of fit() spent so far over all sessions of this run (the time budget's clock).
-        self.elapsed = 0.0
+        #: The time budget's clock: seconds of fit() in earlier sessions of this run, plus this session's.
+        self._elapsed_at_start = 0.0
+        self._session_start = time.perf_counter()
         self.stopped_by_budget = False
         self.best: dict[str, Any] = {"metric": train.best_metric, "value": None, "epoch": None}
         self.stats = EpochStats()
@@ -199,7 +200,7 @@ class Trainer:
             optimizer_generator=self.opt_g.state_dict(),
             step_in_epoch=self.step_in_epoch,
             epoch_stats=self.stats.to_dict(),
-            elapsed_seconds=self.elapsed,
+            elapsed_seconds=self._clock(),
             rng={"torch": torch.get_rng_state(), "cuda": _cuda_rng_states()},
         )
         return payload
@@ -222,7 +223,7 @@ class Trainer:
             ) from exc
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best = state["global_step"], state["best"]
-        self.elapsed = float(state.get("elapsed_seconds", 0.0))
+        self._elapsed_at_start = float(state.get("elapsed_seconds", 0.0))
         stats = state["epoch_stats"]
         self.stats = EpochStats(stats["steps"], stats["slices"], stats["seconds"], dict(stats["sums"]))
         torch.set_rng_state(state["rng"]["torch"])
@@ -248,7 +249,7 @@ class Trainer:
         total = self.config.train.total_epochs
         writer = _tensorboard(self.run_dir / "tensorboard")
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        self._session_start, self._elapsed_at_start = time.perf_counter(), self.elapsed
+        self._session_start = time.perf_counter()
         try:
             while self.epoch < total and not self.stopped_by_budget:
                 self._train_epoch(total)
