@@ -29,6 +29,7 @@ TINY_OVERRIDES = [
     "train.decay_epochs=1",
     "train.batch_size=4",
     "train.num_threads=1",
+    "train.val_every=1",
 ]
 
 
