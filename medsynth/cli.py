@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--series-uid", help="pick this series when a DICOM folder holds several")
     infer.add_argument("--volume-index", type=int, help="pick this volume of a 4D input")
     infer.add_argument("--quiet", action="store_true")
+    add_trust_arguments(infer)
     infer.set_defaults(handler=_infer)
 
     evaluate = commands.add_parser("evaluate", help="score a run on its held-out subjects")
@@ -129,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_arguments(convert)
     convert.set_defaults(handler=convert_command)
     return parser
+
+
+def add_trust_arguments(infer: argparse.ArgumentParser) -> None:
+    """``infer`` options of docs/trust.md: out-of-distribution refusal and uncertainty maps."""
+    infer.add_argument("--strict", action="store_true",
+                       help="refuse inputs unlike the training data instead of warning (exit 2)")  # fmt: skip
+    infer.add_argument("--uncertainty", action="store_true",
+                       help="also write <out stem>_uncertainty.nii.gz (test-time augmentation spread)")  # fmt: skip
 
 
 def _configure_logging(debug: bool) -> None:

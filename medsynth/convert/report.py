@@ -48,6 +48,7 @@ class StudyResult:
     seconds: float = 0.0
     inputs: dict[str, str] = field(default_factory=dict)  # modality -> series UID used
     outputs: list[str] = field(default_factory=list)  # paths relative to the output folder
+    ood: dict[str, Any] = field(default_factory=dict)  # the out-of-distribution check (model/ood.py)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -78,7 +79,9 @@ class ConvertReport:
     def to_csv(self) -> str:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["study_uid", "patient_key", "status", "reason", "seconds", "inputs", "outputs"])
+        writer.writerow(
+            ["study_uid", "patient_key", "status", "reason", "seconds", "inputs", "outputs", "ood"]
+        )
         for r in self.studies:
             inputs = ";".join(f"{m}={uid}" for m, uid in sorted(r.inputs.items()))
             writer.writerow(
@@ -90,6 +93,7 @@ class ConvertReport:
                     f"{r.seconds:.2f}",
                     inputs,
                     ";".join(r.outputs),
+                    _ood_cell(r.ood),
                 ]
             )
         return buffer.getvalue()
@@ -259,3 +263,11 @@ def merge_reports(
 def _shard_order(text: str) -> tuple[int, int]:
     index, _, count = text.partition("/")
     return (int(count), int(index))
+
+
+def _ood_cell(ood: dict[str, Any]) -> str:
+    """``ok``, ``skipped``, or ``out_of_distribution: reason; reason`` (empty when not checked)."""
+    if not ood:
+        return ""
+    reasons = ood.get("reasons") or []
+    return f"{ood.get('status')}: " + "; ".join(reasons) if reasons else str(ood.get("status"))

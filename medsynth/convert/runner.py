@@ -44,6 +44,7 @@ from ..io.volume import Volume
 from ..io.writers import write_volume
 from ..modalities import DISPLAY_NAMES, canonical_modality
 from ..model.checkpoint import file_digest, resolve_checkpoint
+from ..model.ood import ood_block
 from .classify import SeriesMapping
 from .discovery import SeriesRecord, discover
 from .naming import patient_key, study_folder
@@ -113,6 +114,7 @@ def convert_study(
         volumes = {m: _read_series(s) for m, s in plan.inputs.items()}
         if len(volumes) > 1:
             volumes = align_subject(volumes, reference_modality)
+        result.ood = ood_block(predictor, volumes)  # recorded per study (docs/trust.md)
         synthetic = _synthetic_volume(predictor.predict(volumes, target=target))
         reference = volumes[reference_modality]
         _check_grid(synthetic, reference)
@@ -128,6 +130,7 @@ def convert_study(
             "outputs": [p.name for p in outputs],
             "shape": list(synthetic.shape),
             "affine": np.asarray(synthetic.affine).tolist(),
+            "ood": result.ood,
         }
         atomic_write_text(sidecar, json.dumps(sidecar_data, indent=2) + "\n")  # written last: marks "done"
     except (MedsynthError, OSError, ValueError, RuntimeError, pydicom.errors.InvalidDicomError) as exc:

@@ -29,6 +29,7 @@ import numpy as np
 from ..errors import ConfigError, DataError, MedsynthError
 from ..io.atomic import atomic_write_text
 from ..io.volume import Volume
+from .appearance import appearance_statistics
 from .masks import foreground_mask
 from .normalize import (
     Normalizer,
@@ -123,11 +124,14 @@ class Fingerprint:
             entry = {}
             for modality, spec in specs.items():
                 volume = volumes[modality]
-                normalizer = spec.make().fit(volume.array, foreground_mask([volume.array]))
+                mask = foreground_mask([volume.array])
+                normalizer = spec.make().fit(volume.array, mask)
                 entry[modality] = {
                     "normalizer": normalizer.to_dict(),
                     "spacing": [round(s, 6) for s in volume.spacing],
                     "shape": list(volume.shape),
+                    # What out-of-distribution checks compare inputs with (medsynth.model.ood).
+                    "appearance": appearance_statistics(volume, normalizer, mask),
                 }
             per_subject[subject_id] = entry
         if not per_subject:

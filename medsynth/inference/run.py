@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from ..io.volume import Volume
 from ..io.writers import write_volume
 from ..modalities import canonical_modality
 from ..model.synthesis import SynthesisModel
+from .trust import load_model, screen_inputs, trust_outputs
 
 log = logging.getLogger("medsynth")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
@@ -104,7 +106,7 @@ def check_writable(path: Path) -> None:
 
 
 def infer_from_args(args: argparse.Namespace) -> int:
-    model = SynthesisModel.from_checkpoint(args.checkpoint, device=args.device)
+    model = load_model(args.checkpoint, device=args.device)  # a checkpoint, or an ONNX/TorchScript export
     read = lambda p: read_volume(p, series_uid=args.series_uid, volume_index=args.volume_index)  # noqa: E731
     jobs: list[tuple[dict[str, str], str]] = []
     if args.inputs:
@@ -121,6 +123,7 @@ def infer_from_args(args: argparse.Namespace) -> int:
     batch = len(jobs) > 1
     for paths, stem in tqdm(jobs, desc="volumes", disable=True if args.quiet or not batch else None):
         inputs = {modality: read(path) for modality, path in paths.items()}
+        ood = screen_inputs(model, inputs, args)  # warns, or refuses with --strict
         targets = targets_for(model, inputs, args.target)
         for target in targets:
             name = target or str(model.target)
@@ -129,7 +132,10 @@ def infer_from_args(args: argparse.Namespace) -> int:
             prediction = model.predict(
                 inputs, target, batch_size=args.batch_size, flip_tta=args.tta, progress=not args.quiet
             )
-            write_prediction(prediction.volume, out, model, paths, prediction.seconds, vars(args))
+            extras = trust_outputs(model, inputs, prediction, out, args, batch_size=args.batch_size)
+            write_prediction(
+                prediction.volume, out, model, paths, prediction.seconds, vars(args), {"ood": ood, **extras}
+            )
             if not args.quiet:
                 print(f"{out}  ({prediction.target}, {prediction.seconds:.1f} s)")
     return 0
@@ -151,8 +157,12 @@ def write_prediction(
     inputs: dict[str, str],
     seconds: float,
     arguments: dict[str, Any],
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """The volume on its input's grid, then the sidecar (written last: its presence means complete)."""
+    """The volume on its input's grid, then the sidecar (written last: its presence means complete).
+
+    ``extra`` adds blocks to the sidecar (``ood``, ``uncertainty``: :mod:`.trust`).
+    """
     write_volume(volume.array, volume, out)
     sidecar = {
         "medsynth_version": __version__,
@@ -165,6 +175,7 @@ def write_prediction(
         },
         "seconds": round(seconds, 3),
         "intensity_space": "target modality scale (inverse of the cohort-level normalisation)",
+        **(extra or {}),
     }
     atomic_write_text(sidecar_path(out), json.dumps(sidecar, indent=2, default=str))
 

@@ -1,0 +1,57 @@
+"""``medsynth infer``'s trust options, kept apart from the batch loop in :mod:`.run`.
+
+* :func:`load_model`: a medsynth checkpoint or run folder, or an exported ONNX / TorchScript file;
+* :func:`screen_inputs`: the out-of-distribution check before synthesis (warn, or refuse with
+  ``--strict``); its result is the sidecar's ``ood`` block;
+* :func:`trust_outputs`: ``--uncertainty`` writes ``<out stem>_uncertainty.nii.gz`` on the output's grid
+  and returns the sidecar's ``uncertainty`` block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import weakref
+from pathlib import Path
+from typing import Any
+
+from ..io.volume import Volume
+from ..model.ood import OODChecker, enforce
+from ..model.synthesis import Prediction, SynthesisModel
+
+_checkers: weakref.WeakKeyDictionary[SynthesisModel, OODChecker] = weakref.WeakKeyDictionary()
+
+
+def load_model(path: str | Path, device: str = "cpu") -> SynthesisModel:
+    """A checkpoint (``.pt`` / run folder) or an exported model (``.onnx``, TorchScript ``.pt``)."""
+    from ..model.export import is_exported, load_exported
+
+    if is_exported(path):
+        return load_exported(path, device=device)
+    return SynthesisModel.from_checkpoint(path, device=device)
+
+
+def screen_inputs(model: SynthesisModel, inputs: dict[str, Volume], args: argparse.Namespace) -> dict[str, Any]:
+    """Check ``inputs`` against the training fingerprint; warn or (``--strict``) refuse; the ``ood`` block."""
+    checker = _checkers.get(model)
+    if checker is None:
+        checker = _checkers[model] = OODChecker(model.fingerprint)
+    report = checker.check(inputs)
+    enforce(report, strict=bool(getattr(args, "strict", False)))
+    return report.to_dict()
+
+
+def trust_outputs(
+    model: SynthesisModel,
+    inputs: dict[str, Volume],
+    prediction: Prediction,
+    out: Path,
+    args: argparse.Namespace,
+    *,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Sidecar blocks for the options asked for (``--uncertainty``); writes their volumes."""
+    if not getattr(args, "uncertainty", False):
+        return {}
+    from ..model.uncertainty import write_uncertainty
+
+    return {"uncertainty": write_uncertainty(model, inputs, prediction, out, batch_size=batch_size)}
