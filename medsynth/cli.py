@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", help="modality to synthesise (unified models; 'missing' = all absent ones)"
     )
     infer.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    infer.add_argument("--batch-size", type=int, default=16)
+    infer.add_argument("--batch-size", type=int, default=None,
+                       help="slices per forward pass (default: 64 on cuda, 16 on cpu)")  # fmt: skip
     infer.add_argument("--tta", action="store_true", help="average with the left-right flipped prediction")
     infer.add_argument("--series-uid", help="pick this series when a DICOM folder holds several")
     infer.add_argument("--volume-index", type=int, help="pick this volume of a 4D input")

@@ -11,7 +11,12 @@ import argparse
 import json
 import logging
 import os
+import re
+import sys
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +30,15 @@ from ..io.volume import Volume
 from ..io.writers import write_volume
 from ..modalities import canonical_modality
 from ..model.synthesis import SynthesisModel
-from .trust import load_model, screen_inputs, trust_outputs
 
 log = logging.getLogger("medsynth")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+#: Default ``--batch-size`` (slices per forward pass) on a GPU and on the CPU.
+CUDA_BATCH_SIZE, CPU_BATCH_SIZE = 64, 16
+#: An ``--out`` ending like this names a file (``x.png``, ``x.json``), not a folder.
+FILE_LIKE_SUFFIX = re.compile(r"^\.[A-Za-z][A-Za-z0-9]{0,4}$")
+#: Finished volumes waiting for the writer thread before the next one is computed.
+MAX_PENDING_WRITES = 2
 
 
 def parse_volume_arguments(values: list[str], model: SynthesisModel) -> dict[str, str]:
@@ -106,42 +116,17 @@ def check_writable(path: Path) -> None:
 
 
 def infer_from_args(args: argparse.Namespace) -> int:
-    model = load_model(args.checkpoint, device=args.device)  # a checkpoint, or an ONNX/TorchScript export
-    read = lambda p: read_volume(p, series_uid=args.series_uid, volume_index=args.volume_index)  # noqa: E731
-    jobs: list[tuple[dict[str, str], str]] = []
-    if args.inputs:
-        if len(model.required_modalities) != 1 or model.task.is_unified:
-            raise MedsynthError(
-                "--inputs works with one-source checkpoints; use --volume for several sources"
-            )
-        jobs = [({model.sources[0]: str(p)}, volume_stem(p)) for p in list_batch_inputs(args.inputs)]
-    elif args.volume:
-        paths = parse_volume_arguments(args.volume, model)
-        jobs = [(paths, volume_stem(next(iter(paths.values()))))]
-    else:
-        raise MedsynthError("give --volume PATH (repeat for several sources) or --inputs DIR")
-    batch = len(jobs) > 1
-    for paths, stem in tqdm(jobs, desc="volumes", disable=True if args.quiet or not batch else None):
-        inputs = {modality: read(path) for modality, path in paths.items()}
-        ood = screen_inputs(model, inputs, args)  # warns, or refuses with --strict
-        targets = targets_for(model, inputs, args.target)
-        for target in targets:
-            name = target or str(model.target)
-            out = output_path_for(args.out, stem, name, batch or len(targets) > 1)
-            check_writable(out)
-            prediction = model.predict(
-                inputs, target, batch_size=args.batch_size, flip_tta=args.tta, progress=not args.quiet
-            )
-            extras = trust_outputs(model, inputs, prediction, out, args, batch_size=args.batch_size)
-            write_prediction(
-                prediction.volume, out, model, paths, prediction.seconds, vars(args), {"ood": ood, **extras}
-            )
-            if not args.quiet:
-                print(f"{out}  ({prediction.target}, {prediction.seconds:.1f} s)")
-    return 0
+    check_out_argument(args.out)
+    model = SynthesisModel.from_checkpoint(args.checkpoint, device=args.device)
+    jobs = plan_jobs(args, model)
+    refuse_overwriting_inputs(jobs)
+    batch_size = resolve_batch_size(args.batch_size, model)
+    return run_jobs(model, jobs, args, batch_size=batch_size, keep_going=bool(args.inputs))
 
 
-def targets_for(model: SynthesisModel, inputs: dict[str, Volume], requested: str | None) -> list[str | None]:
+def targets_for(
+    model: SynthesisModel, inputs: Mapping[str, object], requested: str | None
+) -> list[str | None]:
     """``--target missing`` on a unified model means every modality the inputs lack."""
     if requested == "missing":
         if not model.task.is_unified:
@@ -161,7 +146,7 @@ def write_prediction(
 ) -> None:
     """The volume on its input's grid, then the sidecar (written last: its presence means complete).
 
-    ``extra`` adds blocks to the sidecar (``ood``, ``uncertainty``: :mod:`.trust`).
+    ``extra`` adds blocks to the sidecar.
     """
     write_volume(volume.array, volume, out)
     sidecar = {
@@ -182,3 +167,271 @@ def write_prediction(
 
 def sidecar_path(out: Path) -> Path:
     return out.with_name(volume_stem(out) + ".json")
+
+
+# ------------------------------------------------------------------------ what to compute, where
+@dataclass
+class Job:
+    """One input set (one volume of ``--inputs``) and the outputs it produces, one per target."""
+
+    paths: dict[str, str]
+    stem: str
+    outputs: list[tuple[str | None, Path]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return next(iter(self.paths.values()))
+
+
+def plan_jobs(args: argparse.Namespace, model: SynthesisModel) -> list[Job]:
+    """Input sets and output paths of the whole call, known before anything is computed."""
+    if args.inputs:
+        if len(model.required_modalities) != 1 or model.task.is_unified:
+            raise MedsynthError(
+                "--inputs works with one-source checkpoints; use --volume for several sources"
+            )
+        items = drop_own_outputs(list_batch_inputs(args.inputs), args.inputs, args.out, str(model.target))
+        jobs = [Job({model.sources[0]: str(p)}, volume_stem(p)) for p in items]
+    elif args.volume:
+        paths = parse_volume_arguments(args.volume, model)
+        jobs = [Job(paths, volume_stem(next(iter(paths.values()))))]
+    else:
+        raise MedsynthError("give --volume PATH (repeat for several sources) or --inputs DIR")
+    several = len(jobs) > 1 or bool(args.inputs)
+    for job in jobs:
+        targets = targets_for(model, job.paths, args.target)
+        for target in targets:
+            name = target or str(model.target)
+            job.outputs.append(
+                (target, output_path_for(args.out, job.stem, name, several or len(targets) > 1))
+            )
+    if (several or any(len(job.outputs) > 1 for job in jobs)) and _volume_format(args.out) is not None:
+        raise MedsynthError(
+            "this call writes several volumes, so --out must be a folder (a name without a volume ending)",
+            args.out,
+        )
+    return jobs
+
+
+def resolve_batch_size(requested: int | None, model: SynthesisModel) -> int:
+    """Slices per forward pass: as given, else large on a GPU (kept busy) and 16 on the CPU."""
+    if requested is None:
+        return CUDA_BATCH_SIZE if model.device.type == "cuda" else CPU_BATCH_SIZE
+    if requested < 1:
+        raise MedsynthError(f"--batch-size must be at least 1 (got {requested})")
+    return requested
+
+
+# ------------------------------------------------------------------------- never poison the data
+def _volume_format(path: Path) -> Any:
+    from ..io import formats
+
+    return formats.format_for(path, writing=True)
+
+
+def check_out_argument(out: Path) -> None:
+    """Refuse an ``--out`` that names a file of another kind (``x.png``), before loading anything.
+
+    Without this, ``--out x.png`` became a folder named ``x.png``. A name with a file-like ending
+    (letters, up to 5 characters) that is not a writable volume format is an error; folders whose
+    name holds a dot elsewhere (``results_2024.05``) and existing folders are accepted.
+    """
+    if out.is_dir() or _volume_format(out) is not None:
+        return
+    if FILE_LIKE_SUFFIX.match(out.suffix):
+        from ..io import formats
+
+        raise MedsynthError(
+            f"--out ends in {out.suffix}, which is not a volume format medsynth writes; use "
+            f"{formats.known_endings(writing=True)}, or a folder",
+            out,
+        )
+
+
+class _InputFiles:
+    """Every file an input stands for (a DICOM folder: every file inside), by path and by identity."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.by_real: dict[str, str] = {}
+        self.by_inode: dict[tuple[int, int], str] = {}
+        self.folders: dict[str, str] = {}
+        for given in paths:
+            real = os.path.realpath(given)
+            self._add(real, given)
+            if os.path.isdir(real):
+                self.folders[real] = given
+                for root, _dirs, files in os.walk(real):
+                    for name in files:
+                        self._add(os.path.join(root, name), given)
+
+    def _add(self, path: str, given: str) -> None:
+        self.by_real.setdefault(os.path.realpath(path), given)
+        try:
+            info = os.stat(path)
+        except OSError:
+            return
+        self.by_inode.setdefault((info.st_dev, info.st_ino), given)
+
+    def clash(self, path: Path) -> str | None:
+        """Why writing ``path`` would change an input, or None."""
+        if os.path.islink(path):
+            return (
+                "is a symbolic link; medsynth does not write through links (it could replace the file "
+                "it points to): remove the link or choose another --out"
+            )
+        real = os.path.realpath(path)
+        given = self.by_real.get(real)
+        if given is None and os.path.exists(real):
+            info = os.stat(real)
+            given = self.by_inode.get((info.st_dev, info.st_ino))
+        if given is not None:
+            return f"is the input {given}; medsynth never writes over its inputs: choose another --out"
+        for folder, given in self.folders.items():
+            if os.path.commonpath([folder, real]) == folder:
+                return f"is inside the input folder {given}, which must stay as it is: choose another --out"
+        return None
+
+
+def refuse_overwriting_inputs(jobs: list[Job]) -> None:
+    """Refuse (one line) an output or sidecar that resolves to an input, or two jobs sharing an output.
+
+    Paths are compared after resolving ``..``, ``.`` and links (``os.path.realpath``) and by file
+    identity (device and inode, for hard links); a symbolic link at an output path is refused outright.
+    """
+    inputs = _InputFiles([path for job in jobs for path in job.paths.values()])
+    claimed: dict[str, Job] = {}
+    for job in jobs:
+        for _target, out in job.outputs:
+            for path in (out, sidecar_path(out)):
+                problem = inputs.clash(path)
+                if problem:
+                    raise MedsynthError(problem, path)
+            real = os.path.realpath(out)
+            if real in claimed and claimed[real] is not job:
+                raise MedsynthError(
+                    f"{claimed[real].label} and {job.label} would both be written here; "
+                    "rename one of them or run them separately",
+                    out,
+                )
+            claimed[real] = job
+
+
+def is_medsynth_output(path: Path) -> bool:
+    """A volume with a medsynth sidecar (``<stem>.json`` holding ``medsynth_version``) beside it."""
+    sidecar = path.with_name(volume_stem(path) + ".json")
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "medsynth_version" in data
+
+
+def drop_own_outputs(items: list[Path], source: Path, out: Path, target: str) -> list[Path]:
+    """Leave out earlier medsynth outputs, so ``--inputs D --out D`` run twice does not make ``a_t2_t2``.
+
+    An output is recognised by its sidecar, and, when ``--out`` is the ``--inputs`` folder, by the
+    ``<stem>_<target>`` name this command gives its outputs. Skipped files are named once.
+    """
+    same_folder = source.is_dir() and os.path.realpath(source) == os.path.realpath(out)
+    suffix = f"_{target}"
+    kept = [
+        p
+        for p in items
+        if not is_medsynth_output(p) and not (same_folder and volume_stem(p).endswith(suffix))
+    ]
+    skipped = [p for p in items if p not in kept]
+    if skipped:
+        names = ", ".join(p.name for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        log.warning("skipping %d earlier medsynth output(s) in %s: %s", len(skipped), source, names)
+    if not kept:
+        raise MedsynthError("holds only medsynth outputs, no volumes to synthesise from", source)
+    return kept
+
+
+# ----------------------------------------------------------------------------- the batch run
+def run_jobs(
+    model: SynthesisModel, jobs: list[Job], args: argparse.Namespace, *, batch_size: int, keep_going: bool
+) -> int:
+    """Synthesise every job with one loaded model, overlapping reading and writing with compute.
+
+    One thread reads the next job's inputs while the current one is synthesised; another writes the
+    finished volumes (atomically, sidecar last). With ``keep_going`` (``--inputs``), a job that fails
+    is reported on one line and the rest go on; the call ends with a summary and exits 1 if any failed.
+    Without it, the first error ends the call (exit 2). Results do not depend on the overlap: each
+    volume is computed exactly as a single ``--volume`` call computes it.
+    """
+    read_options = {"series_uid": args.series_uid, "volume_index": args.volume_index}
+    failed: dict[int, str] = {}
+    pending: deque[tuple[int, Path, str, Future[None]]] = deque()
+    show_bar = None if len(jobs) > 1 and not args.quiet else True
+
+    def fail(index: int, exc: BaseException) -> None:
+        if not keep_going or (getattr(args, "debug", False) and not isinstance(exc, MedsynthError)):
+            raise exc
+        text = (
+            str(exc)
+            if isinstance(exc, MedsynthError)
+            else f"{jobs[index].label}: {exc.__class__.__name__}: {exc}"
+        )
+        failed.setdefault(index, text)
+        tqdm.write(f"error: {text}", file=sys.stderr)
+
+    def collect(block: bool) -> None:
+        while pending and (block or pending[0][3].done() or len(pending) > MAX_PENDING_WRITES):
+            index, out, target, future = pending.popleft()
+            try:
+                seconds = future.result()
+            except Exception as exc:  # noqa: BLE001  (reported per volume)
+                fail(index, exc)
+                continue
+            if not args.quiet:
+                tqdm.write(f"{out}  ({target}, {seconds:.1f} s)")
+
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="medsynth-read") as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="medsynth-write") as writer,
+    ):
+        upcoming = reader.submit(_read_job, jobs[0], read_options)
+        for index, job in enumerate(tqdm(jobs, desc="volumes", unit="volume", disable=show_bar)):
+            current = upcoming
+            if index + 1 < len(jobs):
+                upcoming = reader.submit(_read_job, jobs[index + 1], read_options)
+            try:
+                inputs = current.result()
+                for target, out in job.outputs:
+                    check_writable(out)
+                    prediction = model.predict(
+                        inputs, target, batch_size=batch_size, flip_tta=args.tta,
+                        progress=not args.quiet and len(jobs) == 1,
+                    )  # fmt: skip
+                    future = writer.submit(
+                        _write_job, prediction.volume, out, model, job.paths, prediction.seconds, vars(args),
+                    )  # fmt: skip
+                    pending.append((index, out, prediction.target, future))
+            except Exception as exc:  # noqa: BLE001  (reported per volume)
+                fail(index, exc)
+            collect(block=False)
+        collect(block=True)
+    if args.inputs:
+        print_summary(jobs, failed, args.out, quiet=args.quiet)
+    return 1 if failed else 0
+
+
+def _read_job(job: Job, options: dict[str, Any]) -> dict[str, Volume]:
+    return {modality: read_volume(path, **options) for modality, path in job.paths.items()}
+
+
+def _write_job(volume: Volume, out: Path, model: SynthesisModel, paths: dict[str, str], seconds: float,
+               arguments: dict[str, Any], extra: Mapping[str, Any] | None = None) -> float:  # fmt: skip
+    write_prediction(volume, out, model, paths, seconds, arguments, extra)
+    return seconds
+
+
+def print_summary(jobs: list[Job], failed: dict[int, str], out: Path, *, quiet: bool) -> None:
+    """``N of M volumes written; failed: a.nii.gz, b.nii.gz`` (on stderr when some failed)."""
+    written = len(jobs) - len(failed)
+    if failed:
+        names = ", ".join(Path(jobs[i].label).name for i in sorted(failed))
+        print(f"{written} of {len(jobs)} volumes written to {out}; failed: {names}", file=sys.stderr)
+    elif not quiet:
+        print(f"{written} of {len(jobs)} volumes written to {out}")

@@ -74,15 +74,22 @@ def synthesize_slices(
     slice_ids = np.arange(box[0].start, box[0].stop)
     neighbours = context_indices(shape[0], layout.context)
     generator.eval()
+    # Predictions stay on the device and come back in one copy per volume: a copy per batch would
+    # make the host wait for every batch, leaving the GPU idle while the next one is assembled.
+    rows, cols = (s.stop - s.start for s in inside)
+    result = torch.empty((len(slice_ids), rows, cols), dtype=torch.float32, device=device)
+    pin = device.type == "cuda"
     batches = range(0, len(slice_ids), batch_size)
     for start in tqdm(batches, desc="slices", unit="batch", disable=None if progress else True, leave=False):
         chunk = slice_ids[start : start + batch_size]
         stacks = {m: image[neighbours[chunk]] for m, image in cropped.items()}  # (B, context, H, W)
-        batch = torch.from_numpy(layout.assemble(stacks, target)).to(device, non_blocking=True)
+        host = torch.from_numpy(layout.assemble(stacks, target))
+        batch = (host.pin_memory() if pin else host).to(device, non_blocking=True)
         batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             prediction = generator(batch)
             if flip_tta:
                 prediction = 0.5 * (prediction + generator(batch.flip(-2)).flip(-2))
-        output[chunk, grid[0], grid[1]] = prediction[:, 0, inside[0], inside[1]].float().cpu().numpy()
+        result[start : start + len(chunk)] = prediction[:, 0, inside[0], inside[1]].float()
+    output[slice_ids[0] : slice_ids[-1] + 1, grid[0], grid[1]] = result.cpu().numpy()
     return output
