@@ -30,6 +30,7 @@ from ..io.volume import Volume
 from ..io.writers import write_volume
 from ..modalities import canonical_modality
 from ..model.synthesis import SynthesisModel
+from .trust import load_model, screen_inputs, trust_outputs
 
 log = logging.getLogger("medsynth")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
@@ -117,7 +118,7 @@ def check_writable(path: Path) -> None:
 
 def infer_from_args(args: argparse.Namespace) -> int:
     check_out_argument(args.out)
-    model = SynthesisModel.from_checkpoint(args.checkpoint, device=args.device)
+    model = load_model(args.checkpoint, device=args.device)  # a checkpoint, or an ONNX/TorchScript export
     jobs = plan_jobs(args, model)
     refuse_overwriting_inputs(jobs)
     batch_size = resolve_batch_size(args.batch_size, model)
@@ -146,7 +147,7 @@ def write_prediction(
 ) -> None:
     """The volume on its input's grid, then the sidecar (written last: its presence means complete).
 
-    ``extra`` adds blocks to the sidecar.
+    ``extra`` adds blocks to the sidecar (``ood``, ``uncertainty``: :mod:`.trust`).
     """
     write_volume(volume.array, volume, out)
     sidecar = {
@@ -398,14 +399,17 @@ def run_jobs(
                 upcoming = reader.submit(_read_job, jobs[index + 1], read_options)
             try:
                 inputs = current.result()
+                ood = screen_inputs(model, inputs, args)  # warns, or refuses with --strict
                 for target, out in job.outputs:
                     check_writable(out)
                     prediction = model.predict(
                         inputs, target, batch_size=batch_size, flip_tta=args.tta,
                         progress=not args.quiet and len(jobs) == 1,
                     )  # fmt: skip
+                    extras = trust_outputs(model, inputs, prediction, out, args, batch_size=batch_size)
                     future = writer.submit(
                         _write_job, prediction.volume, out, model, job.paths, prediction.seconds, vars(args),
+                        {"ood": ood, **extras},
                     )  # fmt: skip
                     pending.append((index, out, prediction.target, future))
             except Exception as exc:  # noqa: BLE001  (reported per volume)
