@@ -40,6 +40,7 @@ from .io.volume import Volume, to_canonical
 from .metrics import compute_metrics, json_safe
 from .model.checkpoint import resolve_checkpoint
 from .model.synthesis import SynthesisModel
+from .model_card import refresh_after_evaluation
 from .viz import subject_figure
 
 log = logging.getLogger("medsynth")
@@ -126,6 +127,7 @@ def evaluate(
     for record in tqdm(subjects, desc="subjects", disable=None if progress else True):
         cases.extend(evaluate_subject(model, record, out, space, fitted))
     write_results(cases, out, model, split, space)
+    refresh_after_evaluation(model.source, out)  # the run's model card gets the held-out table
     return cases
 
 

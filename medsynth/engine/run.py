@@ -14,6 +14,7 @@ import yaml
 from ..config import Config, load_config
 from ..errors import MedsynthError
 from ..model.checkpoint import BEST, LATEST
+from ..model_card import refresh_model_card
 from ..task import Task
 from .setup import prepare_run_data
 from .trainer import Trainer
@@ -137,4 +138,5 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, quiet: bool = 
         f"done in {minutes:.1f} min: best validation {best['metric']} {best.get('value', float('nan')):.4g} "
         f"at epoch {best.get('epoch')} -> {run_dir / BEST}"
     )
+    refresh_model_card(run_dir)  # model_card.md/.json; `medsynth evaluate` adds the held-out results
     return best
