@@ -18,8 +18,9 @@ from torch import nn
 
 from ..config import Config
 from ..losses import GeneratorLoss, LSGANLoss
-from ..model.device import autocast
+from ..model.device import autocast, autocast_dtype
 from ..model.networks import build_model_critic
+from .distributed import Dist
 
 
 class Objective(Protocol):
@@ -56,6 +57,7 @@ class _Context:
         device: torch.device,
         memory_format: torch.memory_format,
         precision: str,
+        distributed: Dist | None = None,
     ) -> None:
         #: The generator's forward (possibly ``torch.compile``-d) and its input channels.
         self.config, self.generator, self.in_channels, self.optimizer = (
@@ -65,9 +67,27 @@ class _Context:
             optimizer,
         )
         self.device, self.memory_format, self.precision = device, memory_format, precision
+        #: The torchrun job (one process when absent): wraps an objective's own networks in DDP.
+        self.distributed = distributed or Dist()
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """The step is captured in a CUDA graph (:mod:`.graphs`): capturable optimisers, no autocast cache."""
+        return bool(self.config.train.cuda_graphs) and self.device.type == "cuda"
 
     def autocast(self) -> Any:
-        return autocast(self.device, self.precision)
+        return autocast(self.device, self.precision, cache=not self.cuda_graphs)
+
+    def critic_pair(self, source: torch.Tensor) -> Any:
+        """``image -> cat([source, image])`` in the autocast dtype (bf16 on a GPU, unchanged on a CPU).
+
+        The critic's first convolution would cast a float32 concatenation to bf16 anyway; casting the
+        source once per step and concatenating in bf16 gives the same values without three float32
+        concatenations and their casts (a bf16 ``synthetic`` used to be promoted to float32 and back).
+        """
+        dtype = autocast_dtype(self.device, self.precision) or source.dtype
+        low = source.to(dtype)
+        return lambda image: torch.cat([low, image.to(dtype)], dim=1)
 
 
 class L1Objective:
@@ -84,7 +104,8 @@ class L1Objective:
     ) -> dict[str, torch.Tensor]:
         with self.ctx.autocast():
             synthetic = self.ctx.generator(source)
-        terms = self.loss(None, synthetic.float(), target, mask)
+        # No synthetic.float(): bf16 - float32 promotes to float32 by itself, without a copy.
+        terms = self.loss(None, synthetic, target, mask)
         self.ctx.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         self.ctx.optimizer.step()
@@ -110,6 +131,11 @@ class GANObjective:
     1. critic step on ``(source, target)`` (real) vs ``(source, G(source).detach())`` (synthetic);
     2. generator step on the least-squares adversarial term plus ``lambda_l1 * L1``, with the critic's
        parameters frozen so no critic weight gradients are computed.
+
+    Under torchrun the critic step goes through the critic's DistributedDataParallel wrapper (its
+    gradients are averaged over ranks); the generator step uses the unwrapped critic, since a DDP
+    forward of frozen parameters would prepare a gradient reduction that never comes. Gradients still
+    flow through it into the generator, whose own DDP wrapper averages them.
     """
 
     loss_names = ("loss_critic", "loss_adv", "loss_l1")
@@ -118,15 +144,24 @@ class GANObjective:
         self.ctx = context
         config = context.config
         train = config.train
-        self.critic = build_model_critic(config.model, context.in_channels).to(
-            context.device, memory_format=context.memory_format
+        distributed = context.distributed
+        critic = distributed.sync_batchnorm(
+            build_model_critic(config.model, context.in_channels), context.device
         )
+        self.critic = critic.to(context.device, memory_format=context.memory_format)
         self.optimizer = torch.optim.Adam(
             self.critic.parameters(), lr=train.lr_critic, betas=(train.beta1, train.beta2),
-            fused=context.device.type == "cuda",
+            fused=context.device.type == "cuda", capturable=context.cuda_graphs,
         )  # fmt: skip
         self.loss = GeneratorLoss(train.lambda_l1, train.adversarial_weight)
-        self.forward_critic: nn.Module = torch.compile(self.critic) if train.compile else self.critic
+        wrapped = distributed.wrap(self.critic, context.device)
+        self.forward_critic: nn.Module = torch.compile(wrapped) if train.compile else wrapped
+        #: The generator step's critic: the same object in one process, the bare module under DDP.
+        self.frozen_critic: nn.Module = (
+            self.forward_critic
+            if wrapped is self.critic
+            else (torch.compile(self.critic) if train.compile else self.critic)
+        )
 
     def step(
         self, source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
@@ -134,10 +169,11 @@ class GANObjective:
         ctx, critic = self.ctx, self.forward_critic
         with ctx.autocast():
             synthetic = ctx.generator(source)
+        pair = ctx.critic_pair(source)
         self.critic.requires_grad_(True)
         with ctx.autocast():
-            real_score = critic(torch.cat([source, target], dim=1))
-            fake_score = critic(torch.cat([source, synthetic.detach()], dim=1))
+            real_score = critic(pair(target))
+            fake_score = critic(pair(synthetic.detach()))
             loss_critic = LSGANLoss.critic(real_score, fake_score)
         self.optimizer.zero_grad(set_to_none=True)
         loss_critic.backward()
@@ -145,8 +181,8 @@ class GANObjective:
         # The generator step needs gradients through the critic, not of its weights.
         self.critic.requires_grad_(False)
         with ctx.autocast():
-            fake_scores = critic(torch.cat([source, synthetic], dim=1))
-            terms = self.loss(fake_scores, synthetic.float(), target, mask)
+            fake_scores = self.frozen_critic(pair(synthetic))
+            terms = self.loss(fake_scores, synthetic, target, mask)
         ctx.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         ctx.optimizer.step()

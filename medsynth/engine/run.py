@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -13,9 +14,11 @@ import yaml
 
 from ..config import Config, load_config
 from ..errors import MedsynthError
+from ..io.atomic import remove_stale_partials
 from ..model.checkpoint import BEST, LATEST
 from ..model_card import refresh_model_card
 from ..task import Task
+from . import distributed
 from .setup import prepare_run_data
 from .trainer import Trainer
 
@@ -61,6 +64,29 @@ def default_run_name(config: Config) -> str:
 
 
 def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``medsynth train``, alone or as one of torchrun's processes (then rank 0 claims the folder)."""
+    try:
+        config, run_dir = _run_from_args(args)
+    except MedsynthError:
+        if int(os.environ.get("RANK", "0")) > 0:  # torchrun: every rank fails alike; rank 0 says why
+            raise SystemExit(2) from None
+        raise
+    dist = distributed.init(config.train.device)
+    try:
+        if not args.resume:
+            dist.on_main(lambda: claim_run_dir(run_dir, config))
+        return train(config, run_dir, resume=bool(args.resume), quiet=args.quiet, runs_root=run_dir.parent)
+    except MedsynthError as exc:
+        # Set-up errors (data, recipe, run folder) are the same on every rank: rank 0 prints the one line.
+        if dist.rank > 0 and not isinstance(exc, distributed.PeerFailure):
+            raise SystemExit(2) from None
+        raise
+    finally:
+        distributed.teardown()
+
+
+def _run_from_args(args: argparse.Namespace) -> tuple[Config, Path]:
+    """The configuration and run folder the command names; nothing is written yet."""
     if args.resume:
         run_dir = args.resume
         saved = run_dir / "config.yaml"
@@ -78,8 +104,7 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
     else:
         config = config_from_args(args)
         run_dir = args.runs_dir / (config.name or default_run_name(config))
-        claim_run_dir(run_dir, config)
-    return train(config, run_dir, resume=bool(args.resume), quiet=args.quiet, runs_root=run_dir.parent)
+    return config, run_dir
 
 
 def claim_run_dir(run_dir: Path, config: Config) -> None:
@@ -121,18 +146,34 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, quiet: bool = 
         Path(config.data.cache_dir) if config.data.cache_dir else (runs_root or run_dir.parent) / ".cache"
     )
     started = time.perf_counter()
-    data = prepare_run_data(config, task, run_dir, cache_dir=cache_dir, progress=not quiet)
+    dist = distributed.current()
+    dist.on_main(lambda: remove_leftovers(run_dir))
+    # Under torchrun rank 0 scans, splits, fingerprints and caches; the others then read its files.
+    prepare = lambda: prepare_run_data(  # noqa: E731
+        config, task, run_dir, cache_dir=cache_dir, progress=not quiet and dist.is_main
+    )
+    data = dist.on_main(prepare)
+    if data is None:  # another rank: read what rank 0 prepared
+        data = prepare()
     trainer = Trainer(config, task, data, run_dir, quiet=quiet)
     if resume:
         trainer.resume(run_dir / LATEST)
         log.info("resuming %s at epoch %d, step %d", run_dir, trainer.epoch + 1, trainer.step_in_epoch)
-    elif not quiet:
+    elif not trainer.quiet:
         sizes = {k: len(v) for k, v in data.splits.items()}
         print(
             f"training {task.describe()} on {sizes.get('train', 0)} subjects "
             f"({len(trainer.dataset)} slices), validating on {sizes.get('val', 0)}; run folder {run_dir}"
         )
+    if dist.enabled and not trainer.quiet:
+        info = trainer.distributed_info()
+        print(
+            f"distributed: {dist.world_size} processes ({dist.backend}), batch {info['batch_size_per_process']} "
+            f"per process = {info['effective_batch_size']} per step, learning rates as in the recipe"
+        )
     best = trainer.fit()
+    if not dist.is_main:
+        return best
     minutes = (time.perf_counter() - started) / 60
     print(
         f"done in {minutes:.1f} min: best validation {best['metric']} {best.get('value', float('nan')):.4g} "
@@ -140,3 +181,18 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, quiet: bool = 
     )
     refresh_model_card(run_dir)  # model_card.md/.json; `medsynth evaluate` adds the held-out results
     return best
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Remove what killed writers left in the run folder (``.checkpoint_latest.<pid>-...partial.pt``).
+
+    Called when a run starts or resumes: a checkpoint write killed mid-way (SIGKILL, out of memory, a
+    lost node) leaves a temporary file the size of a checkpoint. Files of live writers are kept.
+    """
+    removed = remove_stale_partials(run_dir, recursive=True)
+    if removed:
+        names = ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else "")
+        log.info(
+            "removed %d unfinished file(s) of an interrupted write in %s: %s", len(removed), run_dir, names
+        )
+    return removed

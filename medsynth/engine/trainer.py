@@ -46,6 +46,7 @@ from ..model.plan import SynthesisPlan
 from ..model.synthesis import SynthesisModel
 from ..task import Task
 from ..viz import comparison_grid, plot_curves
+from . import distributed
 from .objectives import build_objective
 from .setup import RunData
 
@@ -84,12 +85,15 @@ class Trainer:
     def __init__(
         self, config: Config, task: Task, data: RunData, run_dir: Path, *, quiet: bool = False
     ) -> None:
-        self.config, self.task, self.data, self.run_dir, self.quiet = config, task, data, run_dir, quiet
+        self.config, self.task, self.data, self.run_dir = config, task, data, run_dir
+        #: The torchrun job (one process without torchrun): rank 0 alone validates and writes.
+        self.dist = distributed.current()
+        self.quiet = quiet or not self.dist.is_main
         train = config.train
-        if train.num_threads:
-            torch.set_num_threads(train.num_threads)
+        if train.num_threads:  # the machine's threads, shared by the processes torchrun put on it
+            torch.set_num_threads(max(1, train.num_threads // self.dist.local_world_size))
         torch.manual_seed(train.seed)
-        self.device = pick_device(train.device)
+        self.device = self.dist.device(pick_device(train.device))
         self.spatial_dims = config.model.spatial_dims
         channels_last = torch.channels_last if self.spatial_dims == 2 else torch.channels_last_3d
         self.memory_format = channels_last if train.channels_last else torch.contiguous_format
@@ -103,6 +107,7 @@ class Trainer:
             tuple(task.modalities if task.is_unified else task.sources), config.data.context, task.is_unified
         )
         self.generator, generator_spec = build_model_generator(config.model, layout.channels)
+        self.generator = self.dist.sync_batchnorm(self.generator, self.device)
         self.generator.to(self.device, memory_format=self.memory_format)
         self.plan = SynthesisPlan(
             task=task, generator=generator_spec, spatial_dims=self.spatial_dims, axis=config.data.axis,
@@ -115,12 +120,17 @@ class Trainer:
         self.opt_g = torch.optim.Adam(
             self.generator.parameters(), lr=train.lr_generator, betas=betas, fused=self.device.type == "cuda"
         )
-        forward = torch.compile(self.generator) if train.compile else self.generator
+        # Under torchrun the step trains through DDP; state dicts and validation use the bare module.
+        forward = self.dist.wrap(self.generator, self.device)
+        forward = torch.compile(forward) if train.compile else forward
         self.objective = build_objective(
             train.objective, config=config, generator=forward, in_channels=layout.channels,
             optimizer=self.opt_g, device=self.device, memory_format=self.memory_format,
-            precision=self.plan.precision,
+            precision=self.plan.precision, distributed=self.dist,
         )  # fmt: skip
+        self._seed_rank(0)
+        #: Steps between agreements on the clock and on signals (a CUDA all-reduce waits for the GPU).
+        self._sync_every = 8 if self.dist.backend == "nccl" else 1
         self.optimizers = [self.opt_g, *self.objective.optimizers]
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
@@ -128,8 +138,9 @@ class Trainer:
         # CUDA: slices resident on the GPU (else pinned host batches); a CPU run is unchanged.
         place_on_device(self.dataset, self.device, resident=train.data_on_device)
         self.loader = make_loader(
-            self.dataset, train.batch_size, shuffle=True, seed=train.seed, drop_last=True
-        )
+            self.dataset, train.batch_size, shuffle=True, seed=train.seed, drop_last=True,
+            rank=self.dist.rank, world_size=self.dist.world_size,
+        )  # fmt: skip
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -186,6 +197,7 @@ class Trainer:
             "objective": self.objective.describe(),
             "data": {"fingerprint_digest": self.data.fingerprint.digest(), "splits": self.data.splits},
             "config": self.config.to_dict(),
+            "distributed": self.distributed_info(),
             "epoch": self.epoch,
             "global_step": self.global_step,
             "best": dict(self.best),
@@ -224,14 +236,54 @@ class Trainer:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best = state["global_step"], state["best"]
         self._elapsed_at_start = float(state.get("elapsed_seconds", 0.0))
+        saved_world = state.get("distributed", {"world_size": 1, "batch_size_per_process": None})
+        if saved_world["world_size"] != self.dist.world_size and self.step_in_epoch:
+            # Samples of this epoch already trained, in the order every world size shares.
+            seen = self.step_in_epoch * (
+                saved_world["batch_size_per_process"] or self.config.train.batch_size
+            )
+            seen *= saved_world["world_size"]
+            self.step_in_epoch = seen // (self.config.train.batch_size * self.dist.world_size)
+            log.info(
+                "the checkpoint was written by %d processes, this job has %d: resuming at step %d of "
+                "epoch %d (%d samples already trained)",
+                saved_world["world_size"], self.dist.world_size, self.step_in_epoch, self.epoch + 1, seen,
+            )  # fmt: skip
         stats = state["epoch_stats"]
         self.stats = EpochStats(stats["steps"], stats["slices"], stats["seconds"], dict(stats["sums"]))
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        _truncate_metrics(self.run_dir / "metrics.csv", self.epoch)
+        self._seed_rank(self.global_step)
+        if self.dist.is_main:
+            _truncate_metrics(self.run_dir / "metrics.csv", self.epoch)
+
+    def _seed_rank(self, step: int) -> None:
+        """Ranks other than 0 draw their own random numbers (dropout), from (seed, rank, step)."""
+        if self.dist.rank:
+            seed = np.random.SeedSequence([self.config.train.seed, self.dist.rank, step]).generate_state(1)
+            torch.manual_seed(int(seed[0]))
+
+    def distributed_info(self) -> dict[str, Any]:
+        """The job that trains: processes, per-process and effective batch, learning rates.
+
+        The rule: ``train.batch_size`` and the learning rates are per process and are not rescaled, so
+        the effective batch is ``batch_size x world_size`` at the recipe's learning rates.
+        """
+        train = self.config.train
+        return {
+            "world_size": self.dist.world_size,
+            "backend": self.dist.backend,
+            "batch_size_per_process": train.batch_size,
+            "effective_batch_size": train.batch_size * self.dist.world_size,
+            "lr_generator": train.lr_generator,
+            "lr_critic": train.lr_critic,
+            "lr_rule": "per-process batch and learning rates as given (no scaling)",
+        }
 
     def save_latest(self, *, background: bool = False) -> None:
+        if not self.dist.is_main:
+            return
         payload = self.state()
         if background:
             self._submit(save_checkpoint, _host_copy(payload), self.run_dir / LATEST)
@@ -247,7 +299,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until the configured epochs or the time budget are spent, validating at the cadence."""
         total = self.config.train.total_epochs
-        writer = _tensorboard(self.run_dir / "tensorboard")
+        writer = _tensorboard(self.run_dir / "tensorboard") if self.dist.is_main else None
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self._session_start = time.perf_counter()
         try:
@@ -257,17 +309,27 @@ class Trainer:
                     self._drain()
                     self.save_latest()
                     name = signal.Signals(self._stop_signal).name
-                    print(
-                        f"stopped by {name} at epoch {self.epoch + 1}, step {self.step_in_epoch}; "
-                        f"{self.run_dir / LATEST} saved; continue with: medsynth train --resume {self.run_dir}",
-                        flush=True,
-                    )
+                    if self.dist.is_main:
+                        print(
+                            f"stopped by {name} at epoch {self.epoch + 1}, step {self.step_in_epoch}; "
+                            f"{self.run_dir / LATEST} saved; continue with: medsynth train --resume {self.run_dir}",
+                            flush=True,
+                        )
+                    self.dist.barrier()  # the others exit once rank 0's checkpoint is on disk
                     raise SystemExit(128 + self._stop_signal)
+                self._check_replicas()
                 last = self.epoch + 1 == total or self.stopped_by_budget
                 every = self.config.train.val_every
-                metrics = self.validate() if last or (self.epoch + 1) % every == 0 else None
+                due = last or (self.epoch + 1) % every == 0
+                metrics = self.validate() if due and self.dist.is_main else None
                 self._end_epoch(metrics, writer)
+                self.dist.barrier()  # while rank 0 validates and writes
             self._drain()
+        except RuntimeError as exc:
+            if distributed.is_peer_failure(exc):
+                hint = f"torchrun ... -m medsynth train --resume {self.run_dir}"
+                raise distributed.PeerFailure(distributed.peer_failure_message(exc, hint)) from exc
+            raise
         finally:
             self._writer.shutdown(wait=True)
             for sig, handler in previous.items():
@@ -289,18 +351,21 @@ class Trainer:
         """Seconds of fit() over all sessions of this run."""
         return self._elapsed_at_start + time.perf_counter() - self._session_start
 
-    def lr_factor(self) -> float:
-        """pix2pix's schedule: 1, then linear decay; over epochs, or over the time budget's minutes."""
+    def lr_factor(self, clock: float | None = None) -> float:
+        """pix2pix's schedule: 1, then linear decay; over epochs, or over the time budget's minutes.
+
+        ``clock``: the budget's seconds so far (rank 0's under torchrun, so every rank sets one rate).
+        """
         train = self.config.train
         budget = self.budget_seconds
         if budget is None:
             return 1.0 - max(0, self.epoch + 1 - train.epochs) / float(train.decay_epochs + 1)
         constant = train.epochs / float(train.total_epochs)
-        progress = min(self._clock() / budget, 1.0)
+        progress = min((self._clock() if clock is None else clock) / budget, 1.0)
         return 1.0 if progress < constant else max(1.0 - (progress - constant) / (1.0 - constant), 0.01)
 
-    def _set_lr(self) -> float:
-        factor = self.lr_factor()
+    def _set_lr(self, clock: float | None = None) -> float:
+        factor = self.lr_factor(clock)
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
@@ -320,7 +385,7 @@ class Trainer:
         )  # fmt: skip
         budget = self.budget_seconds
         started = time.perf_counter()
-        self._set_lr()
+        self._set_lr(self.dist.agree(self._clock(), None)[0] if self.dist.enabled else None)
         with bar:
             for index, batch in enumerate(self.loader):
                 if index < self.step_in_epoch:
@@ -331,27 +396,56 @@ class Trainer:
                 self._accumulate(losses)
                 self.step_in_epoch += 1
                 self.global_step += 1
-                self.stats.slices += int(batch["source"].shape[0])
-                if budget is not None:
-                    self._set_lr()
+                self.stats.slices += int(batch["source"].shape[0]) * self.dist.world_size
+                clock, stop = self._agree()
+                if budget is not None and clock is not None:
+                    self._set_lr(clock)
                 if index % 10 == 0 or index + 1 == batches:  # reading losses waits for the device
                     self._absorb_losses()
                     bar.set_postfix(self._postfix(), refresh=False)
                 bar.update()
-                if self._stop_signal is not None:
+                if stop is not None:
+                    self._stop_signal = stop  # a signal to any rank stops every rank at this step
                     break
                 every = train.checkpoint_every
                 if every and self.global_step % every == 0:
                     self.stats.seconds += time.perf_counter() - started
                     started = time.perf_counter()
                     self.save_latest(background=True)
-                if budget is not None and self._clock() >= budget:
+                if budget is not None and clock is not None and clock >= budget:
                     self.stopped_by_budget = True
                     break
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats.seconds += time.perf_counter() - started
         self._absorb_losses()
+        if self.dist.enabled:  # metrics.csv reports the mean loss over all ranks' batches
+            self.stats.sums = self.dist.mean(self.stats.sums)
+
+    def _agree(self) -> tuple[float | None, int | None]:
+        """(budget clock, stop signal) after a step: this process's, or under torchrun the job's.
+
+        Rank 0's clock and any rank's signal are shared every ``_sync_every`` steps, so all ranks change
+        the learning rate and stop at the same step; in between, (None, None).
+        """
+        if not self.dist.enabled:
+            return self._clock(), self._stop_signal
+        if self.global_step % self._sync_every:
+            return None, None
+        return self.dist.agree(self._clock(), self._stop_signal)
+
+    def _check_replicas(self) -> None:
+        """Every rank must hold the same weights after an epoch; a difference is a bug, said at once."""
+        if not self.dist.enabled:
+            return
+        critic = getattr(self.objective, "critic", None)
+        modules = [self.generator] + ([critic] if critic is not None else [])
+        checksum = sum(float(p.detach().double().sum()) for m in modules for p in m.parameters())
+        if not self.dist.same_on_all(checksum):
+            raise MedsynthError(
+                f"the training processes hold different weights after epoch {self.epoch + 1}; "
+                "this is a bug in medsynth's distributed training, please report it"
+            )
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One step of the objective; returns its losses as detached device tensors."""
@@ -467,7 +561,8 @@ class Trainer:
         # Main-thread seconds of this epoch end (copies for the writer, metrics, events); disk writes
         # themselves happen in the background while the next epoch trains.
         row["io_seconds"] = round(time.perf_counter() - io_started, 3)
-        _append_metrics(self.run_dir / "metrics.csv", row)
+        if self.dist.is_main:
+            _append_metrics(self.run_dir / "metrics.csv", row)
         if writer is not None:
             for key, value in row.items():
                 if key != "epoch":
