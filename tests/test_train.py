@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,11 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import TINY_OVERRIDES, tiny_config
 
 from medsynth.cli import main
 from medsynth.engine.run import claim_run_dir, train
+from medsynth.io.atomic import partial_name
 from medsynth.model.checkpoint import load_checkpoint
 
 
@@ -68,6 +71,8 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tiny_cohort: Path, tmp_p
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    said = process.stdout.read().decode()
+    assert "stopped by SIGTERM" in said and f"continue with: medsynth train --resume {killed}" in said, said
     state = load_checkpoint(killed / "checkpoint_latest.pt")
     assert state["step_in_epoch"] > 0 and state["epoch"] < 2  # stopped mid-epoch
 
@@ -102,3 +107,60 @@ def test_bad_input_is_one_line(
     assert code == 2
     assert err.startswith("error:") and "\n" not in err and message in err, err
     assert "Traceback" not in err
+
+
+def _copy_run(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "runs" / run.name
+    shutil.copytree(run, copy)
+    return copy
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_resume_removes_stale_partials(tiny_run: Path, tmp_path: Path) -> None:
+    """A checkpoint write killed mid-way leaves ``.checkpoint_latest.<pid>-...partial.pt``; resume removes it."""
+    run = _copy_run(tiny_run, tmp_path)
+    host = partial_name("x").split(".")[2].split("-")[1]
+    stale = run / f".checkpoint_latest.{_dead_pid()}-{host}.0123abcd.partial.pt"
+    stale.write_bytes(b"half a checkpoint")
+    alive = run / partial_name("checkpoint_best.pt")  # this process's own: never removed
+    alive.write_bytes(b"being written")
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert not stale.exists() and alive.exists()
+
+
+def test_disk_full_during_a_checkpoint_save_keeps_the_last_one(
+    tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """torch.save fails like a full disk from the second save on: one error line, exit 2, resumable."""
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) >= 2:
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file data/0: "
+                "file write failed"
+            )
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    command = ["train", "t1->t2", "--data", str(tiny_cohort), "--config", "demo_cpu", "--runs-dir",
+               str(tmp_path), "--name", "full", "--quiet"]  # fmt: skip
+    for item in TINY_OVERRIDES:
+        command += ["--set", item]
+    assert main(command) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "disk is full" in errors[0], errors
+    run = tmp_path / "full"
+    state = load_checkpoint(run / "checkpoint_latest.pt")  # the save before the failures, intact
+    assert state["epoch"] == 1 and not state["finished"]
+    assert not [p for p in run.iterdir() if ".partial" in p.name]
+
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert load_checkpoint(run / "checkpoint_latest.pt")["finished"]
