@@ -18,6 +18,8 @@ from .convert.cli import add_convert_arguments, convert_command
 from .errors import MedsynthError
 
 log = logging.getLogger("medsynth")
+#: ``medsynth export`` formats (= medsynth.model.export.FORMATS, which imports torch).
+EXPORT_FORMATS = ("onnx", "torchscript")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--quiet", action="store_true")
     job.set_defaults(handler=_demo_job)
 
+    export = commands.add_parser("export", help="export the generator to ONNX or TorchScript, plan embedded")
+    export.add_argument("--checkpoint", required=True, type=Path, help="checkpoint .pt or run folder")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    export.add_argument("--out", required=True, type=Path, help="output file, e.g. model.onnx or model_ts.pt")
+    export.set_defaults(handler=_export)
+
     convert = commands.add_parser("convert", help="add a synthetic series to every study of a DICOM export")
     add_convert_arguments(convert)
     convert.set_defaults(handler=convert_command)
@@ -185,6 +193,12 @@ def _infer(args: argparse.Namespace) -> int:
     from .inference.run import infer_from_args
 
     return infer_from_args(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .inference.export_cli import export_from_args
+
+    return export_from_args(args)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

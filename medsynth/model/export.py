@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,10 @@ def export_model(model: SynthesisModel, path: str | Path, fmt: str, *, opset: in
     try:
         with atomic_path(path) as temp, torch.no_grad():
             if fmt == "torchscript":
-                traced = torch.jit.trace(generator, example, check_trace=False)
-                torch.jit.save(traced, str(temp), _extra_files={EXTRA_FILE: metadata})
+                with warnings.catch_warnings():  # TorchScript is deprecated but still the portable format
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    traced = torch.jit.trace(generator, example, check_trace=False)
+                    torch.jit.save(traced, str(temp), _extra_files={EXTRA_FILE: metadata})
             else:
                 _export_onnx(generator, example, Path(temp), metadata, opset)
     finally:
@@ -191,7 +194,9 @@ def load_exported(path: str | Path, device: str = "cpu") -> SynthesisModel:
     else:
         extra = {EXTRA_FILE: ""}
         try:
-            module = torch.jit.load(str(path), map_location=torch_device, _extra_files=extra)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(str(path), map_location=torch_device, _extra_files=extra)
         except Exception as exc:  # torch raises RuntimeError and others for bad archives
             raise CheckpointError(
                 f"not a readable TorchScript model ({exc.__class__.__name__})", path
