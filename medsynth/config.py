@@ -118,6 +118,9 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     compile: bool = False
+    #: CUDA only: capture the whole training step in a CUDA graph and replay it (removes the per-step
+    #: launch floor; needs fixed batches, which the loader guarantees). Ignored, with a log line, on a CPU.
+    cuda_graphs: bool = False
     channels_last: bool = True
     #: CUDA only: keep the training slices on the GPU and gather batches there (falls back to pinned
     #: host memory when they exceed half the free GPU memory). Ignored on a CPU.
@@ -167,6 +170,10 @@ class TrainConfig:
         for name in ("val_every", "inference_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.cuda_graphs and self.compile:
+            raise ConfigError(
+                "train.cuda_graphs and train.compile are two ways to the same end; set one of them"
+            )
         if self.checkpoint_every < 0:
             raise ConfigError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.best_metric not in ("psnr", "ssim", "mae"):

@@ -47,6 +47,7 @@ from ..model.synthesis import SynthesisModel
 from ..task import Task
 from ..viz import comparison_grid, plot_curves
 from . import distributed
+from .graphs import graphed_step
 from .objectives import build_objective
 from .setup import RunData
 
@@ -118,8 +119,9 @@ class Trainer:
         self.model = SynthesisModel(self.plan, self.generator, data.fingerprint, device=self.device)
         betas = (train.beta1, train.beta2)
         self.opt_g = torch.optim.Adam(
-            self.generator.parameters(), lr=train.lr_generator, betas=betas, fused=self.device.type == "cuda"
-        )
+            self.generator.parameters(), lr=train.lr_generator, betas=betas, fused=self.device.type == "cuda",
+            capturable=train.cuda_graphs and self.device.type == "cuda",  # a CUDA graph steps it on the GPU
+        )  # fmt: skip
         # Under torchrun the step trains through DDP; state dicts and validation use the bare module.
         forward = self.dist.wrap(self.generator, self.device)
         forward = torch.compile(forward) if train.compile else forward
@@ -137,6 +139,10 @@ class Trainer:
                 group.setdefault("initial_lr", group["lr"])
         # CUDA: slices resident on the GPU (else pinned host batches); a CPU run is unchanged.
         place_on_device(self.dataset, self.device, resident=train.data_on_device)
+        #: The objective's step, captured in a CUDA graph with train.cuda_graphs on CUDA (engine/graphs.py).
+        self._step = graphed_step(
+            self.objective.step, self.optimizers, self.device, enabled=train.cuda_graphs
+        )
         self.loader = make_loader(
             self.dataset, train.batch_size, shuffle=True, seed=train.seed, drop_last=True,
             rank=self.dist.rank, world_size=self.dist.world_size,
@@ -456,7 +462,7 @@ class Trainer:
             batch["target"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         )
         mask = batch["mask"].to(self.device, non_blocking=True) if self.config.train.masked_l1 else None
-        return self.objective.step(source, target, mask)
+        return self._step(source, target, mask)
 
     def _accumulate(self, losses: dict[str, torch.Tensor]) -> None:
         for key, value in losses.items():

@@ -21,8 +21,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, precision: str) -> Any:
-    """Autocast to the plan's precision on CUDA; fp32 elsewhere (bf16 is emulated and slower on CPUs)."""
-    if device.type != "cuda" or precision not in _DTYPES:
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype :func:`autocast` computes convolutions in, or None where it does nothing (fp32)."""
+    if device.type != "cuda":
+        return None
+    return _DTYPES.get(precision)
+
+
+def autocast(device: torch.device, precision: str, *, cache: bool = True) -> Any:
+    """Autocast to the plan's precision on CUDA; fp32 elsewhere (bf16 is emulated and slower on CPUs).
+
+    ``cache=False`` disables autocast's cache of low-precision weight copies, which a CUDA graph capture
+    requires (:mod:`medsynth.engine.graphs`).
+    """
+    dtype = autocast_dtype(device, precision)
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=_DTYPES[precision])
+    return torch.autocast(device_type="cuda", dtype=dtype, cache_enabled=cache)
