@@ -164,3 +164,37 @@ def test_disk_full_during_a_checkpoint_save_keeps_the_last_one(
     monkeypatch.setattr(torch, "save", real_save)
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert load_checkpoint(run / "checkpoint_latest.pt")["finished"]
+
+
+def test_resampling_warning_is_printed_once_per_file(tiny_cohort: Path, tmp_path: Path) -> None:
+    """Training loads each training subject twice (fingerprint, then cache); the user reads about it once."""
+    import logging
+
+    import nibabel as nib
+    import numpy as np
+
+    from medsynth.engine.setup import prepare_run_data
+
+    cohort = tmp_path / "shifted"
+    shutil.copytree(tiny_cohort, cohort)
+    shifted = sorted(cohort.glob("sub-*/anat/*_T2w.nii.gz"))
+    for path in shifted:
+        image = nib.load(path)
+        affine = image.affine.copy()
+        affine[0, 3] += 6.0  # one voxel: a different grid, almost the same field of view
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj), affine), path)
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("medsynth")
+    logger.addHandler(handler)
+    try:
+        config = tiny_config(cohort)
+        claim_run_dir(tmp_path / "run", config)
+        prepare_run_data(
+            config, config.parsed_task(), tmp_path / "run", cache_dir=tmp_path / "cache", progress=False
+        )
+    finally:
+        logger.removeHandler(handler)
+    for path in shifted:
+        assert sum(m.startswith(f"{path}: not on the grid") for m in messages) == 1, (path, messages)

@@ -28,6 +28,17 @@ log = logging.getLogger("medsynth")
 #: Below this fraction of the reference's field of view, two images are not the same anatomy.
 MIN_OVERLAP = 0.5
 
+#: Resampling warnings already given: training loads a subject twice (fingerprint, then cache), and the
+#: user should read about each resampled file once.
+_WARNED: set[tuple[object, ...]] = set()
+
+
+def _warn_once(message: str, *args: object) -> None:
+    if args not in _WARNED:
+        _WARNED.add(args)
+        log.warning(message, *args)
+
+
 #: Interpolation names and SimpleITK's constants for them (SimpleITK is imported only to resample).
 _INTERPOLATORS = {"linear": "sitkLinear", "nearest": "sitkNearestNeighbor", "bspline": "sitkBSpline"}
 
@@ -156,7 +167,7 @@ def align_subject(subject: Subject, reference: str, atol_mm: float = 1e-3) -> Su
                 "check that both files belong to the same subject and session, or register them first",
                 volume.source,
             )
-        log.warning(
+        _warn_once(
             "%s: not on the grid of %s (%s); resampling it linearly onto that grid",
             volume.source,
             target.source,
