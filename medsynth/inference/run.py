@@ -363,7 +363,7 @@ def run_jobs(
     """
     read_options = {"series_uid": args.series_uid, "volume_index": args.volume_index}
     failed: dict[int, str] = {}
-    pending: deque[tuple[int, Path, str, Future[None]]] = deque()
+    pending: deque[tuple[int, Path, str, Future[float]]] = deque()
     show_bar = None if len(jobs) > 1 and not args.quiet else True
 
     def fail(index: int, exc: BaseException) -> None:
