@@ -30,6 +30,7 @@ TINY_OVERRIDES = [
     "train.batch_size=4",
     "train.num_threads=1",
     "train.val_every=1",
+    "train.max_minutes=null",
 ]
 
 
