@@ -139,6 +139,9 @@ class Trainer:
                 group.setdefault("initial_lr", group["lr"])
         # CUDA: slices resident on the GPU (else pinned host batches); a CPU run is unchanged.
         place_on_device(self.dataset, self.device, resident=train.data_on_device)
+        if train.cuda_graphs and self.dist.enabled and self.device.type == "cuda":
+            # DDP's gradient all-reduce inside a captured graph is not supported here (yet).
+            raise ConfigError("train.cuda_graphs does not combine with torchrun; set train.cuda_graphs=false")
         #: The objective's step, captured in a CUDA graph with train.cuda_graphs on CUDA (engine/graphs.py).
         self._step = graphed_step(
             self.objective.step, self.optimizers, self.device, enabled=train.cuda_graphs
