@@ -59,6 +59,12 @@ class DataConfig:
     patches_per_epoch: int = 64
     #: 3D only: overlap of neighbouring sliding windows at inference (Gaussian-blended), in [0, 1).
     sliding_overlap: float = 0.5
+    #: 3D only: share of patch centres drawn on the foreground (head) mask, the rest uniform over the
+    #: volume (nnU-Net-style oversampling; 1 = always on the foreground).
+    foreground_fraction: float = 1.0
+    #: Unified mode: how each sample's available inputs are drawn, ``uniform`` (every non-empty subset
+    #: of the other modalities alike) or ``emphasis`` (a third all, a third one, a third uniform).
+    unified_subsets: str = "uniform"
 
     def validate(self) -> None:
         if self.axis not in (0, 1, 2):
@@ -69,6 +75,12 @@ class DataConfig:
             )
         if not 0.0 <= self.sliding_overlap < 1.0:
             raise ConfigError(f"data.sliding_overlap must be in [0, 1), got {self.sliding_overlap}")
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            raise ConfigError(f"data.foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
+        if self.unified_subsets not in ("uniform", "emphasis"):
+            raise ConfigError(
+                f"data.unified_subsets must be uniform or emphasis, got {self.unified_subsets!r}"
+            )
         for name in ("val", "test"):
             value = getattr(self, name)
             if value < 0:

@@ -60,6 +60,43 @@ def uniform_draws(seed: int, epoch: int, index: np.ndarray, stream: np.ndarray |
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+#: ``data.unified_subsets`` schemes: how unified training draws the available inputs of a sample.
+UNIFIED_SUBSETS = ("uniform", "emphasis")
+
+
+def draw_unified(
+    seed: int, epoch: int, index: np.ndarray, count: int, scheme: str = "uniform"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: a uniform target of ``count`` modalities, then a non-empty subset of the others.
+
+    ``uniform``: every non-empty subset equally likely (4 modalities: the full set 1/7, each single input
+    1/7). ``emphasis``: a third of the samples get all the others, a third one of them (uniform), a third
+    a uniform subset as above; missing-modality training (MM-GAN, Hi-Net) oversamples the full and
+    single-input cases, which are also the directions users ask most. Returns ``(available (B, count)
+    float32, target_index (B,))``; a pure function of ``(seed, epoch, index)``.
+    """
+    if scheme not in UNIFIED_SUBSETS:
+        raise ConfigError(
+            f"unified subset scheme must be one of {', '.join(UNIFIED_SUBSETS)}, got {scheme!r}"
+        )
+    index = np.asarray(index, dtype=np.int64)
+    target_index = uniform_draws(seed, epoch, index[:, None], np.arange(count)).argmax(axis=1)
+    rest = np.ones((len(index), count), bool)
+    rest[np.arange(len(index)), target_index] = False
+    # Subsets of the n remaining modalities are the integers 1 .. 2**n - 1 read as bit masks.
+    n_rest = rest.sum(axis=1)
+    subsets = 2**n_rest - 1
+    uniform = uniform_draws(seed, epoch, index, count)
+    draw = 1 + (uniform * subsets).astype(np.int64)
+    if scheme == "emphasis":
+        mode = uniform_draws(seed, epoch, index, count + 1)
+        single = np.left_shift(1, np.minimum((uniform * n_rest).astype(np.int64), n_rest - 1))
+        draw = np.where(mode < 1 / 3, subsets, np.where(mode < 2 / 3, single, draw))
+    rank = np.cumsum(rest, axis=1) - 1
+    chosen = rest & (((draw[:, None] >> np.maximum(rank, 0)) & 1) == 1)
+    return chosen.astype(np.float32), target_index
+
+
 def _oriented(array: np.ndarray, axis: int) -> np.ndarray:
     """View a ``(k, i, j)`` cache array as ``(slices along axis, in-plane a, in-plane b)``."""
     in_plane = [a for a in (0, 1, 2) if a != axis]
@@ -126,6 +163,7 @@ class SliceDataset(Dataset):
         unified_modalities: Sequence[str] | None = None,
         axis: int = 2,
         seed: int = 0,
+        unified_subsets: str = "uniform",
     ) -> None:
         if context < 1 or context % 2 == 0:
             raise ConfigError(f"context must be an odd number of slices (1, 3, 5, ...), got {context}")
@@ -136,6 +174,12 @@ class SliceDataset(Dataset):
         if not subject_ids:
             raise MedsynthError("no subjects to draw slices from; check the split")
         self.unified = unified_modalities is not None
+        if unified_subsets not in UNIFIED_SUBSETS:
+            raise ConfigError(
+                f"unified_subsets must be one of {', '.join(UNIFIED_SUBSETS)}, got {unified_subsets!r}"
+            )
+        #: How unified mode draws each sample's available inputs (:func:`draw_unified`).
+        self.unified_subsets = unified_subsets
         if self.unified:
             self.modalities = tuple(unified_modalities or ())
             if len(self.modalities) < 2:
@@ -310,17 +354,8 @@ class SliceDataset(Dataset):
         return batch
 
     def _draw_unified(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per sample: a uniform target, then a uniform non-empty subset of the other modalities."""
-        count = len(self.modalities)
-        target_index = uniform_draws(self.seed, self.epoch, index[:, None], np.arange(count)).argmax(axis=1)
-        rest = np.ones((len(index), count), bool)
-        rest[np.arange(len(index)), target_index] = False
-        # Subsets of the n remaining modalities are the integers 1 .. 2**n - 1 read as bit masks.
-        subsets = 2 ** rest.sum(axis=1) - 1
-        draw = 1 + (uniform_draws(self.seed, self.epoch, index, count) * subsets).astype(np.int64)
-        rank = np.cumsum(rest, axis=1) - 1
-        chosen = rest & (((draw[:, None] >> np.maximum(rank, 0)) & 1) == 1)
-        return chosen.astype(np.float32), target_index
+        """Per sample: a uniform target, then a subset of the others (:func:`draw_unified`)."""
+        return draw_unified(self.seed, self.epoch, index, len(self.modalities), self.unified_subsets)
 
 
 class BatchLoader:
@@ -452,9 +487,11 @@ def place_on_device(dataset: SliceDataset | PatchDataset, device: torch.device, 
 class PatchDataset(Dataset):
     """Random 3D patches (``patch_size`` in canonical ``(i, j, k)`` order) for 3D networks.
 
-    ``samples_per_epoch`` patches per epoch; each picks a subject uniformly, then a centre: a uniform
-    foreground voxel when ``foreground_weighted`` (so air is not most of the training signal), else a
-    uniform voxel. Patches are shifted to stay inside the volume. Items hold ``source`` (S, *patch),
+    ``samples_per_epoch`` patches per epoch; each picks a subject uniformly, then a centre: with
+    probability ``foreground_fraction`` a uniform foreground voxel (so air is not most of the training
+    signal), else a uniform voxel of the volume (nnU-Net mixes forced-foreground and random patches the
+    same way, so the head's boundary and the background are seen too). ``foreground_weighted=False``
+    means ``foreground_fraction=0``. Patches are shifted to stay inside the volume. Items hold ``source`` (S, *patch),
     ``target`` (1, *patch), ``mask`` (1, *patch) and ``subject``.
     """
 
@@ -469,9 +506,14 @@ class PatchDataset(Dataset):
         samples_per_epoch: int,
         foreground_weighted: bool = True,
         seed: int = 0,
+        foreground_fraction: float = 1.0,
     ) -> None:
         if not subject_ids:
             raise MedsynthError("no subjects to draw patches from; check the split")
+        if not 0.0 <= foreground_fraction <= 1.0:
+            raise ConfigError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
+        #: Share of patch centres drawn on the foreground (the rest uniform over the volume).
+        self.foreground_fraction = float(foreground_fraction) if foreground_weighted else 0.0
         if not sources:
             raise ConfigError("a patch dataset needs at least one source modality")
         if len(patch_size) != 3 or min(patch_size) < 1:
@@ -511,11 +553,11 @@ class PatchDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {key: value[0] for key, value in self.__getitems__([index]).items()}
 
-    def _centre(self, number: int, draws: np.ndarray) -> np.ndarray:
+    def _centre(self, number: int, draws: np.ndarray, on_foreground: bool = True) -> np.ndarray:
         """Centre ``(i, j, k)`` of one patch from three uniform draws."""
         shape = self._shapes[number]
         cumulative = self._cumulative[number]
-        if not self.weighted or cumulative[-1] == 0:
+        if not self.weighted or not on_foreground or cumulative[-1] == 0:
             return (draws * shape).astype(np.int64)
         k = int(np.searchsorted(cumulative, draws[0] * cumulative[-1], side="right"))
         voxels = np.flatnonzero(self._masks[number][k])
@@ -526,10 +568,13 @@ class PatchDataset(Dataset):
         index = np.asarray(indices, dtype=np.int64)
         draws = uniform_draws(self.seed, self.epoch, index[:, None], np.arange(4))
         numbers = (draws[:, 0] * len(self._subjects)).astype(np.int64)
+        # A fifth stream: streams 0-3 (and so a foreground_fraction of 1) draw exactly as before.
+        foreground = uniform_draws(self.seed, self.epoch, index, 4) < self.foreground_fraction
         size = np.array(self.patch_size)
         sources, targets, masks = [], [], []
-        for number, row in zip(numbers, draws[:, 1:], strict=True):
-            start = np.clip(self._centre(number, row) - size // 2, 0, self._shapes[number] - size)
+        for number, row, fg in zip(numbers, draws[:, 1:], foreground, strict=True):
+            centre = self._centre(number, row, bool(fg))
+            start = np.clip(centre - size // 2, 0, self._shapes[number] - size)
             box = (slice(start[2], start[2] + size[2]), slice(start[0], start[0] + size[0]),
                    slice(start[1], start[1] + size[1]))  # fmt: skip
             images = self._images[number]

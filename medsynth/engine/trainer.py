@@ -180,7 +180,7 @@ class Trainer:
                 return PatchDataset(
                     self.data.cohort, self.data.splits["train"], task.sources, str(task.target),
                     patch_size=crop or (64, 64, 64), samples_per_epoch=data.patches_per_epoch,
-                    seed=self.config.train.seed,
+                    seed=self.config.train.seed, foreground_fraction=data.foreground_fraction,
                 )  # fmt: skip
             except ConfigError as exc:  # users set the patch as data.crop_size
                 raise ConfigError(f"data.crop_size: {exc}") from exc
@@ -188,6 +188,7 @@ class Trainer:
             self.data.cohort, self.data.splits["train"], task.sources, task.target,
             context=data.context, crop_size=crop, unified_modalities=task.modalities or None, axis=data.axis,
             min_foreground=data.min_foreground, seed=self.config.train.seed,
+            unified_subsets=data.unified_subsets,
         )  # fmt: skip
 
     @property

@@ -58,3 +58,20 @@ def synthesize_patches(
     crop = tuple(slice(0, s) for s in stack.shape[2:])
     output[box] = result[0, 0][crop].float().cpu().numpy()
     return output
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """First voxel of every window along one axis of a box of ``size`` voxels, as MONAI tiles it.
+
+    For drawing where windows meet (seams) and for tests: the step is ``int(patch * (1 - overlap))``
+    (at least 1; ``patch`` when the axis is one window), the last window ends on the box's end.
+
+    Example:
+        >>> window_starts(100, 48, 0.5)
+        [0, 24, 48, 52]
+    """
+    if size <= patch:
+        return [0]
+    step = max(int(patch * (1 - overlap)), 1)
+    count = -(-(size - patch) // step) + 1
+    return sorted({min(n * step, size - patch) for n in range(count)})
