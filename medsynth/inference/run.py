@@ -202,6 +202,7 @@ def plan_jobs(args: argparse.Namespace, model: SynthesisModel) -> list[Job]:
     for job in jobs:
         targets = targets_for(model, job.paths, args.target)
         for target in targets:
+            model.plan.resolve_target(job.paths, target)  # a wrong modality fails before any reading
             name = target or str(model.target)
             job.outputs.append(
                 (target, output_path_for(args.out, job.stem, name, several or len(targets) > 1))
