@@ -109,6 +109,22 @@ def test_bad_input_is_one_line(
     assert "Traceback" not in err
 
 
+def test_a_failed_start_can_be_retried_with_other_settings(tiny_cohort: Path, tmp_path: Path, capsys) -> None:
+    """A run that stopped before its first checkpoint holds nothing to resume: --resume says so, and the
+    same command with a corrected --set takes the folder again instead of calling it "a different run"."""
+    common = ["train", "t1->t2", "--data", str(tiny_cohort), "--runs-dir", str(tmp_path), "--name", "retry",
+              "--config", "demo_cpu", "--quiet", *[a for item in TINY_OVERRIDES for a in ("--set", item)]]  # fmt: skip
+    assert (
+        main([*common, "--set", "data.val=4"]) == 2
+    )  # too few subjects left: fails after claiming the folder
+    assert (tmp_path / "retry" / "config.yaml").is_file()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "retry")]) == 2
+    assert "stopped before its first checkpoint" in capsys.readouterr().err
+    assert main([*common, "--set", "train.steps_per_epoch=2"]) == 0
+    assert load_checkpoint(tmp_path / "retry" / "checkpoint_latest.pt")["epoch"] == 2
+
+
 def _copy_run(run: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "runs" / run.name
     shutil.copytree(run, copy)
