@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--baselines", action="store_true", help="also score the identity and LUT baselines"
     )
+    evaluate.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="also measure how well the uncertainty map tracks the error (calibration columns, figures)",
+    )
     evaluate.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(handler=_evaluate)

@@ -98,10 +98,17 @@ class ModelConfig:
     critic_args: dict[str, Any] = field(default_factory=dict)
     #: Initialise the generator from a local state-dict file (ResViT: e.g. a CNN-only pre-training).
     generator_weights: str | None = None
+    #: The generator also predicts a per-voxel Laplace scale ``b`` (a second output channel, trained
+    #: with the Laplace likelihood): the model's own uncertainty map at no extra inference cost.
+    predict_scale: bool = False
 
     def validate(self) -> None:
         if self.spatial_dims not in (2, 3):
             raise ConfigError(f"model.spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.predict_scale and self.generator != "unet":
+            raise ConfigError(
+                f"model.predict_scale needs the unet generator (its tanh_scale output), not {self.generator!r}"
+            )
 
 
 @dataclass
@@ -121,6 +128,9 @@ class TrainConfig:
     objective: str = "gan"
     #: Weight of the adversarial term of the ``gan`` objective.
     adversarial_weight: float = 1.0
+    #: With ``model.predict_scale``: the Laplace NLL's per-voxel weight ``b.detach() ** laplace_beta``
+    #: (1: the image trains exactly as with L1 while ``b`` learns the expected error; 0: plain NLL).
+    laplace_beta: float = 1.0
     masked_l1: bool = False
     #: Cap on optimisation steps per epoch (None = one pass over the training slices).
     steps_per_epoch: int | None = None
@@ -163,7 +173,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 <= value < 1):
                 raise ConfigError(f"train.{name} (Adam) must be in [0, 1), got {value}")
-        for name in ("lambda_l1", "adversarial_weight"):
+        for name in ("lambda_l1", "adversarial_weight", "laplace_beta"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"train.{name} must be >= 0, got {value}")

@@ -10,6 +10,13 @@ scored on the whole volume and inside the foreground mask of its inputs, in a st
 
 Trivial baselines (``--baselines``) are scored the same way: the normalised source itself and a
 source -> target intensity lookup table fitted on the run's training subjects.
+
+``--uncertainty`` also measures whether the model's voxel-wise uncertainty
+(:func:`medsynth.model.uncertainty.uncertainty_map`: its scale head, else TTA) tracks its error, in
+normalised space inside the mask: ``spearman_unc_err`` (Spearman rho of uncertainty and |error|),
+``top_decile_error_ratio`` (mean |error| of the top-decile-uncertainty voxels / that of the rest) and
+``unc_seconds`` (the estimator's time beyond the plain prediction) per subject, their mean in the
+summary's ``calibration`` block, and a ``*_uncertainty.png`` per subject (|error| beside uncertainty).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import itertools
 import json
 import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +47,17 @@ from .io.atomic import atomic_path, atomic_write_text
 from .io.volume import Volume, to_canonical
 from .metrics import compute_metrics, json_safe
 from .model.checkpoint import resolve_checkpoint
-from .model.synthesis import SynthesisModel
+from .model.synthesis import Prediction, SynthesisModel
+from .model.uncertainty import calibration, uncertainty_map
 from .model_card import refresh_after_evaluation
-from .viz import subject_figure
+from .viz import subject_figure, uncertainty_figure
 
 log = logging.getLogger("medsynth")
 
 #: Columns of the printed table: masked metrics, the numbers the README reports.
 TABLE_METRICS = ("psnr_masked", "ssim3d_masked", "mae_masked")
+#: Per-subject calibration columns of ``--uncertainty`` (the model's rows only).
+CALIBRATION_METRICS = ("spearman_unc_err", "top_decile_error_ratio", "unc_seconds")
 
 
 @dataclass
@@ -78,6 +89,7 @@ def evaluate_from_args(args: argparse.Namespace) -> int:
     cases = evaluate(
         model, data_root, out, split=args.split, space=args.space, manifest=manifest,
         baselines=args.baselines, progress=not args.quiet,
+        uncertainty=getattr(args, "uncertainty", False),
     )  # fmt: skip
     print(render_table(cases, space_label(args.space)))
     print(f"per-subject rows: {out / 'metrics.csv'}; summary: {out / 'summary.json'}; figures: {out}/*.png")
@@ -117,22 +129,32 @@ def evaluate(
     manifest: str | None = None,
     baselines: bool = False,
     progress: bool = True,
+    uncertainty: bool = False,
 ) -> list[Case]:
-    """Score every subject of ``split``; write metrics.csv, summary.json and one PNG per subject."""
+    """Score every subject of ``split``; write metrics.csv, summary.json and one PNG per subject.
+
+    ``uncertainty`` adds the calibration columns and figures (module docstring).
+    """
     records = scan_dataset(data_root, manifest)
     splits = model.checkpoint_splits
     subjects = select_subjects(records, splits, split)
     fitted = fit_baselines(model, records, splits.get("train", [])) if baselines else {}
     cases: list[Case] = []
     for record in tqdm(subjects, desc="subjects", disable=None if progress else True):
-        cases.extend(evaluate_subject(model, record, out, space, fitted))
+        cases.extend(evaluate_subject(model, record, out, space, fitted, uncertainty=uncertainty))
     write_results(cases, out, model, split, space)
     refresh_after_evaluation(model.source, out)  # the run's model card gets the held-out table
     return cases
 
 
 def evaluate_subject(
-    model: SynthesisModel, record: SubjectRecord, out: Path, space: str, baselines: dict[str, Any]
+    model: SynthesisModel,
+    record: SubjectRecord,
+    out: Path,
+    space: str,
+    baselines: dict[str, Any],
+    *,
+    uncertainty: bool = False,
 ) -> Iterator[Case]:
     """Synthesise and score one subject for every (target, input set) the model supports."""
     task = model.task
@@ -148,6 +170,12 @@ def evaluate_subject(
         truth_normalised = model.normalise({target: truth})[target]
         sources_normalised = model.normalise({m: _canonical_array(volumes[m]) for m in inputs})
         candidates = {"model": prediction.normalised}
+        label = "-".join(inputs) + f"_to_{target}"
+        calibrated = (
+            measure_calibration(model, sources_normalised, truth_normalised, target, prediction,
+                                out / f"{record.id}_{label}_uncertainty.png", volumes[target].spacing)
+            if uncertainty else {}
+        )  # fmt: skip
         first = inputs[0]
         if "lut" in baselines and not model.task.is_unified:
             candidates["identity"] = IdentityBaseline().predict(sources_normalised[first])
@@ -160,13 +188,38 @@ def evaluate_subject(
             else:
                 metrics = compute_metrics(normalised, truth_normalised, mask=mask, data_range=2.0,
                                           space="normalised [-1, 1]")  # fmt: skip
+            if method == "model":
+                metrics.update(calibrated)
             yield Case(record.id, method, target, inputs, metrics)
         # A unified model is scored from every input subset; one figure per target (all others given)
         # shows it without writing 2**(M-1) near-identical PNGs per target.
         if len(inputs) == len(volumes) - 1:
-            label = "-".join(inputs) + f"_to_{target}"
             subject_figure(sources_normalised, prediction.normalised, truth_normalised,
                            out / f"{record.id}_{label}.png", mask=mask, spacing=volumes[target].spacing)  # fmt: skip
+
+
+def measure_calibration(
+    model: SynthesisModel,
+    sources: dict[str, np.ndarray],
+    truth: np.ndarray,
+    target: str,
+    prediction: Prediction,
+    figure: Path,
+    spacing: tuple[float, ...],
+) -> dict[str, Any]:
+    """The uncertainty of one prediction against its error (normalised space, inside the mask)."""
+    started = time.perf_counter()
+    mask = prediction.mask
+    unc, estimator = uncertainty_map(model, sources, mask, target, prediction)
+    seconds = time.perf_counter() - started
+    result = calibration(unc, prediction.normalised - truth, mask)
+    uncertainty_figure(prediction.normalised, truth, unc, figure, mask=mask, spacing=spacing)
+    return {
+        "spearman_unc_err": result["spearman"],
+        "top_decile_error_ratio": result["top_decile_error_ratio"],
+        "unc_seconds": seconds,
+        "estimator": estimator,
+    }
 
 
 def input_sets(model: SynthesisModel, available: tuple[str, ...]) -> Iterator[tuple[str, tuple[str, ...]]]:
@@ -215,15 +268,20 @@ def write_results(cases: list[Case], out: Path, model: SynthesisModel, split: st
     """metrics.csv (one row per case) and summary.json (mean, std, median per group)."""
     if not cases:
         raise MedsynthError("nothing was evaluated")
-    metric_names = [
-        k for k, v in cases[0].metrics.items() if isinstance(v, (int, float)) and k != "mask_voxels"
-    ]
+    metric_names = list(
+        dict.fromkeys(
+            k
+            for case in cases
+            for k, v in case.metrics.items()
+            if isinstance(v, (int, float)) and k != "mask_voxels"
+        )
+    )
     with atomic_path(out / "metrics.csv") as temp, open(temp, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(["subject", "method", "target", "inputs", *metric_names, "mask_voxels", "space"])
         for case in cases:
             writer.writerow([case.subject, case.method, case.target, "+".join(case.inputs),
-                             *[_fmt(case.metrics[m]) for m in metric_names], case.metrics["mask_voxels"],
+                             *[_fmt(case.metrics.get(m)) for m in metric_names], case.metrics["mask_voxels"],
                              case.metrics["space"]])  # fmt: skip
     summary = {
         "medsynth_version": __version__,
@@ -233,6 +291,9 @@ def write_results(cases: list[Case], out: Path, model: SynthesisModel, split: st
         "mask": "foreground of the input volumes (Otsu, hole-filled, largest component); *_masked metrics",
         "groups": summarise(cases, metric_names),
     }
+    calibrated = [c for c in cases if "spearman_unc_err" in c.metrics]
+    if calibrated:
+        summary["calibration"] = summarise_calibration(calibrated)
     atomic_write_text(out / "summary.json", json.dumps(json_safe(summary), indent=2))
 
 
@@ -249,6 +310,8 @@ def summarise(cases: list[Case], metric_names: list[str]) -> list[dict[str, Any]
             "subjects": len(members),
         }
         for name in metric_names:
+            if any(name not in m.metrics for m in members):
+                continue
             values = np.array([m.metrics[name] for m in members], dtype=np.float64)
             finite = values[np.isfinite(values)]
             entry[name] = {
@@ -258,6 +321,22 @@ def summarise(cases: list[Case], metric_names: list[str]) -> list[dict[str, Any]
             }
         result.append(entry)
     return result
+
+
+def summarise_calibration(cases: list[Case]) -> dict[str, Any]:
+    """The ``calibration`` block of summary.json (read by the model card): means over the model's cases."""
+    block: dict[str, Any] = {
+        "estimator": cases[0].metrics["estimator"],
+        "subjects": len({c.subject for c in cases}),
+        "space": "normalised [-1, 1], inside the mask",
+    }
+    for name, key in (("spearman_unc_err", "spearman"), ("top_decile_error_ratio", "top_decile_ratio"),
+                      ("unc_seconds", "unc_seconds")):  # fmt: skip
+        values = np.array([c.metrics[name] for c in cases], dtype=np.float64)
+        block[f"{key}_mean"] = float(np.nanmean(values))
+        block[f"{key}_std"] = float(np.nanstd(values))
+        block[f"{key}_min"] = float(np.nanmin(values))
+    return block
 
 
 def render_table(cases: list[Case], space: str) -> str:
@@ -279,5 +358,7 @@ def render_table(cases: list[Case], space: str) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: float) -> str:
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return ""
     return "inf" if value == math.inf else f"{value:.6g}"

@@ -31,7 +31,10 @@ from .io.atomic import atomic_path
 SYNTHETIC = "synthetic"
 TARGET = "target"
 ERROR = "|error|"
+UNCERTAINTY = "uncertainty"
 ERROR_CMAP = "magma"
+#: Columns drawn with :data:`ERROR_CMAP`, a colour bar and a window starting at zero.
+_HEAT_COLUMNS = (ERROR, UNCERTAINTY)
 #: Percentiles of the automatic grey window: robust to a few hot voxels.
 WINDOW_PERCENTILES = (0.5, 99.5)
 _PANEL_INCHES = 2.2
@@ -74,7 +77,7 @@ def _windows(
     for column in columns:
         source = TARGET if column == SYNTHETIC and TARGET in samples else column
         low, high = _auto_window(samples[source])
-        if column == ERROR:
+        if column in _HEAT_COLUMNS:
             low, high = 0.0, max(high, 1e-6)
         windows[column] = (vmin.get(source, vmin.get(column, low)), vmax.get(source, vmax.get(column, high)))
     return windows
@@ -107,7 +110,7 @@ def _draw_panels(
         for col, (column, image) in enumerate(zip(columns, row_images, strict=True)):
             ax = axes[col, row] if transposed else axes[row, col]
             low, high = windows[column]
-            cmap = ERROR_CMAP if column == ERROR else "gray"
+            cmap = ERROR_CMAP if column in _HEAT_COLUMNS else "gray"
             shown = ax.imshow(image, cmap=cmap, vmin=low, vmax=high, aspect=aspect, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -116,7 +119,7 @@ def _draw_panels(
                 ax.set_title(title, fontsize=9)
             if (row if transposed else col) == 0 and side:
                 ax.set_ylabel(side, fontsize=9)
-            if column == ERROR:
+            if column in _HEAT_COLUMNS:
                 figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
     return figure
 
@@ -208,7 +211,15 @@ def subject_figure(
 
     arrays = {name: np.asarray(volume, dtype=np.float64) for name, volume in volumes.items()}
     arrays[ERROR] = np.abs(arrays[SYNTHETIC] - arrays[TARGET])
+    return _three_planes(arrays, path, mask, spacing)
+
+
+def _three_planes(
+    arrays: Mapping[str, np.ndarray], path: str | Path, mask: np.ndarray | None, spacing: Sequence[float]
+) -> Path:
+    """One row per plane (axial, coronal, sagittal through the mask's centre), one column per array."""
     columns = list(arrays)
+    shape = np.shape(next(iter(arrays.values())))
     i, j, k = _centre(shape, mask)
     # Each plane: how to cut it and the spacing of its (first, second) in-plane axes.
     planes: dict[str, tuple[tuple[int | slice, ...], tuple[float, float]]] = {
@@ -223,6 +234,44 @@ def subject_figure(
     aspects = [second / first for _, (first, second) in planes.values()]
     figure = _draw_panels(images, columns, windows, list(planes), aspects)
     return _save(figure, path)
+
+
+def uncertainty_figure(
+    synthetic: np.ndarray,
+    target: np.ndarray,
+    uncertainty: np.ndarray,
+    path: str | Path,
+    *,
+    mask: np.ndarray | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> Path:
+    """Write a PNG: synthetic, |error| and the uncertainty map side by side, in three planes.
+
+    Does the uncertainty light up where the error does? Error and uncertainty each get a colour bar
+    starting at zero (their own windows: a TTA spread is smaller than the error it ranks). Canonical
+    RAS 3D arrays of one shape; planes and spacing as in :func:`subject_figure`.
+
+    Example:
+        >>> import tempfile
+        >>> volume = np.zeros((12, 12, 12))
+        >>> out = Path(tempfile.mkdtemp()) / "u.png"
+        >>> uncertainty_figure(volume, volume + 0.1, volume + 0.2, out).exists()
+        True
+    """
+    shape = np.shape(target)
+    for name, volume in {SYNTHETIC: synthetic, UNCERTAINTY: uncertainty}.items():
+        if np.shape(volume) != shape or len(shape) != 3:
+            raise ValueError(f"{name!r} has shape {np.shape(volume)}, expected the 3D target shape {shape}")
+    if mask is not None and np.shape(mask) != shape:
+        raise ValueError(f"mask has shape {np.shape(mask)}, expected {shape}")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be three positive numbers in mm, got {spacing}")
+    arrays = {
+        SYNTHETIC: np.asarray(synthetic, dtype=np.float64),
+        ERROR: np.abs(np.asarray(synthetic, dtype=np.float64) - np.asarray(target, dtype=np.float64)),
+        UNCERTAINTY: np.asarray(uncertainty, dtype=np.float64),
+    }
+    return _three_planes(arrays, path, mask, spacing)
 
 
 def plot_curves(csv_path: str | Path, png_path: str | Path) -> Path:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..losses import GeneratorLoss, LSGANLoss
+from ..losses import GeneratorLoss, LSGANLoss, l1_loss, laplace_nll
 from ..model.device import autocast, autocast_dtype
 from ..model.networks import build_model_critic
 from .distributed import Dist
@@ -90,26 +90,59 @@ class _Context:
         return lambda image: torch.cat([low, image.to(dtype)], dim=1)
 
 
+class ScaleReconstruction:
+    """The reconstruction term of a generator that predicts its own Laplace scale (``model.predict_scale``).
+
+    The generator's output is ``(mean, log b)``; the term is ``lambda_l1 * laplace_nll(mean, log b, y)``
+    (:func:`medsynth.losses.laplace_nll`, ``train.laplace_beta``), which is ``lambda_l1 * L1`` at a
+    fixed ``b = 1``. Only the mean is an image: the critic sees channel 0.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.lambda_l1, self.beta = config.train.lambda_l1, config.train.laplace_beta
+
+    def __call__(
+        self, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``(image, lambda_l1 * NLL, losses to log)``; the L1 of the mean is logged for comparison."""
+        image = output[:, :1]
+        nll = laplace_nll(image, output[:, 1:], target, mask, beta=self.beta)
+        l1 = l1_loss(image, target, mask).detach()
+        return image, self.lambda_l1 * nll, {"loss_l1": l1, "loss_nll": nll.detach()}
+
+
+def scale_reconstruction(context: _Context) -> ScaleReconstruction | None:
+    return ScaleReconstruction(context.config) if context.config.model.predict_scale else None
+
+
 class L1Objective:
-    """Reconstruction only: ``lambda_l1 * L1(G(x), y)``, no critic (the pix2pix paper's "L1 alone")."""
+    """Reconstruction only: ``lambda_l1 * L1(G(x), y)``, no critic (the pix2pix paper's "L1 alone").
+
+    With ``model.predict_scale`` the term is the Laplace NLL (:class:`ScaleReconstruction`).
+    """
 
     loss_names = ("loss_l1",)
 
     def __init__(self, context: _Context) -> None:
         self.ctx = context
         self.loss = GeneratorLoss(context.config.train.lambda_l1, adversarial_weight=0.0)
+        self.scale = scale_reconstruction(context)
 
     def step(
         self, source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         with self.ctx.autocast():
             synthetic = self.ctx.generator(source)
-        # No synthetic.float(): bf16 - float32 promotes to float32 by itself, without a copy.
-        terms = self.loss(None, synthetic, target, mask)
+        if self.scale is not None:
+            _, total, losses = self.scale(synthetic, target, mask)
+        else:
+            # No synthetic.float(): bf16 - float32 promotes to float32 by itself, without a copy.
+            terms = self.loss(None, synthetic, target, mask)
+            total, losses = terms.total, {"loss_l1": terms.l1}
         self.ctx.optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
+        total.backward()
         self.ctx.optimizer.step()
-        return {"loss_l1": terms.l1}
+        return losses
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -122,7 +155,11 @@ class L1Objective:
         """No state beyond the generator's."""
 
     def describe(self) -> dict[str, Any]:
-        return {"name": "l1", "lambda_l1": self.loss.lambda_l1}
+        return {"name": "l1", "lambda_l1": self.loss.lambda_l1, **_describe_scale(self.scale)}
+
+
+def _describe_scale(scale: ScaleReconstruction | None) -> dict[str, Any]:
+    return {} if scale is None else {"reconstruction": "laplace_nll", "laplace_beta": scale.beta}
 
 
 class GANObjective:
@@ -130,7 +167,8 @@ class GANObjective:
 
     1. critic step on ``(source, target)`` (real) vs ``(source, G(source).detach())`` (synthetic);
     2. generator step on the least-squares adversarial term plus ``lambda_l1 * L1``, with the critic's
-       parameters frozen so no critic weight gradients are computed.
+       parameters frozen so no critic weight gradients are computed. With ``model.predict_scale`` the
+       L1 term is the Laplace NLL and the critic sees only the mean (:class:`ScaleReconstruction`).
 
     Under torchrun the critic step goes through the critic's DistributedDataParallel wrapper (its
     gradients are averaged over ranks); the generator step uses the unwrapped critic, since a DDP
@@ -154,6 +192,7 @@ class GANObjective:
             fused=context.device.type == "cuda", capturable=context.cuda_graphs,
         )  # fmt: skip
         self.loss = GeneratorLoss(train.lambda_l1, train.adversarial_weight)
+        self.scale = scale_reconstruction(context)
         wrapped = distributed.wrap(self.critic, context.device)
         self.forward_critic: nn.Module = torch.compile(wrapped) if train.compile else wrapped
         #: The generator step's critic: the same object in one process, the bare module under DDP.
@@ -169,6 +208,9 @@ class GANObjective:
         ctx, critic = self.ctx, self.forward_critic
         with ctx.autocast():
             synthetic = ctx.generator(source)
+        output = synthetic
+        if self.scale is not None:
+            synthetic, reconstruction, losses = self.scale(output, target, mask)
         pair = ctx.critic_pair(source)
         self.critic.requires_grad_(True)
         with ctx.autocast():
@@ -182,11 +224,17 @@ class GANObjective:
         self.critic.requires_grad_(False)
         with ctx.autocast():
             fake_scores = self.frozen_critic(pair(synthetic))
-            terms = self.loss(fake_scores, synthetic, target, mask)
+            if self.scale is not None:
+                adversarial = LSGANLoss.generator(fake_scores)
+                total = self.loss.adversarial_weight * adversarial + reconstruction
+                losses = {"loss_adv": adversarial.detach(), **losses}
+            else:
+                terms = self.loss(fake_scores, synthetic, target, mask)
+                total, losses = terms.total, {"loss_adv": terms.adversarial, "loss_l1": terms.l1}
         ctx.optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
+        total.backward()
         ctx.optimizer.step()
-        return {"loss_critic": loss_critic.detach(), "loss_adv": terms.adversarial, "loss_l1": terms.l1}
+        return {"loss_critic": loss_critic.detach(), **losses}
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -208,6 +256,7 @@ class GANObjective:
             "critic": {"name": self.ctx.config.model.critic, "init_args": dict(self.critic.init_args)},
             "lambda_l1": self.loss.lambda_l1,
             "adversarial_weight": self.loss.adversarial_weight,
+            **_describe_scale(self.scale),
         }
 
 

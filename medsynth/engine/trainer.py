@@ -56,6 +56,7 @@ log = logging.getLogger("medsynth")
 METRICS_FIELDS = [
     "epoch", "steps", "seconds", "val_seconds", "io_seconds", "slices_per_s", "lr",
     "loss_critic", "loss_adv", "loss_l1", "val_psnr", "val_ssim", "val_mae",
+    "loss_nll",  # model.predict_scale: the Laplace likelihood (engine/objectives.py)
 ]  # fmt: skip
 
 

@@ -15,12 +15,13 @@ from .plan import NetworkSpec
 
 def build_model_generator(model: ModelConfig, in_channels: int) -> tuple[nn.Module, NetworkSpec]:
     """The generator, initialised from ``model.generator_weights`` when set, and its spec for the plan."""
+    # model.predict_scale: channel 0 the image, channel 1 the log of its Laplace scale (the uncertainty).
+    scale = {"out_channels": 2, "final_activation": "tanh_scale"} if model.predict_scale else {}
     generator = build_generator(
         model.generator,
         spatial_dims=model.spatial_dims,
         in_channels=in_channels,
-        out_channels=1,
-        **model.generator_args,
+        **{"out_channels": 1, **model.generator_args, **scale},
     )
     if model.generator_weights:
         if not hasattr(generator, "load_pretrained"):

@@ -36,6 +36,10 @@ class SynthesisPlan:
 
     ``window`` is the training crop (2D: in-plane ``(H, W)``) or patch (3D: ``(I, J, K)``); whole-volume
     synthesis frames slices like training crops and tiles 3D volumes with windows of that size.
+    ``scale_channel``: the generator's channel 1 is ``log b``, the log of a Laplace scale in normalised
+    target units (``model.predict_scale``); synthesis returns channel 0 as the image and ``b`` as the
+    uncertainty. It follows from the generator spec (``final_activation="tanh_scale"``) when not given,
+    so plans written before the field existed load as ``False``.
     """
 
     task: Task
@@ -46,8 +50,17 @@ class SynthesisPlan:
     window: tuple[int, ...] | None = None
     sliding_overlap: float = 0.5
     precision: str = "bf16"
+    scale_channel: bool | None = None
 
     def __post_init__(self) -> None:
+        spec_scale = self.generator.init_args.get("final_activation") == "tanh_scale"
+        if self.scale_channel is None:
+            object.__setattr__(self, "scale_channel", spec_scale)
+        elif bool(self.scale_channel) != spec_scale:
+            raise ConfigError(
+                f"scale_channel={self.scale_channel} contradicts the generator, whose final_activation is "
+                f"{self.generator.init_args.get('final_activation')!r} (tanh_scale has a scale channel)"
+            )
         if self.spatial_dims not in (2, 3):
             raise ConfigError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if self.spatial_dims == 3 and (self.task.is_unified or self.context != 1):
@@ -119,6 +132,7 @@ class SynthesisPlan:
             "window": list(self.window) if self.window else None,
             "sliding_overlap": self.sliding_overlap,
             "precision": self.precision,
+            "scale_channel": bool(self.scale_channel),
         }
 
     @classmethod
@@ -133,6 +147,7 @@ class SynthesisPlan:
             window=tuple(int(w) for w in window) if window else None,
             sliding_overlap=float(data["sliding_overlap"]),
             precision=str(data["precision"]),
+            scale_channel=data.get("scale_channel"),
         )
 
     @classmethod

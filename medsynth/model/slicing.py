@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..data.datasets import crop_plane, round_up, window_slices
 from ..data.masks import bounding_box
+from ..losses import LOG_SCALE_RANGE
 from .device import autocast
 from .layout import InputLayout
 
@@ -44,7 +45,8 @@ def synthesize_slices(
     progress: bool = False,
     margin: int = 4,
     window: Sequence[int] | None = None,
-) -> np.ndarray:
+    with_scale: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Synthesise a slice-first normalised volume from slice-first normalised inputs.
 
     ``images`` maps the given modalities to arrays of one shape; ``layout`` turns them into network
@@ -53,13 +55,16 @@ def synthesize_slices(
     slices are framed like training samples — a window of that size (grown to a multiple of 16 when the
     head is larger) centred on the head, padded with background — because instance and batch statistics
     depend on how much air surrounds the head. ``flip_tta`` averages the prediction with that of the
-    left-right flipped input.
+    left-right flipped input. ``with_scale`` (a generator with a scale channel, ``plan.scale_channel``)
+    also returns ``b = exp(channel 1)``, the predicted Laplace scale in normalised units (0 outside the
+    computed box).
     """
     device = torch.device(device)
     shape = next(iter(images.values())).shape
     output = np.full(shape, BACKGROUND, dtype=np.float32)
+    scale = np.zeros(shape, dtype=np.float32)
     if not mask.any():
-        return output
+        return (output, scale) if with_scale else output
     box = bounding_box(mask)
     extent = [b.stop - b.start for b in box[1:]]
     # Without a training window, the head's box grown by ``margin`` in-plane is the frame.
@@ -78,6 +83,7 @@ def synthesize_slices(
     # make the host wait for every batch, leaving the GPU idle while the next one is assembled.
     rows, cols = (s.stop - s.start for s in inside)
     result = torch.empty((len(slice_ids), rows, cols), dtype=torch.float32, device=device)
+    log_scale = torch.empty_like(result) if with_scale else None
     pin = device.type == "cuda"
     batches = range(0, len(slice_ids), batch_size)
     for start in tqdm(batches, desc="slices", unit="batch", disable=None if progress else True, leave=False):
@@ -91,5 +97,15 @@ def synthesize_slices(
             if flip_tta:
                 prediction = 0.5 * (prediction + generator(batch.flip(-2)).flip(-2))
         result[start : start + len(chunk)] = prediction[:, 0, inside[0], inside[1]].float()
+        if log_scale is not None:
+            log_scale[start : start + len(chunk)] = prediction[:, 1, inside[0], inside[1]].float()
     output[slice_ids[0] : slice_ids[-1] + 1, grid[0], grid[1]] = result.cpu().numpy()
-    return output
+    if log_scale is None:
+        return output
+    scale[slice_ids[0] : slice_ids[-1] + 1, grid[0], grid[1]] = scale_from_log(log_scale).cpu().numpy()
+    return output, scale
+
+
+def scale_from_log(log_scale: torch.Tensor) -> torch.Tensor:
+    """A generator's log-scale channel -> the Laplace scale ``b``, bounded as in training."""
+    return torch.exp(log_scale.clamp(*LOG_SCALE_RANGE))

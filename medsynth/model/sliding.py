@@ -14,7 +14,7 @@ from monai.inferers import sliding_window_inference
 
 from ..data.masks import bounding_box
 from .device import autocast
-from .slicing import BACKGROUND
+from .slicing import BACKGROUND, scale_from_log
 
 
 @torch.inference_mode()
@@ -30,11 +30,16 @@ def synthesize_patches(
     precision: str = "fp32",
     progress: bool = False,
     margin: int = 4,
-) -> np.ndarray:
-    """Synthesise a canonical ``(I, J, K)`` normalised volume from same-shaped normalised inputs."""
+    with_scale: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Synthesise a canonical ``(I, J, K)`` normalised volume from same-shaped normalised inputs.
+
+    ``with_scale``: also the Laplace scale ``b`` of a generator's channel 1 (0 outside the box).
+    """
     output = np.full(images[0].shape, BACKGROUND, dtype=np.float32)
+    scale = np.zeros(images[0].shape, dtype=np.float32)
     if not mask.any():
-        return output
+        return (output, scale) if with_scale else output
     box = bounding_box(mask, margin=margin)
     stack = np.stack([np.asarray(image)[box] for image in images])[None]
     # Pad boxes smaller than a patch: sliding_window_inference pads too, but with zeros, not background.
@@ -57,7 +62,10 @@ def synthesize_patches(
         )
     crop = tuple(slice(0, s) for s in stack.shape[2:])
     output[box] = result[0, 0][crop].float().cpu().numpy()
-    return output
+    if not with_scale:
+        return output
+    scale[box] = scale_from_log(result[0, 1][crop].float()).cpu().numpy()
+    return output, scale
 
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:

@@ -43,6 +43,8 @@ class Prediction:
     mask: np.ndarray  # canonical RAS foreground of the inputs
     target: str
     seconds: float
+    #: canonical RAS predicted Laplace scale ``b`` (normalised units) of a model with a scale head.
+    scale: np.ndarray | None = None
 
 
 class SynthesisModel:
@@ -135,14 +137,32 @@ class SynthesisModel:
         ``images`` holds the sources of a fixed task, or any subset of a unified model's modalities
         without ``target``. Views are fine (the cache's memory maps, transposed): nothing is written.
         """
-        plan = self.plan
+        return self.synthesize_with_scale(
+            images, mask, target, batch_size=batch_size, flip_tta=flip_tta, progress=progress
+        )[0]
+
+    def synthesize_with_scale(
+        self,
+        images: Mapping[str, np.ndarray],
+        mask: np.ndarray,
+        target: str | None = None,
+        *,
+        batch_size: int = 16,
+        flip_tta: bool = False,
+        progress: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`synthesize_normalised` and, when the plan has a scale channel, the predicted Laplace
+        scale ``b`` (canonical, normalised units: the expected absolute error) from the same pass."""
+        plan, with_scale = self.plan, bool(self.plan.scale_channel)
         target = str(plan.task.target) if target is None else target
         if plan.spatial_dims == 3:
-            return synthesize_patches(
+            result = synthesize_patches(
                 self.generator, [images[m] for m in plan.layout.modalities], mask,
                 patch_size=plan.window or (64, 64, 64), overlap=plan.sliding_overlap,
                 batch_size=batch_size, device=self.device, precision=plan.precision, progress=progress,
+                with_scale=with_scale,
             )  # fmt: skip
+            return result if isinstance(result, tuple) else (result, None)
         axis = plan.axis
         result = synthesize_slices(
             self.generator,
@@ -156,8 +176,11 @@ class SynthesisModel:
             precision=plan.precision,
             flip_tta=flip_tta,
             progress=progress,
+            with_scale=with_scale,
         )
-        return np.moveaxis(result, 0, axis)
+        if isinstance(result, tuple):
+            return np.moveaxis(result[0], 0, axis), np.moveaxis(result[1], 0, axis)
+        return np.moveaxis(result, 0, axis), None
 
     def predict(
         self,
@@ -185,7 +208,7 @@ class SynthesisModel:
             volume, reorientation = to_canonical(inputs[modality])
             canonical[modality] = volume.array
         mask = foreground_mask([canonical[m] for m in order])
-        normalised = self.synthesize_normalised(
+        normalised, scale = self.synthesize_with_scale(
             self.normalise(canonical),
             mask,
             target,
@@ -196,4 +219,4 @@ class SynthesisModel:
         native = self.fingerprint.output_normalizer(target).inverse(normalised)
         array = reorientation.undo(native.astype(np.float32))
         volume = reference.with_array(array, modality=target, synthetic=True, path=None)
-        return Prediction(volume, normalised, mask, target, time.perf_counter() - started)
+        return Prediction(volume, normalised, mask, target, time.perf_counter() - started, scale)

@@ -1,11 +1,17 @@
-"""Voxel-wise uncertainty by test-time augmentation (TTA): where does the model disagree with itself?
+"""Voxel-wise uncertainty: the model's own predicted error scale, or test-time augmentation (TTA).
 
-The demo generators have no dropout, so Monte-Carlo dropout is not available; an ensemble needs
-several trainings. TTA needs neither: the same network is run on ``len(MEMBERS)`` perturbed copies of
-the normalised inputs (left-right flip, a small gamma change of the intensities), each prediction is
-mapped back, and the voxel-wise standard deviation of the members is the uncertainty (normalised target
-units, [-1, 1] scale; 0 outside the head). Cost: ``len(MEMBERS)`` syntheses (the plain prediction is
-one of them when it is passed in).
+Two estimators, chosen per model by :func:`uncertainty_map` (measurements: docs/trust.md):
+
+* **Scale head** (``plan.scale_channel``, trained with ``model.predict_scale``): the generator's
+  second channel is the Laplace scale ``b`` of its own prediction, learnt with the Laplace likelihood
+  (:func:`medsynth.losses.laplace_nll`), whose optimum is ``b = E|error|``. It comes out of the same
+  forward pass as the image: no extra cost.
+* **TTA** (any other checkpoint): the same network is run on ``len(MEMBERS)`` perturbed copies of the
+  normalised inputs (left-right flip, a small gamma change of the intensities), each prediction is
+  mapped back, and the voxel-wise standard deviation of the members is the uncertainty. Cost:
+  ``len(MEMBERS) - 1`` extra syntheses (the plain prediction is one member when it is passed in).
+
+Both are in normalised target units ([-1, 1] scale) and 0 outside the head.
 
 Calibration on held-out subjects (:func:`calibration`): Spearman correlation between uncertainty and
 absolute error inside the mask, and the mean absolute error of the top-decile-uncertainty voxels over
@@ -31,6 +37,15 @@ MEMBERS: tuple[tuple[bool, float], ...] = ((False, 1.0), (True, 1.0), (False, 0.
 ESTIMATOR = (
     "test-time augmentation: std of 4 members (identity, left-right flip, gamma 0.8, flip + gamma 1.25)"
 )
+SCALE_ESTIMATOR = (
+    "scale head: the generator's predicted Laplace scale b (expected |error|), trained with the "
+    "Laplace likelihood"
+)
+UNITS = {
+    ESTIMATOR: "standard deviation in normalised target units ([-1, 1] scale); 0 outside the head",
+    SCALE_ESTIMATOR: "Laplace scale b (expected absolute error) in normalised target units ([-1, 1] "
+    "scale); 0 outside the head",
+}
 
 
 def _gamma(array: np.ndarray, gamma: float) -> np.ndarray:
@@ -65,6 +80,33 @@ def tta_uncertainty(
     return spread
 
 
+def uncertainty_map(
+    model: SynthesisModel,
+    normalised: Mapping[str, np.ndarray],
+    mask: np.ndarray,
+    target: str | None,
+    prediction: Prediction,
+    *,
+    batch_size: int = 16,
+    estimator: str = "auto",
+) -> tuple[np.ndarray, str]:
+    """``(map, estimator)``: the scale head's ``b`` when the model has one, else the TTA spread.
+
+    ``prediction`` is the model's plain prediction of these inputs (``predict``): its scale map, or
+    the first TTA member. Canonical arrays; 0 outside ``mask``. ``estimator="tta"`` forces TTA (to
+    compare both on one model).
+    """
+    if estimator not in ("auto", "tta"):
+        raise ValueError(f"estimator must be 'auto' or 'tta', got {estimator!r}")
+    if prediction.scale is not None and estimator == "auto":
+        scale = np.where(mask, prediction.scale, 0.0).astype(np.float32)
+        return scale, SCALE_ESTIMATOR
+    spread = tta_uncertainty(
+        model, normalised, mask, target, batch_size=batch_size, plain=prediction.normalised
+    )
+    return spread, ESTIMATOR
+
+
 def canonical_inputs(model: SynthesisModel, inputs: Mapping[str, Volume], target: str | None):
     """The canonical normalised inputs, mask and reorientation ``predict`` uses."""
     target, order = model.plan.resolve_target(inputs, target)
@@ -87,9 +129,7 @@ def write_uncertainty(
     """Write ``<out stem>_uncertainty.nii.gz`` on the output's grid; return the sidecar summary."""
     started = time.perf_counter()
     normalised, mask, reorientation, target = canonical_inputs(model, inputs, prediction.target)
-    spread = tta_uncertainty(
-        model, normalised, mask, target, batch_size=batch_size, plain=prediction.normalised
-    )
+    spread, estimator = uncertainty_map(model, normalised, mask, target, prediction, batch_size=batch_size)
     stem = out.name[: -len(".nii.gz")] if out.name.endswith(".nii.gz") else out.stem
     path = out.with_name(f"{stem}_uncertainty.nii.gz")
     reference = prediction.volume
@@ -97,8 +137,8 @@ def write_uncertainty(
     inside = spread[mask]
     return {
         "path": str(path),
-        "estimator": ESTIMATOR,
-        "units": "standard deviation in normalised target units ([-1, 1] scale); 0 outside the head",
+        "estimator": estimator,
+        "units": UNITS[estimator],
         "mean_in_mask": round(float(inside.mean()), 5) if inside.size else 0.0,
         "p95_in_mask": round(float(np.percentile(inside, 95)), 5) if inside.size else 0.0,
         "max": round(float(spread.max()), 5),
@@ -116,3 +156,75 @@ def calibration(uncertainty: np.ndarray, error: np.ndarray, mask: np.ndarray) ->
     top, rest = e[u >= cut], e[u < cut]
     ratio = float(top.mean() / rest.mean()) if rest.size and rest.mean() > 0 else float("nan")
     return {"spearman": rho, "top_decile_error_ratio": ratio}
+
+
+def insert_lesion(
+    arrays: Mapping[str, np.ndarray],
+    mask: np.ndarray,
+    spacing: tuple[float, ...],
+    *,
+    bright: bool = True,
+    radius_mm: float = 6.0,
+    centre: tuple[int, int, int] | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """A lesion no training subject had: a ball set to each modality's 99.5th (``bright``) or 0.5th
+    percentile inside ``mask``, in every array at once (source and target alike).
+
+    Returns the changed arrays, the ball and its surrounding ring (``radius + 1`` to ``2 radius + 1``
+    voxels, inside ``mask``): the tissue the lesion's uncertainty is compared with. ``centre`` defaults
+    to the mask's centroid moved a fifth of the head's width to the left (into a hemisphere, off the
+    midline). Canonical arrays of one shape; ``spacing`` in mm.
+    """
+    if centre is None:
+        points = np.nonzero(mask)
+        width = points[0].max() - points[0].min()
+        centre = (
+            int(round(points[0].mean() + width / 5)),
+            int(round(points[1].mean())),
+            int(round(points[2].mean())),
+        )
+    radius = max(radius_mm / float(min(spacing)), 1.5)
+    grid = np.indices(mask.shape, dtype=np.float32)
+    distance = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)))
+    ball = (distance <= radius) & mask
+    ring = (distance > radius + 1) & (distance <= 2 * radius + 1) & mask
+    level = 99.5 if bright else 0.5
+    changed = {}
+    for name, array in arrays.items():
+        array = np.array(array, dtype=np.float32)
+        array[ball] = np.percentile(array[mask], level)
+        changed[name] = array
+    return changed, ball, ring
+
+
+def lesion_contrast(
+    model: SynthesisModel,
+    sources: Mapping[str, Volume],
+    target: Volume,
+    *,
+    bright: bool = True,
+    radius_mm: float = 6.0,
+    estimator: str = "auto",
+) -> dict[str, float]:
+    """Insert a lesion (:func:`insert_lesion`) into ``sources`` and ``target`` of a fixed-task model's
+    subject; return the mean uncertainty and mean |error| in the lesion over those of its ring, and the
+    whole-head calibration of the lesioned case (normalised space)."""
+    canonical = {m: to_canonical(v)[0] for m, v in sources.items()}
+    first = next(iter(canonical.values()))
+    truth_name = str(model.target)
+    mask = foreground_mask([c.array for c in canonical.values()])
+    arrays = {**{m: c.array for m, c in canonical.items()}, truth_name: to_canonical(target)[0].array}
+    changed, ball, ring = insert_lesion(arrays, mask, first.spacing, bright=bright, radius_mm=radius_mm)
+    inputs = {m: canonical[m].with_array(changed[m]) for m in canonical}
+    prediction = model.predict(inputs)
+    normalised, mask, _, name = canonical_inputs(model, inputs, None)
+    unc, _ = uncertainty_map(model, normalised, mask, name, prediction, estimator=estimator)
+    truth = model.normalise({truth_name: changed[truth_name]})[truth_name]
+    error = np.abs(prediction.normalised - truth)
+    ball, ring = ball & mask, ring & mask
+    return {
+        "uncertainty_ratio": float(unc[ball].mean() / max(unc[ring].mean(), 1e-12)),
+        "error_ratio": float(error[ball].mean() / max(error[ring].mean(), 1e-12)),
+        "lesion_voxels": int(ball.sum()),
+        **calibration(unc, prediction.normalised - truth, mask),
+    }

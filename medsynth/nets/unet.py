@@ -45,7 +45,10 @@ class UNet(nn.Module):
             0 disables it.
         upsample: ``"deconv"`` (transposed convolution, pix2pix) or ``"resize"`` (nearest-neighbour
             resize + 3x3 convolution, which avoids checkerboard artefacts).
-        final_activation: ``"tanh"`` for targets in [-1, 1], or ``None`` for an unbounded output.
+        final_activation: ``"tanh"`` for targets in [-1, 1], ``None`` for an unbounded output, or
+            ``"tanh_scale"`` for a mean and a scale (``out_channels=2``): channel 0 is the image in
+            [-1, 1] (tanh), channel 1 an unbounded log-scale ``log b`` (a Laplace likelihood's scale,
+            see :func:`medsynth.losses.laplace_nll`), the model's own voxel-wise uncertainty.
 
     Example:
         >>> net = UNet(2, in_channels=1, out_channels=1, base_channels=8, depth=UNet.depth_for((37, 53)))
@@ -80,7 +83,12 @@ class UNet(nn.Module):
         check_positive_int("UNet", minimum=base_channels, max_channels=max_channels)
         check_choice("UNet", "norm", norm, ("instance", "batch"))
         check_choice("UNet", "upsample", upsample, ("deconv", "resize"))
-        check_choice("UNet", "final_activation", final_activation, ("tanh", None))
+        check_choice("UNet", "final_activation", final_activation, ("tanh", "tanh_scale", None))
+        if final_activation == "tanh_scale" and out_channels != 2:
+            raise ConfigError(
+                f"UNet: final_activation='tanh_scale' outputs a mean and a log-scale channel: "
+                f"out_channels must be 2, got {out_channels}"
+            )
         if stem_channels < 0:
             raise ConfigError(
                 f"UNet: stem_channels must be >= 0 (0 = the pix2pix U-Net), got {stem_channels}"
@@ -101,6 +109,7 @@ class UNet(nn.Module):
             "stem_channels": stem_channels,
         }
         self.depth = depth
+        self.scale_channel = final_activation == "tanh_scale"
         channels = [min(base_channels * 2**level, max_channels) for level in range(depth)]
 
         # Encoder level i outputs channels[i] at 1/2**(i+1) of the input size. The first and the innermost
@@ -237,4 +246,6 @@ class UNet(nn.Module):
         x = self.head(x)
         if self.output is not None:
             x = self.output(torch.cat([stem, x], dim=1))
+        if self.scale_channel:
+            x = torch.cat([torch.tanh(x[:, :1]), x[:, 1:]], dim=1)
         return crop_to(x, size)
