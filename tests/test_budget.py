@@ -15,7 +15,7 @@ from medsynth.errors import ConfigError
 from medsynth.model.checkpoint import load_checkpoint
 
 #: Many more epochs than the budget allows, so the budget is what stops the run.
-LONG = ["train.epochs=200", "train.decay_epochs=200", "train.steps_per_epoch=2"]
+LONG = ["train.epochs=200", "train.decay_epochs=200", "train.steps_per_epoch=2", "train.val_every=1000"]
 
 
 def _rows(run: Path) -> list[dict[str, str]]:
