@@ -20,8 +20,9 @@ from medsynth.config import CONFIG_DIR, load_config
 from medsynth.engine.run import claim_run_dir, train
 from medsynth.engine.setup import prepare_run_data
 from medsynth.errors import ConfigError
-from medsynth.model.checkpoint import load_checkpoint
 from medsynth.io.readers import read_volume
+from medsynth.model import synthesis as synthesis_module
+from medsynth.model.checkpoint import load_checkpoint
 from medsynth.model.layout import InputLayout
 from medsynth.model.synthesis import SynthesisModel
 from medsynth.nets.registry import build_critic, build_generator
@@ -147,11 +148,11 @@ def test_inference_feeds_the_network_what_training_cached(
     subject = held_out_subject(many_to_one_run)
     seen: dict[str, np.ndarray] = {}
 
-    def capture(images, mask, target=None, **kwargs):
+    def capture(generator, images, mask, **kwargs):  # what the slice loop would hand the network
         seen.update({m: np.array(a) for m, a in images.items()})
         return np.full(mask.shape, -1.0, np.float32)
 
-    monkeypatch.setattr(model, "synthesize_normalised", capture)
+    monkeypatch.setattr(synthesis_module, "synthesize_slices", capture)
     inputs = {
         m: read_volume(anat(tiny_cohort, subject, s))
         for m, s in (("t1", "T1w"), ("t2", "T2w"), ("pd", "PDw"))
@@ -160,7 +161,8 @@ def test_inference_feeds_the_network_what_training_cached(
     cached = data.cohort.subject(subject)
     assert sorted(seen) == ["pd", "t1", "t2"]
     for modality, array in seen.items():
-        np.testing.assert_allclose(array, np.transpose(cached.image(modality), (1, 2, 0)), atol=1e-6)
+        # Axial slicing: slice-first arrays are the cache's (k, i, j) storage order.
+        np.testing.assert_allclose(array, cached.image(modality), atol=1e-6)
 
 
 def test_many_to_one_evaluate(many_to_one_run: Path) -> None:

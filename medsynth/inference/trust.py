@@ -30,7 +30,9 @@ def load_model(path: str | Path, device: str = "cpu") -> SynthesisModel:
     return SynthesisModel.from_checkpoint(path, device=device)
 
 
-def screen_inputs(model: SynthesisModel, inputs: dict[str, Volume], args: argparse.Namespace) -> dict[str, Any]:
+def screen_inputs(
+    model: SynthesisModel, inputs: dict[str, Volume], args: argparse.Namespace
+) -> dict[str, Any]:
     """Check ``inputs`` against the training fingerprint; warn or (``--strict``) refuse; the ``ood`` block."""
     checker = _checkers.get(model)
     if checker is None:
