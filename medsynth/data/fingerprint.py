@@ -152,16 +152,18 @@ class Fingerprint:
             raise MedsynthError(f"the fingerprint has no statistics for {modality!r} (it covers: {known})")
         return self.specs[modality]
 
-    def input_normalizer(self, modality: str, array: np.ndarray) -> Normalizer:
+    def input_normalizer(
+        self, modality: str, array: np.ndarray, *, own_mask: np.ndarray | None = None
+    ) -> Normalizer:
         """Normaliser fitted on this volume inside its *own* foreground mask.
 
         The one rule for every image the network sees or is scored against: the cache (training and
-        validation), inference and evaluation all call it, and it takes no mask argument so that no
-        caller can fit on a different region (a joint mask of several inputs would scale each input
-        differently from training).
+        validation), inference and evaluation all call it. ``own_mask`` is only a way to pass
+        ``foreground_mask([array])`` when the caller has it already (it costs seconds at 1 mm); never a
+        joint mask of several inputs, which would scale each input differently from training.
         """
         spec = self._spec(modality)
-        return spec.make().fit(array, foreground_mask([array]))
+        return spec.make().fit(array, foreground_mask([array]) if own_mask is None else own_mask)
 
     def output_normalizer(self, modality: str) -> Normalizer:
         """Cohort-level normaliser whose ``inverse`` maps a synthetic ``modality`` back to intensities."""

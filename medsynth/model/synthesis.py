@@ -118,9 +118,18 @@ class SynthesisModel:
         return {"task": str(self.task), "checkpoint": self.source, "sha256": self.digest, "epoch": self.epoch}
 
     # ------------------------------------------------------------------------------- compute
-    def normalise(self, canonical: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Canonical arrays -> normalised inputs, by the same rule the training cache used."""
-        return {m: self.fingerprint.input_normalizer(m, a).forward(a) for m, a in canonical.items()}
+    def normalise(
+        self, canonical: Mapping[str, np.ndarray], own_masks: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Canonical arrays -> normalised inputs, by the same rule the training cache used.
+
+        ``own_masks`` may hold each array's own ``foreground_mask([array])``, already computed.
+        """
+        own_masks = own_masks or {}
+        return {
+            m: self.fingerprint.input_normalizer(m, a, own_mask=own_masks.get(m)).forward(a)
+            for m, a in canonical.items()
+        }
 
     def synthesize_normalised(
         self,
@@ -207,9 +216,12 @@ class SynthesisModel:
         for modality in order:
             volume, reorientation = to_canonical(inputs[modality])
             canonical[modality] = volume.array
+        # The synthesis mask is the inputs' joint foreground; with one input it is that input's own mask,
+        # which its normalisation needs too (computed once: seconds at 1 mm).
         mask = foreground_mask([canonical[m] for m in order])
+        own = {order[0]: mask} if len(order) == 1 else None
         normalised, scale = self.synthesize_with_scale(
-            self.normalise(canonical),
+            self.normalise(canonical, own),
             mask,
             target,
             batch_size=batch_size,
