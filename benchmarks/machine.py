@@ -20,10 +20,10 @@ GPU benchmarks call :func:`cuda_or_exit` first: without CUDA they print one line
 from __future__ import annotations
 
 import os
-import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
+
+from medsynth.hardware import cpu_model, simd
 
 #: The one line a GPU benchmark prints on a machine without CUDA (and then exits 0).
 NO_CUDA = "no CUDA device: GPU figures skipped"
@@ -49,28 +49,6 @@ class Peak:
             f"peak: {self.gflops:,.1f} GFLOP/s, {self.dtype} torch.mm {n}x{n}x{n} on {self.device}, "
             f"best of {self.repeats} (measured in this run)"
         )
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``, else the platform's own idea)."""
-    for line in _cpuinfo().splitlines():
-        if line.lower().startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def simd() -> str:
-    """The widest vector extension the CPU reports: ``AVX-512``, ``AVX2`` or ``no AVX2``."""
-    flags: set[str] = set()
-    for line in _cpuinfo().splitlines():
-        if line.lower().startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    if not flags:
-        return "vector extensions unknown"
-    if "avx512f" in flags:
-        return "AVX-512"
-    return "AVX2" if "avx2" in flags else "no AVX2"
 
 
 def describe(device: str = "cpu") -> str:
@@ -152,10 +130,3 @@ def percent(gflops: float, peak: Peak) -> str:
 def fraction(gflops: float, peak: Peak) -> str:
     """``"X GFLOP/s = Y % of the measured peak"``."""
     return f"{gflops:,.1f} GFLOP/s = {percent(gflops, peak)} of the measured peak"
-
-
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""

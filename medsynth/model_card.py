@@ -27,6 +27,7 @@ import numpy as np
 
 from . import __version__
 from .errors import MedsynthError
+from .hardware import cpu_summary
 from .io.atomic import atomic_write_text
 from .metrics import json_safe
 
@@ -74,6 +75,7 @@ def _hardware(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "device": device,
         "machine": platform.machine(),
+        "cpu": cpu_summary(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -203,7 +205,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         "",
         "## Training",
         f"{training['epochs']} epochs in {training['seconds'] / 60:.1f} min on {training['hardware']['device']} "
-        f"({training['hardware']['machine']}, {training['hardware']['cpu_count']} CPUs"
+        f"({training['hardware'].get('cpu') or str(training['hardware']['cpu_count']) + ' CPUs'}"
         + (f", {', '.join(training['hardware']['gpus'])}" if training["hardware"].get("gpus") else "")
         + f", torch {training['hardware']['torch']}); {_best(training['best_validation'])}.",
         "",
