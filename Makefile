@@ -19,8 +19,9 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/medsynth demo --workdir demo
 
+# -n auto: one pytest worker per core (tests pin torch to one thread each, so two cores run two tests).
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 lint: venv
 	$(PY) -m ruff check medsynth tests data_prep benchmarks
