@@ -183,6 +183,20 @@ def _centre(shape: Sequence[int], mask: np.ndarray | None) -> tuple[int, int, in
     return tuple(int((axis.min() + axis.max()) // 2) for axis in nonzero)  # type: ignore[return-value]
 
 
+def _check_volumes(
+    volumes: Mapping[str, np.ndarray], target: np.ndarray, mask: np.ndarray | None, spacing: Sequence[float]
+) -> None:
+    """Three-plane figures need 3D arrays of the target's shape and three positive spacings."""
+    shape = np.shape(target)
+    for name, volume in volumes.items():
+        if np.shape(volume) != shape or len(shape) != 3:
+            raise ValueError(f"{name!r} has shape {np.shape(volume)}, expected the 3D target shape {shape}")
+    if mask is not None and np.shape(mask) != shape:
+        raise ValueError(f"mask has shape {np.shape(mask)}, expected {shape}")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be three positive numbers in mm, got {spacing}")
+
+
 def subject_figure(
     inputs: Mapping[str, np.ndarray],
     synthetic: np.ndarray,
@@ -200,14 +214,7 @@ def subject_figure(
     anisotropic volumes are not squashed.
     """
     volumes = {**inputs, SYNTHETIC: synthetic, TARGET: target}
-    shape = np.shape(target)
-    for name, volume in volumes.items():
-        if np.shape(volume) != shape or len(shape) != 3:
-            raise ValueError(f"{name!r} has shape {np.shape(volume)}, expected the 3D target shape {shape}")
-    if mask is not None and np.shape(mask) != shape:
-        raise ValueError(f"mask has shape {np.shape(mask)}, expected {shape}")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing must be three positive numbers in mm, got {spacing}")
+    _check_volumes(volumes, target, mask, spacing)
 
     arrays = {name: np.asarray(volume, dtype=np.float64) for name, volume in volumes.items()}
     arrays[ERROR] = np.abs(arrays[SYNTHETIC] - arrays[TARGET])
@@ -258,14 +265,7 @@ def uncertainty_figure(
         >>> uncertainty_figure(volume, volume + 0.1, volume + 0.2, out).exists()
         True
     """
-    shape = np.shape(target)
-    for name, volume in {SYNTHETIC: synthetic, UNCERTAINTY: uncertainty}.items():
-        if np.shape(volume) != shape or len(shape) != 3:
-            raise ValueError(f"{name!r} has shape {np.shape(volume)}, expected the 3D target shape {shape}")
-    if mask is not None and np.shape(mask) != shape:
-        raise ValueError(f"mask has shape {np.shape(mask)}, expected {shape}")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing must be three positive numbers in mm, got {spacing}")
+    _check_volumes({SYNTHETIC: synthetic, UNCERTAINTY: uncertainty}, target, mask, spacing)
     arrays = {
         SYNTHETIC: np.asarray(synthetic, dtype=np.float64),
         ERROR: np.abs(np.asarray(synthetic, dtype=np.float64) - np.asarray(target, dtype=np.float64)),

@@ -132,23 +132,15 @@ class SynthesisModel:
         }
 
     def synthesize_normalised(
-        self,
-        images: Mapping[str, np.ndarray],
-        mask: np.ndarray,
-        target: str | None = None,
-        *,
-        batch_size: int = 16,
-        flip_tta: bool = False,
-        progress: bool = False,
+        self, images: Mapping[str, np.ndarray], mask: np.ndarray, target: str | None = None, **options: Any
     ) -> np.ndarray:
         """Canonical ``(I, J, K)`` normalised inputs -> canonical normalised synthetic ``target``.
 
         ``images`` holds the sources of a fixed task, or any subset of a unified model's modalities
         without ``target``. Views are fine (the cache's memory maps, transposed): nothing is written.
+        ``options`` (``batch_size``, ``flip_tta``, ``progress``) are those of :meth:`synthesize_with_scale`.
         """
-        return self.synthesize_with_scale(
-            images, mask, target, batch_size=batch_size, flip_tta=flip_tta, progress=progress
-        )[0]
+        return self.synthesize_with_scale(images, mask, target, **options)[0]
 
     def synthesize_with_scale(
         self,

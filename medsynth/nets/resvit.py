@@ -72,18 +72,7 @@ class PatchTransformer(nn.Module):
         self.embed = Conv[Conv.CONV, spatial_dims](channels, embed_dim, patch_size, stride=patch_size)
         self.position = nn.Parameter(torch.empty(1, embed_dim, *grid))
         nn.init.trunc_normal_(self.position, std=0.02)
-        layer = nn.TransformerEncoderLayer(
-            embed_dim,
-            n_heads,
-            dim_feedforward=round(embed_dim * mlp_ratio),
-            dropout=0.0,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
-        self.encoder = nn.TransformerEncoder(
-            layer, n_layers, norm=nn.LayerNorm(embed_dim), enable_nested_tensor=False
-        )
+        self.encoder = _transformer_layers(embed_dim, n_heads, mlp_ratio, n_layers)
         # Projection back to the feature channels and up-sampling to the feature map in one step: the
         # exact transpose of the patch embedding's geometry.
         self.unembed = Conv[Conv.CONVTRANS, spatial_dims](embed_dim, channels, patch_size, stride=patch_size)
