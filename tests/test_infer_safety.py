@@ -189,3 +189,32 @@ def test_batch_loads_once_and_matches_single_runs_bit_for_bit(
         assert _infer("--volume", str(source), "--checkpoint", str(tiny_run), "--out", str(single)) == 0
         got = np.asarray(nib.load(batch / f"{source.name[:-7]}_t2.nii.gz").dataobj)
         np.testing.assert_array_equal(got, np.asarray(nib.load(single).dataobj))
+
+
+def test_uncertainty_map_never_lands_on_an_input_nor_is_read_back(
+    tiny_run: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    """The ``<stem>_uncertainty`` map is an output like the volume: checked against the inputs, and
+    ``--inputs D --out D`` run again does not synthesise from it."""
+    source = _t1(tiny_cohort)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "x_uncertainty.nii.gz").write_bytes(source.read_bytes())
+    code = main(["infer", "--volume", str(folder / "x_uncertainty.nii.gz"), "--checkpoint", str(tiny_run),
+                 "--out", str(folder / "x.nii.gz"), "--uncertainty", "--quiet"])  # fmt: skip
+    assert code == 2
+    (folder / "x_uncertainty.nii.gz").rename(folder / "a.nii.gz")
+    common = [
+        "infer",
+        "--inputs",
+        str(folder),
+        "--checkpoint",
+        str(tiny_run),
+        "--out",
+        str(folder),
+        "--uncertainty",
+        "--quiet",
+    ]
+    assert main(common) == 0 and (folder / "a_t2_uncertainty.nii.gz").is_file()
+    assert main(common) == 0
+    assert not list(folder.glob("*_uncertainty_*")) and not list(folder.glob("*_t2_t2*"))

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..errors import MedsynthError
-from ..model.export import FORMATS, export_model, input_shape
+from ..model.checkpoint import resolve_checkpoint
+from ..model.export import export_model, input_shape
 from ..model.synthesis import SynthesisModel
 
 
 def export_from_args(args: argparse.Namespace) -> int:
-    if args.format not in FORMATS:
-        raise MedsynthError(f"unknown export format {args.format!r}; choose one of {', '.join(FORMATS)}")
+    """The format is checked by the parser (``choices``) and again by :func:`export_model`."""
     if args.out.is_dir():
         raise MedsynthError("--out is a folder; give a file name such as model.onnx", args.out)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    if args.out.exists() and checkpoint.exists() and os.path.samefile(args.out, checkpoint):
+        raise MedsynthError("--out is the checkpoint being exported; give another file name", args.out)
     model = SynthesisModel.from_checkpoint(args.checkpoint, device="cpu")
     path = export_model(model, args.out, args.format)
     print(

@@ -30,6 +30,7 @@ from ..io.volume import Volume
 from ..io.writers import write_volume
 from ..modalities import canonical_modality
 from ..model.synthesis import SynthesisModel
+from ..model.uncertainty import UNCERTAINTY_SUFFIX, uncertainty_path
 from .trust import load_model, screen_inputs, trust_outputs
 
 log = logging.getLogger("medsynth")
@@ -120,7 +121,7 @@ def infer_from_args(args: argparse.Namespace) -> int:
     check_out_argument(args.out)
     model = load_model(args.checkpoint, device=args.device)  # a checkpoint, or an ONNX/TorchScript export
     jobs = plan_jobs(args, model)
-    refuse_overwriting_inputs(jobs)
+    refuse_overwriting_inputs(jobs, uncertainty=args.uncertainty)
     batch_size = resolve_batch_size(args.batch_size, model)
     return run_jobs(model, jobs, args, batch_size=batch_size, keep_going=bool(args.inputs))
 
@@ -294,8 +295,9 @@ class _InputFiles:
         return None
 
 
-def refuse_overwriting_inputs(jobs: list[Job]) -> None:
-    """Refuse (one line) an output or sidecar that resolves to an input, or two jobs sharing an output.
+def refuse_overwriting_inputs(jobs: list[Job], *, uncertainty: bool = False) -> None:
+    """Refuse (one line) an output, its sidecar or (``uncertainty``) its uncertainty map that resolves to
+    an input, or two jobs sharing an output.
 
     Paths are compared after resolving ``..``, ``.`` and links (``os.path.realpath``) and by file
     identity (device and inode, for hard links); a symbolic link at an output path is refused outright.
@@ -304,7 +306,8 @@ def refuse_overwriting_inputs(jobs: list[Job]) -> None:
     claimed: dict[str, Job] = {}
     for job in jobs:
         for _target, out in job.outputs:
-            for path in (out, sidecar_path(out)):
+            written = (out, sidecar_path(out), *((uncertainty_path(out),) if uncertainty else ()))
+            for path in written:
                 problem = inputs.clash(path)
                 if problem:
                     raise MedsynthError(problem, path)
@@ -332,14 +335,15 @@ def drop_own_outputs(items: list[Path], source: Path, out: Path, target: str) ->
     """Leave out earlier medsynth outputs, so ``--inputs D --out D`` run twice does not make ``a_t2_t2``.
 
     An output is recognised by its sidecar, and, when ``--out`` is the ``--inputs`` folder, by the
-    ``<stem>_<target>`` name this command gives its outputs. Skipped files are named once.
+    ``<stem>_<target>`` and ``<stem>_uncertainty`` names this command gives its outputs (an uncertainty
+    map has no sidecar of its own). Skipped files are named once.
     """
     same_folder = source.is_dir() and os.path.realpath(source) == os.path.realpath(out)
-    suffix = f"_{target}"
+    suffixes = (f"_{target}", UNCERTAINTY_SUFFIX)
     kept = [
         p
         for p in items
-        if not is_medsynth_output(p) and not (same_folder and volume_stem(p).endswith(suffix))
+        if not is_medsynth_output(p) and not (same_folder and volume_stem(p).endswith(suffixes))
     ]
     skipped = [p for p in items if p not in kept]
     if skipped:

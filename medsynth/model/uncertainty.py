@@ -118,6 +118,16 @@ def canonical_inputs(model: SynthesisModel, inputs: Mapping[str, Volume], target
     return model.normalise(canonical), mask, reorientation, target
 
 
+#: Stem suffix of the uncertainty map written beside a synthetic volume.
+UNCERTAINTY_SUFFIX = "_uncertainty"
+
+
+def uncertainty_path(out: Path) -> Path:
+    """``<out stem>_uncertainty.nii.gz`` beside the synthetic volume ``out``."""
+    stem = out.name[: -len(".nii.gz")] if out.name.endswith(".nii.gz") else out.stem
+    return out.with_name(f"{stem}{UNCERTAINTY_SUFFIX}.nii.gz")
+
+
 def write_uncertainty(
     model: SynthesisModel,
     inputs: Mapping[str, Volume],
@@ -130,8 +140,7 @@ def write_uncertainty(
     started = time.perf_counter()
     normalised, mask, reorientation, target = canonical_inputs(model, inputs, prediction.target)
     spread, estimator = uncertainty_map(model, normalised, mask, target, prediction, batch_size=batch_size)
-    stem = out.name[: -len(".nii.gz")] if out.name.endswith(".nii.gz") else out.stem
-    path = out.with_name(f"{stem}_uncertainty.nii.gz")
+    path = uncertainty_path(out)
     reference = prediction.volume
     write_volume(reorientation.undo(spread), reference, path)
     inside = spread[mask]
