@@ -60,3 +60,11 @@ def test_saved_config_reloads_identically(tmp_path: Path) -> None:
     config = load_config("t1_to_t2_unet2d", ["train.epochs=7"])
     config.save(tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml").to_dict() == config.to_dict()
+
+
+def test_objective_names_match_the_registry() -> None:
+    """``train.objective`` is validated against config.OBJECTIVES; every name must have a class."""
+    from medsynth.config import OBJECTIVES as NAMES
+    from medsynth.engine.objectives import OBJECTIVES
+
+    assert set(NAMES) == set(OBJECTIVES)

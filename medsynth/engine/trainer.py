@@ -411,7 +411,7 @@ class Trainer:
                 clock, stop = self._agree()
                 if budget is not None and clock is not None:
                     self._set_lr(clock)
-                if index % 10 == 0 or index + 1 == batches:  # reading losses waits for the device
+                if not self.quiet and (index % 10 == 0 or index + 1 == batches):  # waits for the device
                     self._absorb_losses()
                     bar.set_postfix(self._postfix(), refresh=False)
                 bar.update()
@@ -432,6 +432,9 @@ class Trainer:
         self._absorb_losses()
         if self.dist.enabled:  # metrics.csv reports the mean loss over all ranks' batches
             self.stats.sums = self.dist.mean(self.stats.sums)
+            # A signal that reached some ranks after the last agreement must stop all of them here,
+            # or they would part ways at the next collective (save and exit vs. validate).
+            self._stop_signal = self.dist.agree(self._clock(), self._stop_signal)[1]
 
     def _agree(self) -> tuple[float | None, int | None]:
         """(budget clock, stop signal) after a step: this process's, or under torchrun the job's.
@@ -451,7 +454,9 @@ class Trainer:
             return
         critic = getattr(self.objective, "critic", None)
         modules = [self.generator] + ([critic] if critic is not None else [])
-        checksum = sum(float(p.detach().double().sum()) for m in modules for p in m.parameters())
+        checksum = (
+            torch.stack([p.detach().double().sum() for m in modules for p in m.parameters()]).sum().item()
+        )
         if not self.dist.same_on_all(checksum):
             raise MedsynthError(
                 f"the training processes hold different weights after epoch {self.epoch + 1}; "
