@@ -56,8 +56,6 @@ log = logging.getLogger("medsynth")
 
 #: Columns of the printed table: masked metrics, the numbers the README reports.
 TABLE_METRICS = ("psnr_masked", "ssim3d_masked", "mae_masked")
-#: Per-subject calibration columns of ``--uncertainty`` (the model's rows only).
-CALIBRATION_METRICS = ("spearman_unc_err", "top_decile_error_ratio", "unc_seconds")
 
 
 @dataclass

@@ -297,3 +297,15 @@ def test_command_line_dry_run_and_exit_code(export: Path, tmp_path: Path, monkey
     assert convert_command(args) == 1  # study D failed
     sidecar = json.loads(next(out.rglob("t2.json")).read_text())
     assert sidecar["checkpoint"].startswith("model.pt sha256:")
+
+
+def test_a_study_whose_outputs_vanished_is_not_done(tmp_path: Path) -> None:
+    """A sidecar alone does not mark a study done: a killed overwrite may have removed its DICOM series."""
+    from medsynth.convert.runner import _already_done
+
+    (tmp_path / "t2.nii.gz").write_bytes(b"x")
+    sidecar = tmp_path / "t2.json"
+    sidecar.write_text(json.dumps({"formats": ["nifti", "dicom"], "outputs": ["t2.nii.gz", "dicom_t2"]}))
+    assert not _already_done(sidecar, "both")
+    (tmp_path / "dicom_t2").mkdir()
+    assert _already_done(sidecar, "both")

@@ -148,12 +148,15 @@ def _formats(fmt: str) -> list[str]:
 
 
 def _already_done(sidecar: Path, fmt: str) -> bool:
-    """A study is done when its sidecar (written last) lists every requested format."""
+    """A study is done when its sidecar (written last) lists every requested format and every output it
+    names still exists (an overwrite killed between moving the old series out and the new one in must
+    not leave a study marked done without its DICOM folder)."""
     try:
-        done = json.loads(sidecar.read_text(encoding="utf-8")).get("formats", [])
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return set(_formats(fmt)) <= set(done)
+    outputs = [sidecar.parent / name for name in record.get("outputs", [])]
+    return set(_formats(fmt)) <= set(record.get("formats", [])) and all(p.exists() for p in outputs)
 
 
 def _one_line(exc: BaseException) -> str:

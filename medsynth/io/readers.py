@@ -17,9 +17,6 @@ from ..errors import DataError
 from . import formats
 from .volume import Volume
 
-NIFTI_SUFFIXES = formats.nifti.NIFTI.suffixes
-ITK_SUFFIXES = formats.itk.ITK.suffixes
-
 
 def read_volume(
     path: str | Path, *, series_uid: str | None = None, volume_index: int | None = None
