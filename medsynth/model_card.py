@@ -113,6 +113,13 @@ def _data_summary(fingerprint: dict[str, Any], splits: dict[str, list[str]]) -> 
     }
 
 
+def _previous_hardware(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / CARD_JSON).read_text(encoding="utf-8"))["training"]["hardware"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def build_model_card(run_dir: str | Path) -> dict[str, Any]:
     """The card's content as a JSON-ready dict (see the module docstring for its sources)."""
     import yaml
@@ -145,7 +152,9 @@ def build_model_card(run_dir: str | Path) -> dict[str, Any]:
         "training": {
             **_training_time(_read_csv(run_dir / "metrics.csv")),
             "best_validation": payload.get("best"),
-            "hardware": _hardware(str(train_config.get("device", "auto"))),
+            # The training machine: probed when the card is first written (the end of training) and
+            # kept by later refreshes, which may run elsewhere (``medsynth evaluate`` on another box).
+            "hardware": _previous_hardware(run_dir) or _hardware(str(train_config.get("device", "auto"))),
         },
         "evaluation": evaluation,
         "calibration": (evaluation or {}).get("calibration"),
