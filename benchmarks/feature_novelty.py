@@ -154,9 +154,8 @@ def main() -> None:
     print("|" + "---|" * (4 + len(QUANTILES)))
     for subject_id in model.checkpoint_splits["test"]:
         volumes = subject(subject_id)
-        truth_of = lambda array: model.normalise({target: array})[target]  # noqa: E731
         prediction, scale, distance, mask = scored(volumes[source])
-        error = prediction - truth_of(volumes[target].array)
+        error = prediction - model.normalise({target: volumes[target].array})[target]
         cells = [calibration(scale, error, mask)] + [
             calibration(combined(scale, distance, q), error, mask) for q in QUANTILES
         ]
