@@ -43,7 +43,7 @@ def measure(run: Path, data: Path, estimator: str) -> list[dict]:
         normalised, mask, _, name = canonical_inputs(model, {source: volumes[source]}, None)
         started = time.perf_counter()
         mode = "auto" if estimator == "scale" else "tta"
-        unc, _ = uncertainty_map(model, normalised, mask, name, prediction, estimator=mode)
+        unc = uncertainty_map(model, normalised, mask, name, prediction, estimator=mode).values
         seconds = time.perf_counter() - started
         truth = model.normalise({target: to_canonical(volumes[target])[0].array})[target]
         row = {

@@ -114,7 +114,7 @@ def main() -> None:
         """(prediction, b, distance, mask) of one source volume."""
         prediction = model.predict({source: volume})
         normalised, mask, _, name = canonical_inputs(model, {source: volume}, None)
-        scale, _ = uncertainty_map(model, normalised, mask, name, prediction)
+        scale = uncertainty_map(model, normalised, mask, name, prediction).values
         features = voxel_features(model, args.layer, normalised, mask)
         return prediction.normalised, scale, bank.distance(features, mask), mask
 

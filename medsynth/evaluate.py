@@ -208,15 +208,15 @@ def measure_calibration(
     """The uncertainty of one prediction against its error (normalised space, inside the mask)."""
     started = time.perf_counter()
     mask = prediction.mask
-    unc, estimator = uncertainty_map(model, sources, mask, target, prediction)
+    unc = uncertainty_map(model, sources, mask, target, prediction)
     seconds = time.perf_counter() - started
-    result = calibration(unc, prediction.normalised - truth, mask)
-    uncertainty_figure(prediction.normalised, truth, unc, figure, mask=mask, spacing=spacing)
+    result = calibration(unc.values, prediction.normalised - truth, mask)
+    uncertainty_figure(prediction.normalised, truth, unc.values, figure, mask=mask, spacing=spacing)
     return {
         "spearman_unc_err": result["spearman"],
         "top_decile_error_ratio": result["top_decile_error_ratio"],
         "unc_seconds": seconds,
-        "estimator": estimator,
+        "estimator": unc.estimator,
     }
 
 

@@ -45,7 +45,9 @@ KNOWN_LIMITS = (
     "Trained on the subjects, scanners and voxel sizes summarised above only; inputs unlike them are "
     "flagged by `medsynth infer` (out-of-distribution check, `--strict` refuses them, docs/trust.md).",
     "Pathology absent from the training data (lesions, tumours, implants) can be painted over with "
-    "healthy-looking tissue; `--uncertainty` maps show where the model disagrees with itself, not every error.",
+    "healthy-looking tissue. `--uncertainty` maps rise where an input intensity never occurred at its "
+    "depth in the training heads (fat- or bone-like blobs deep inside); a lesion that looks, voxel by "
+    "voxel and depth by depth, like tissue the model has seen there is not flagged.",
     "Inputs are normalised per volume (foreground percentiles); outputs are on the cohort's typical "
     "intensity scale, not a calibrated physical quantity.",
 )

@@ -14,6 +14,7 @@ import torch
 from matplotlib.image import imread
 
 from medsynth.cli import main
+from medsynth.data.masks import foreground_mask
 from medsynth.engine.run import claim_run_dir, train
 from medsynth.errors import ConfigError
 from medsynth.io.readers import read_volume
@@ -21,8 +22,15 @@ from medsynth.io.volume import to_canonical
 from medsynth.losses import l1_loss, laplace_nll
 from medsynth.model.checkpoint import load_checkpoint
 from medsynth.model.plan import NetworkSpec, SynthesisPlan
+from medsynth.model.support import TrainingSupport
 from medsynth.model.synthesis import SynthesisModel
-from medsynth.model.uncertainty import SCALE_ESTIMATOR, insert_lesion, lesion_contrast
+from medsynth.model.uncertainty import (
+    SCALE_ESTIMATOR,
+    canonical_inputs,
+    insert_lesion,
+    lesion_contrast,
+    uncertainty_map,
+)
 from medsynth.nets.unet import UNet
 from medsynth.task import Task
 from medsynth.viz import MAX_WIDTH_TO_HEIGHT
@@ -137,11 +145,20 @@ def test_infer_writes_the_heads_scale_on_the_output_grid(
     volume = read_volume(source)
     prediction = model.predict({"t1": volume})
     assert prediction.scale is not None
-    _, reorientation = to_canonical(volume)
-    want = reorientation.undo(np.where(prediction.mask, prediction.scale, 0.0).astype(np.float32))
+    canonical, reorientation = to_canonical(volume)
+    support = TrainingSupport.from_fingerprint(model.fingerprint, ["t1"], "t2")
+    assert support is not None
+    unseen = support.unseen(model.normalise({"t1": canonical.array}), prediction.mask, canonical.spacing)
+    head = np.where(prediction.mask, prediction.scale, 0.0)
+    want = reorientation.undo(
+        np.where(unseen, np.maximum(head, support.uninformed_error), head).astype(np.float32)
+    )
     np.testing.assert_allclose(np.asarray(written.dataobj), want, rtol=1e-6, atol=1e-7)
     sidecar = json.loads((tmp_path / "syn.json").read_text())["uncertainty"]
     assert sidecar["estimator"] == SCALE_ESTIMATOR and sidecar["mean_in_mask"] > 0
+    assert sidecar["unseen_input"] == {
+        "status": "ok", "voxels": int(unseen.sum()), "floor": round(support.uninformed_error, 5),
+    }  # fmt: skip
     # The image is channel 0: the synthetic volume equals the prediction's.
     np.testing.assert_allclose(np.asarray(nib.load(out).dataobj), prediction.volume.array, atol=1e-5)
 
@@ -186,18 +203,26 @@ def test_insert_lesion_changes_every_array_in_one_ball() -> None:
 
 
 @pytest.mark.parametrize("bright", [True, False])
-def test_an_unseen_lesion_is_a_real_failure_the_map_covers(
+def test_an_unseen_lesion_is_a_real_failure_the_map_flags(
     bright: bool, scale_run: Path, tiny_cohort: Path
 ) -> None:
-    """What truly holds on the tiny model: the lesion's |error| is well above its ring's, and the
-    head's b is positive there. What does not: b in the lesion is ~1.0x its ring's, here and on the
-    6-minute demo model (1.05-1.2x; the 2x target is unmet, see docs/trust.md): a scale head learns
-    the error of tissue it has seen, and the lesion's voxels look like tissue it has seen.
-    """
+    """The lesion is a real failure (its |error| well above its ring's). No training voxel had its
+    intensity at its depth in the head, so every lesion voxel is unseen and the map there is at least
+    the uninformed error. (On this 2-epoch model b is large everywhere, so the ratio to the ring is
+    not the point here; on the demo model it is 5.7-6.3x, docs/trust.md.)"""
     model = SynthesisModel.from_checkpoint(scale_run)
     subject = json.loads((scale_run / "splits.json").read_text())["test"][0]
-    t1 = read_volume(_image(tiny_cohort, subject, "T1w"))
-    t2 = read_volume(_image(tiny_cohort, subject, "T2w"))
+    t1, _ = to_canonical(read_volume(_image(tiny_cohort, subject, "T1w")))
+    t2, _ = to_canonical(read_volume(_image(tiny_cohort, subject, "T2w")))
     result = lesion_contrast(model, {"t1": t1}, t2, bright=bright, radius_mm=9.0)
     assert result["error_ratio"] > 1.5 and result["lesion_voxels"] > 0, result
-    assert np.isfinite(result["uncertainty_ratio"]) and result["uncertainty_ratio"] > 0.5, result
+
+    mask = foreground_mask([t1.array])
+    changed, ball, ring = insert_lesion({"t1": t1.array}, mask, t1.spacing, bright=bright, radius_mm=9.0)
+    inputs = {"t1": t1.with_array(changed["t1"])}
+    prediction = model.predict(inputs)
+    normalised, mask, _, target = canonical_inputs(model, inputs, None)
+    unc = uncertainty_map(model, normalised, mask, target, prediction)
+    assert unc.unseen is not None and unc.floor is not None
+    assert unc.unseen[ball & mask].all() and unc.unseen[ring].mean() < 0.05
+    assert (unc.values[ball & mask] >= np.float32(unc.floor)).all()

@@ -11,7 +11,11 @@ inference (:mod:`medsynth.model.ood`), so the two sides cannot be measured diffe
 * ``histogram``: the normalised intensities inside the volume's own foreground mask, ``HIST_BINS`` bins
   on ``[-1, 1]``, as fractions. Percentile normalisation removes scanner gain, so what is left is the
   *shape* of the intensity distribution, which differs between contrasts (CSF dark on T1w, bright on T2w);
-* ``below_air_hu``: the fraction of voxels below -500 (air in Hounsfield units; MR magnitudes are >= 0).
+* ``below_air_hu``: the fraction of voxels below -500 (air in Hounsfield units; MR magnitudes are >= 0);
+* ``depth_histogram``: voxel counts of (normalised intensity, depth below the head's surface) pairs,
+  ``HIST_BINS`` x ``DEPTH_BINS``: where in the head each intensity occurred. Fat and skull are bright or
+  dark near the surface, never 5 cm inside; the uncertainty map (:mod:`medsynth.model.support`) flags
+  input voxels whose pair no training subject had.
 """
 
 from __future__ import annotations
@@ -27,6 +31,35 @@ from .normalize import Normalizer
 HIST_BINS = 32
 #: Intensities below this are air in Hounsfield units and never occur in MR magnitude images.
 AIR_HU = -500.0
+#: Depth bins (mm below the foreground surface) of ``depth_histogram``; the last is open-ended.
+DEPTH_STEP_MM = 5.0
+DEPTH_BINS = 16
+
+
+def depth_below_surface(mask: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    """Distance (mm) from each foreground voxel to the nearest background voxel; 0 outside ``mask``.
+
+    A coordinate that needs no registration: the same anatomy lies at a similar depth in every head.
+    """
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(mask, sampling=spacing).astype(np.float32)
+
+
+def intensity_depth_bins(normalised: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (intensity, depth) bin of each value: the index pair ``depth_histogram`` counts."""
+    intensity = np.clip(
+        ((np.clip(normalised, -1.0, 1.0) + 1.0) / 2.0 * HIST_BINS).astype(np.int64), 0, HIST_BINS - 1
+    )
+    layer = np.clip((depth / DEPTH_STEP_MM).astype(np.int64), 0, DEPTH_BINS - 1)
+    return intensity, layer
+
+
+def intensity_depth_counts(normalised: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """``(HIST_BINS, DEPTH_BINS)`` voxel counts of the (intensity, depth) pairs of equal-shaped arrays."""
+    intensity, layer = intensity_depth_bins(normalised, depth)
+    counts = np.bincount(intensity * DEPTH_BINS + layer, minlength=HIST_BINS * DEPTH_BINS)
+    return counts.reshape(HIST_BINS, DEPTH_BINS)
 
 
 def normalised_histogram(normalised: np.ndarray) -> np.ndarray:
@@ -43,8 +76,13 @@ def obliquity_degrees(affine: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(cosines.min(), -1.0, 1.0))))
 
 
-def appearance_statistics(volume: Volume, normalizer: Normalizer, mask: np.ndarray) -> dict[str, Any]:
+def appearance_statistics(
+    volume: Volume, normalizer: Normalizer, mask: np.ndarray, *, with_depth: bool = True
+) -> dict[str, Any]:
     """The statistics of one image (``normalizer`` fitted on it inside ``mask``, its foreground).
+
+    ``with_depth=False`` leaves out ``depth_histogram`` (a distance transform: seconds at 1 mm), which
+    the whole-volume checks of an input do not use.
 
     >>> import numpy as np
     >>> from medsynth.data.normalize import PercentileNormalizer
@@ -59,8 +97,9 @@ def appearance_statistics(volume: Volume, normalizer: Normalizer, mask: np.ndarr
     spacing = np.asarray(canonical.spacing)
     shape = np.asarray(canonical.shape)
     values = volume.array[mask] if mask.any() else volume.array.ravel()
-    histogram = normalised_histogram(normalizer.forward(values))
-    return {
+    normalised = normalizer.forward(values)
+    histogram = normalised_histogram(normalised)
+    statistics = {
         "spacing": [round(float(s), 6) for s in spacing],
         "shape": [int(s) for s in shape],
         "field_of_view_mm": [round(float(f), 3) for f in spacing * shape],
@@ -69,3 +108,7 @@ def appearance_statistics(volume: Volume, normalizer: Normalizer, mask: np.ndarr
         "histogram": [round(float(h), 6) for h in histogram],
         "below_air_hu": round(float(np.mean(volume.array < AIR_HU)), 6),
     }
+    if with_depth:
+        depth = depth_below_surface(mask, volume.spacing)[mask] if mask.any() else np.zeros(values.shape)
+        statistics["depth_histogram"] = intensity_depth_counts(normalised, depth).tolist()
+    return statistics

@@ -45,6 +45,8 @@ class Prediction:
     seconds: float
     #: canonical RAS predicted Laplace scale ``b`` (normalised units) of a model with a scale head.
     scale: np.ndarray | None = None
+    #: canonical RAS voxel size (mm) of the arrays above.
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
 class SynthesisModel:
@@ -208,6 +210,7 @@ class SynthesisModel:
         for modality in order:
             volume, reorientation = to_canonical(inputs[modality])
             canonical[modality] = volume.array
+        canonical_spacing = volume.spacing
         # The synthesis mask is the inputs' joint foreground; with one input it is that input's own mask,
         # which its normalisation needs too (computed once: seconds at 1 mm).
         mask = foreground_mask([canonical[m] for m in order])
@@ -223,4 +226,5 @@ class SynthesisModel:
         native = self.fingerprint.output_normalizer(target).inverse(normalised)
         array = reorientation.undo(native.astype(np.float32))
         volume = reference.with_array(array, modality=target, synthetic=True, path=None)
-        return Prediction(volume, normalised, mask, target, time.perf_counter() - started, scale)
+        seconds = time.perf_counter() - started
+        return Prediction(volume, normalised, mask, target, seconds, scale, spacing=canonical_spacing)

@@ -11,7 +11,9 @@ Two estimators, chosen per model by :func:`uncertainty_map` (measurements: docs/
   mapped back, and the voxel-wise standard deviation of the members is the uncertainty. Cost:
   ``len(MEMBERS) - 1`` extra syntheses (the plain prediction is one member when it is passed in).
 
-Both are in normalised target units ([-1, 1] scale) and 0 outside the head.
+Both are in normalised target units ([-1, 1] scale) and 0 outside the head. Where an input voxel is one
+the training subjects never had (:mod:`medsynth.model.support`: its intensity at its depth in the head),
+both learn nothing, so the map there is raised to at least the error of a guess made without the input.
 
 Calibration on held-out subjects (:func:`calibration`): Spearman correlation between uncertainty and
 absolute error inside the mask, and the mean absolute error of the top-decile-uncertainty voxels over
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ import numpy as np
 from ..data.masks import foreground_mask
 from ..io.volume import Volume, to_canonical
 from ..io.writers import write_volume
+from .support import TrainingSupport
 from .synthesis import Prediction, SynthesisModel
 
 #: (left-right flip, gamma) of each member; (False, 1.0) is the plain prediction.
@@ -80,6 +84,28 @@ def tta_uncertainty(
     return spread
 
 
+@dataclass(frozen=True)
+class UncertaintyMap:
+    """A voxel-wise uncertainty map (canonical, normalised target units, 0 outside the head)."""
+
+    values: np.ndarray
+    estimator: str
+    #: Voxels whose input the training subjects never had (raised to ``floor``); None when the
+    #: checkpoint's fingerprint predates the counts this needs.
+    unseen: np.ndarray | None
+    floor: float | None
+
+    def summary(self) -> dict[str, Any]:
+        """The sidecar's ``unseen_input`` block."""
+        if self.unseen is None:
+            return {"status": "skipped", "note": "the checkpoint predates the (intensity, depth) counts"}
+        return {
+            "status": "ok",
+            "voxels": int(self.unseen.sum()),
+            "floor": round(float(self.floor or 0.0), 5),
+        }
+
+
 def uncertainty_map(
     model: SynthesisModel,
     normalised: Mapping[str, np.ndarray],
@@ -89,22 +115,30 @@ def uncertainty_map(
     *,
     batch_size: int = 16,
     estimator: str = "auto",
-) -> tuple[np.ndarray, str]:
-    """``(map, estimator)``: the scale head's ``b`` when the model has one, else the TTA spread.
+) -> UncertaintyMap:
+    """The scale head's ``b`` when the model has one, else the TTA spread; raised to the uninformed
+    error wherever the input is unlike every training voxel (:mod:`medsynth.model.support`).
 
     ``prediction`` is the model's plain prediction of these inputs (``predict``): its scale map, or
-    the first TTA member. Canonical arrays; 0 outside ``mask``. ``estimator="tta"`` forces TTA (to
-    compare both on one model).
+    the first TTA member, and the voxel size. Canonical arrays; 0 outside ``mask``.
+    ``estimator="tta"`` forces TTA (to compare both on one model).
     """
     if estimator not in ("auto", "tta"):
         raise ValueError(f"estimator must be 'auto' or 'tta', got {estimator!r}")
     if prediction.scale is not None and estimator == "auto":
-        scale = np.where(mask, prediction.scale, 0.0).astype(np.float32)
-        return scale, SCALE_ESTIMATOR
-    spread = tta_uncertainty(
-        model, normalised, mask, target, batch_size=batch_size, plain=prediction.normalised
-    )
-    return spread, ESTIMATOR
+        values, name = np.where(mask, prediction.scale, 0.0).astype(np.float32), SCALE_ESTIMATOR
+    else:
+        values = tta_uncertainty(
+            model, normalised, mask, target, batch_size=batch_size, plain=prediction.normalised
+        )
+        name = ESTIMATOR
+    support = TrainingSupport.from_fingerprint(model.fingerprint, normalised, prediction.target)
+    if support is None:
+        return UncertaintyMap(values, name, None, None)
+    unseen = support.unseen(normalised, mask, prediction.spacing)
+    floor = np.float32(support.uninformed_error)
+    values = np.where(unseen, np.maximum(values, floor), values).astype(np.float32)
+    return UncertaintyMap(values, name, unseen, support.uninformed_error)
 
 
 def canonical_inputs(model: SynthesisModel, inputs: Mapping[str, Volume], target: str | None):
@@ -139,15 +173,17 @@ def write_uncertainty(
     """Write ``<out stem>_uncertainty.nii.gz`` on the output's grid; return the sidecar summary."""
     started = time.perf_counter()
     normalised, mask, reorientation, target = canonical_inputs(model, inputs, prediction.target)
-    spread, estimator = uncertainty_map(model, normalised, mask, target, prediction, batch_size=batch_size)
+    result = uncertainty_map(model, normalised, mask, target, prediction, batch_size=batch_size)
+    spread = result.values
     path = uncertainty_path(out)
     reference = prediction.volume
     write_volume(reorientation.undo(spread), reference, path)
     inside = spread[mask]
     return {
         "path": str(path),
-        "estimator": estimator,
-        "units": UNITS[estimator],
+        "estimator": result.estimator,
+        "units": UNITS[result.estimator],
+        "unseen_input": result.summary(),
         "mean_in_mask": round(float(inside.mean()), 5) if inside.size else 0.0,
         "p95_in_mask": round(float(np.percentile(inside, 95)), 5) if inside.size else 0.0,
         "max": round(float(spread.max()), 5),
@@ -227,7 +263,7 @@ def lesion_contrast(
     inputs = {m: canonical[m].with_array(changed[m]) for m in canonical}
     prediction = model.predict(inputs)
     normalised, mask, _, name = canonical_inputs(model, inputs, None)
-    unc, _ = uncertainty_map(model, normalised, mask, name, prediction, estimator=estimator)
+    unc = uncertainty_map(model, normalised, mask, name, prediction, estimator=estimator).values
     truth = model.normalise({truth_name: changed[truth_name]})[truth_name]
     error = np.abs(prediction.normalised - truth)
     ball, ring = ball & mask, ring & mask
