@@ -8,11 +8,14 @@ and an inserted lesion (a 6 mm ball at the 99.5th / 0.5th percentile of source a
 :func:`medsynth.model.uncertainty.lesion_contrast`): mean uncertainty in the ball over its ring, and the
 same ratio of |error|. Prints a markdown table and writes the rows as JSON.
 
-    medsynth train 't1->t2' --data /tmp/demo_data --config demo_cpu --runs-dir /tmp/unc_runs --name base \\
-        --set train.max_minutes=6 --quiet
-    medsynth train 't1->t2' --data /tmp/demo_data --config demo_cpu --runs-dir /tmp/unc_runs --name laplace \\
-        --set train.max_minutes=6 --set model.predict_scale=true --quiet
-    python benchmarks/calibration.py --data /tmp/demo_data /tmp/unc_runs/base /tmp/unc_runs/laplace
+The floor where an input is unlike every training voxel (medsynth/model/support.py) applies to both
+estimators; ``unseen_percent`` is the share of a healthy subject's head it raised (false alarms).
+The figures of docs/trust.md (12 epochs, so they do not depend on the machine's speed):
+
+    medsynth train 't1->t2' --data /tmp/demo_data --config demo_cpu --runs-dir /tmp/unc3 --name beta0 \\
+        --set train.max_minutes=null --set train.epochs=6 --set train.decay_epochs=6 \\
+        --set model.predict_scale=true --set train.laplace_beta=0 --quiet
+    python benchmarks/calibration.py --data /tmp/demo_data /tmp/unc3/beta0
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ def measure(run: Path, data: Path, estimator: str) -> list[dict]:
         normalised, mask, _, name = canonical_inputs(model, {source: volumes[source]}, None)
         started = time.perf_counter()
         mode = "auto" if estimator == "scale" else "tta"
-        unc = uncertainty_map(model, normalised, mask, name, prediction, estimator=mode).values
+        result = uncertainty_map(model, normalised, mask, name, prediction, estimator=mode)
         seconds = time.perf_counter() - started
+        unc = result.values
         truth = model.normalise({target: to_canonical(volumes[target])[0].array})[target]
         row = {
             "run": run.name,
@@ -53,6 +57,8 @@ def measure(run: Path, data: Path, estimator: str) -> list[dict]:
             "psnr_masked": psnr(prediction.normalised, truth, mask=mask, data_range=2.0),
             "predict_seconds": prediction.seconds,
             "unc_seconds": seconds,
+            # Healthy voxels the support floor raised (false alarms); -1: no (intensity, depth) counts.
+            "unseen_percent": -1.0 if result.unseen is None else 100.0 * result.unseen.sum() / mask.sum(),
             **calibration(unc, prediction.normalised - truth, mask),
         }
         for bright in (True, False):
@@ -83,7 +89,7 @@ def main() -> None:
             rows.extend(measure(run, args.data, estimator))
     args.out.write_text(json.dumps(rows, indent=2))
     columns = ["psnr_masked", "spearman", "top_decile_error_ratio", "bright_unc_ratio", "bright_err_ratio",
-               "dark_unc_ratio", "dark_err_ratio", "unc_seconds"]  # fmt: skip
+               "dark_unc_ratio", "dark_err_ratio", "unseen_percent", "unc_seconds"]  # fmt: skip
     print("| run | estimator | subject | " + " | ".join(columns) + " |")
     print("|" + "---|" * (3 + len(columns)))
     for row in rows:
