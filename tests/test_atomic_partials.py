@@ -84,3 +84,19 @@ def test_stale_partials_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_zombie_writers_partials_are_stale(tmp_path: Path) -> None:
+    """An ended process nobody reaped yet (a killed batch's worker under an init that does not reap)
+    still answers signals, but it writes nothing more: its partials go."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for: a zombie once it ends
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not end"
+            time.sleep(0.02)
+        left = _partial(tmp_path, "t2.nii.gz", child.pid)
+        assert remove_stale_partials(tmp_path) == [left]
+    finally:
+        child.wait()

@@ -11,11 +11,15 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from medsynth.convert.runner import _series_folder, link_folders_root, sweep_link_folders
+from medsynth.io.atomic import partial_name
 from medsynth.io.dicom import write_dicom_series
 from medsynth.io.readers import read_volume
 
@@ -25,6 +29,11 @@ pytestmark = [
 ]
 
 N_STUDIES = 24
+
+
+def _writer_pid(path: Path) -> int:
+    """The process that made a :func:`~medsynth.io.atomic.partial_name` (``.stem.PID-host.token.partial``)."""
+    return int(path.name.split(".")[2].split("-")[0])
 
 
 def _stat(pid: int) -> tuple[str, int, int] | None:
@@ -113,6 +122,10 @@ def test_killed_convert_leaves_no_process(how: int, export: Path, tiny_run: Path
             time.sleep(0.05)
         assert not [pid for pid in started if _alive(pid)], [_cmdline(pid) for pid in started if _alive(pid)]
         assert _in_session(batch.pid) == []
+        # The killed workers could not remove their series link folders; the next batch's sweep does.
+        sweep_link_folders()
+        killed = {batch.pid, *started}
+        assert not [p for p in link_folders_root().glob(".series.*") if _writer_pid(p) in killed]
         if how == signal.SIGTERM:
             assert code == 128 + signal.SIGTERM
             message = stderr.read_text()
@@ -128,3 +141,23 @@ def test_killed_convert_leaves_no_process(how: int, export: Path, tiny_run: Path
         for pid in started:  # a failing run must not leak its workers into the rest of the session
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_series_link_folders_go_after_use_and_a_dead_batchs_are_swept(
+    export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # gettempdir() answers this
+    files = sorted(p for p in (export / "s00").rglob("*") if p.is_file())
+    with _series_folder(SimpleNamespace(files=files)) as folder:  # type: ignore[arg-type]
+        assert folder.parent == link_folders_root() and len(list(folder.iterdir())) == len(files)
+        assert read_volume(folder).shape == read_volume(export / "s00").shape
+    assert not folder.exists()
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # noqa: S603
+    dead.wait()
+    live = link_folders_root() / partial_name("series", keep_suffixes=False)
+    stale = live.with_name(live.name.replace(f".{os.getpid()}-", f".{dead.pid}-"))
+    live.mkdir()
+    stale.mkdir()
+    assert sweep_link_folders() == [stale]
+    assert live.exists() and not stale.exists()

@@ -14,6 +14,7 @@ exception goes on. Temporary outputs of a killed run are removed by the next one
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
@@ -164,6 +165,28 @@ def _one_line(exc: BaseException) -> str:
     return text[:300]
 
 
+def link_folders_root() -> Path:
+    """Where the per-series link folders live: one folder per user in the system's temporary folder.
+
+    A worker killed mid-read (SIGKILL, or terminated by its batch's SIGTERM) cannot remove its link
+    folder, so each is named by :func:`~medsynth.io.atomic.partial_name` (process and machine) and
+    every batch sweeps this folder for those whose process is gone (:func:`sweep_link_folders`).
+    """
+    return Path(tempfile.gettempdir()) / f"medsynth-series-links-{_user()}"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return str(os.getuid()) if hasattr(os, "getuid") else "user"
+
+
+def sweep_link_folders() -> list[Path]:
+    """Remove the link folders of batches that no longer run (never a live process's)."""
+    return remove_stale_partials(link_folders_root())
+
+
 @contextmanager
 def _series_folder(series: SeriesRecord) -> Iterator[Path]:
     """A private folder of links to exactly this series' files.
@@ -172,10 +195,16 @@ def _series_folder(series: SeriesRecord) -> Iterator[Path]:
     folder, so the files are linked (never copied, never written) into a temporary folder, and the
     reader lists only this series instead of re-reading every header of a crowded folder.
     """
-    with tempfile.TemporaryDirectory(prefix="medsynth-series-") as temp:
+    root = link_folders_root()
+    root.mkdir(mode=0o700, exist_ok=True)
+    folder = root / partial_name("series", keep_suffixes=False)
+    folder.mkdir(mode=0o700)
+    try:
         for number, path in enumerate(series.files):
-            os.symlink(path.resolve(), Path(temp) / f"{number:06d}.dcm")
-        yield Path(temp)
+            os.symlink(path.resolve(), folder / f"{number:06d}.dcm")
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _read_series(series: SeriesRecord) -> Volume:
@@ -419,7 +448,7 @@ def run_convert(
         report.studies = [_dry_run_row(p, out, target, fmt, overwrite) for p in plans]
         return report
 
-    removed = remove_stale_partials(out)
+    removed = remove_stale_partials(out) + sweep_link_folders()
     for study in studies:  # only this shard's folders: other shards may be writing theirs right now
         removed += remove_stale_partials(study_folder(out, study.patient_id, study.study_uid))
     if removed:

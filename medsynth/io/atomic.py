@@ -54,13 +54,19 @@ def is_partial(name: str) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Can process ``pid`` still write? A zombie (ended, not yet reaped: a killed batch's workers in a
+    container whose init does not reap) answers signals but writes nothing more."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:  # e.g. PermissionError: it exists, owned by someone else
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (macOS, Windows): the signal's answer is all there is
+        return True
+    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
 
 
 def _is_stale(path: Path, now: float, foreign_age_s: float) -> bool:
