@@ -247,3 +247,24 @@ def test_series_folder_mode_follows_the_umask(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "series").stat().st_mode) == 0o755
     assert stat.S_IMODE(files[0].stat().st_mode) == 0o644
+
+
+def test_a_series_that_fails_midway_leaves_nothing_and_its_staging_is_a_partial(tmp_path, monkeypatch):
+    """An error mid-series removes the hidden staging folder; a killed writer's would be swept, so it
+    carries a partial name (its process and machine)."""
+    from medsynth.io.atomic import is_partial
+
+    staged: list[str] = []
+    real_save = Dataset.save_as
+
+    def failing_save(self, filename, *args, **kwargs):
+        staged.append(Path(filename).parent.name)
+        if len(staged) == 3:
+            raise OSError(28, "No space left on device")
+        return real_save(self, filename, *args, **kwargs)
+
+    monkeypatch.setattr(Dataset, "save_as", failing_save)
+    with pytest.raises((MedsynthError, OSError)):
+        write(lps_oblique_volume(), tmp_path / "series")
+    assert staged and is_partial(staged[0])
+    assert list(tmp_path.iterdir()) == []

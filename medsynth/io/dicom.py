@@ -17,7 +17,6 @@ import copy
 import datetime
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -37,6 +36,7 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds
 
 from ..errors import MedsynthError
+from .atomic import partial_name
 from .volume import LPS_TO_RAS, Volume
 
 #: Modalities whose objects carry no image to translate (reports, presentation states, RT, segmentations).
@@ -532,7 +532,9 @@ def _ds(values: Sequence[float]) -> list[str]:
 def _atomic_folder(folder: Path) -> Iterator[Path]:
     """Yield a hidden sibling folder that replaces ``folder`` (absent or empty) once the block succeeds.
 
-    A crash or error mid-series leaves no partial series behind for a later scan to pick up.
+    A crash or error mid-series leaves no partial series behind for a later scan to pick up; a killed
+    process leaves its hidden folder, named by :func:`~medsynth.io.atomic.partial_name` so that
+    :func:`~medsynth.io.atomic.remove_stale_partials` of the parent folder removes it.
     """
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise MedsynthError(
@@ -540,8 +542,8 @@ def _atomic_folder(folder: Path) -> Iterator[Path]:
         )
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-        temp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a series folder is an ordinary folder
+        temp = folder.parent / partial_name(folder.name, keep_suffixes=False)
+        temp.mkdir()
     except OSError as exc:
         raise MedsynthError(f"cannot write here ({exc.strerror})", folder.parent) from exc
     try:
@@ -552,13 +554,6 @@ def _atomic_folder(folder: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
-
-
-def _umask() -> int:
-    """The process umask (read by setting it, so set it straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def write_dicom_series(
