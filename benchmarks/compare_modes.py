@@ -3,7 +3,8 @@
 Trains each recipe below with ``--set train.max_minutes=M`` (the learning-rate schedule mapped onto the
 minutes; epochs set high so the budget, not the epoch count, ends every run), evaluates it on the run's
 held-out test subjects (``medsynth evaluate --run RUN --baselines``; every run uses the recipe's seeded
-split, so the test subjects are the same), and writes ``docs/mode_comparison.md``: generator/mode, task,
+split, so the test subjects are the same), and writes ``mode_comparison.md`` (into the runs folder, or
+``--docs docs`` for the repository's copy): generator/mode, task,
 recipe, parameters, FLOPs per slice (``torch.utils.flop_counter``, one forward pass over one training
 slice/patch), training minutes, PSNR ± std, SSIM, MAE inside the head mask in the normalised space, and the
 unified model's rows beside the dedicated models with the gap. Also the unified model's 28 directions and
@@ -18,7 +19,7 @@ ones resumed, so the script can be stopped and started again.
     python benchmarks/compare_modes.py --data demo/data --minutes 8                 # all, one after another
     python benchmarks/compare_modes.py --data demo/data --minutes 8 --threads 1 --only demo_cpu,demo_l1 &
     python benchmarks/compare_modes.py --data demo/data --minutes 8 --threads 1 --only demo_unet3d &
-    python benchmarks/compare_modes.py --data demo/data --minutes 8 --report-only  # table from finished runs
+    python benchmarks/compare_modes.py --data demo/data --minutes 8 --report-only --docs docs  # the docs' table
 
 ``--threads 1`` lets two runs share 2 cores side by side; their minutes are then not comparable with
 runs that had both cores (the table names the threads).
@@ -39,7 +40,6 @@ from typing import Any
 
 import machine
 
-REPO = Path(__file__).resolve().parent.parent
 #: Huge epoch counts (constant half, decay half) so the time budget ends every run at the same minutes.
 OPEN_EPOCHS = ["train.epochs=100000", "train.decay_epochs=100000"]
 
@@ -409,7 +409,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only", help="comma list of entries (default all): " + ",".join(e.name for e in ENTRIES)
     )
-    parser.add_argument("--docs", type=Path, default=REPO / "docs", help="where the report and figures go")
+    parser.add_argument(
+        "--docs", type=Path, default=None,
+        help="where the report and figures go (default: the runs folder; `--docs docs` updates the repository's)",
+    )  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="no training: table from finished runs")
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.threads < 1:
@@ -419,6 +422,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if chosen - known:
         parser.error(f"unknown --only entries {sorted(chosen - known)}; valid: {', '.join(sorted(known))}")
     args.entries = tuple(e for e in ENTRIES if e.name in chosen)
+    # Not the repository's docs by default: a partial `--only` run would overwrite the full report there.
+    args.docs = args.docs if args.docs is not None else args.runs
     return args
 
 

@@ -86,3 +86,10 @@ def test_bad_arguments_are_refused(capsys) -> None:
     assert "demo_nope" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         compare.parse_args(["--data", "d", "--minutes", "0"])
+
+
+def test_the_report_goes_to_the_runs_folder_unless_docs_is_named(tmp_path: Path) -> None:
+    """A partial `--only` run must not overwrite the repository's full report by default."""
+    runs = tmp_path / "compare"
+    assert compare.parse_args(["--data", "d", "--runs", str(runs), "--only", "demo_cpu"]).docs == runs
+    assert compare.parse_args(["--data", "d", "--docs", "docs"]).docs == Path("docs")
