@@ -33,6 +33,16 @@ def test_depth_is_millimetres_to_the_background_along_each_axis() -> None:
     assert depth[4, 4, 4] == pytest.approx(8.0)  # 4 voxels of 2 mm to the nearest face, not 4 x 3 mm
 
 
+def test_fine_grids_are_measured_on_a_coarser_one_within_a_coarse_voxel() -> None:
+    from scipy import ndimage
+
+    mask = _ball(shape=41, radius=17.0)
+    depth = depth_below_surface(mask, (1.0, 1.0, 1.0))  # measured on every 2nd voxel
+    exact = ndimage.distance_transform_edt(mask)
+    assert (depth[~mask] == 0).all()
+    assert np.abs(depth - exact)[mask].max() <= 2.0 * np.sqrt(3.0)
+
+
 def test_counts_place_each_voxel_by_its_intensity_and_depth() -> None:
     normalised = np.array([-1.0, 0.999, 1.0, 5.0, 0.0])
     depth = np.array([0.0, DEPTH_STEP_MM, 1000.0, 2.5, 7.0])
