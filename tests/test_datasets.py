@@ -179,6 +179,30 @@ def test_loader_is_deterministic_per_seed_and_epoch(cohort) -> None:
         make_loader(dataset, 1000, drop_last=True)
 
 
+def test_a_resumed_epoch_gathers_only_the_batches_it_has_not_trained() -> None:
+    class Items:
+        gathered: list[list[int]] = []
+
+        def __len__(self) -> int:
+            return 20
+
+        def set_epoch(self, epoch: int) -> None:
+            pass
+
+        def __getitems__(self, index: np.ndarray) -> list[int]:
+            self.gathered.append([int(i) for i in index])
+            return self.gathered[-1]
+
+    for rank in (0, 1):
+        items = Items()
+        loader = make_loader(items, 3, shuffle=True, seed=2, drop_last=True, rank=rank, world_size=2)
+        loader.set_epoch(4)
+        whole = list(loader)
+        items.gathered.clear()
+        assert list(loader.batches(2)) == whole[2:] and items.gathered == whole[2:]
+        assert list(loader.batches(len(loader))) == []
+
+
 def test_bad_slice_arguments(cohort) -> None:
     with pytest.raises(ConfigError, match="odd"):
         SliceDataset(cohort, ["a"], ["t1"], "t2", context=2)

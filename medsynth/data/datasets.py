@@ -416,6 +416,11 @@ class BatchLoader:
         return full if self.drop_last or not rest else full + 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.batches()
+
+    def batches(self, start: int = 0) -> Iterator[dict[str, Any]]:
+        """This epoch's batches from step ``start`` on: a run resumed mid-epoch gathers none of the
+        batches it trained before it stopped (``list(loader)[start:]``, without building them)."""
         total = len(self.dataset)
         order = (
             np.random.default_rng([self.seed, self.epoch]).permutation(total)
@@ -423,8 +428,8 @@ class BatchLoader:
             else np.arange(total)
         )
         step = self.batch_size * self.world_size
-        for start in range(0, len(self) * step, step):
-            first = start + self.rank * self.batch_size
+        for begin in range(start * step, len(self) * step, step):
+            first = begin + self.rank * self.batch_size
             yield self.dataset.__getitems__(order[first : first + self.batch_size])
 
 

@@ -398,9 +398,8 @@ class Trainer:
         started = time.perf_counter()
         self._set_lr(self.dist.agree(self._clock(), None)[0] if self.dist.enabled else None)
         with bar:
-            for index, batch in enumerate(self.loader):
-                if index < self.step_in_epoch:
-                    continue  # resumed mid-epoch: these batches were trained before the stop
+            # Resumed mid-epoch: the batches trained before the stop are skipped, not gathered.
+            for index, batch in enumerate(self.loader.batches(self.step_in_epoch), start=self.step_in_epoch):
                 if index >= batches:
                     break
                 losses = self.train_step(batch)
