@@ -29,10 +29,18 @@ import numpy as np
 import torch
 
 from medsynth.data.layouts import load_subject, scan_dataset
+from medsynth.data.masks import foreground_mask
 from medsynth.io.volume import to_canonical
 from medsynth.metrics import psnr
 from medsynth.model.synthesis import SynthesisModel
-from medsynth.model.uncertainty import calibration, canonical_inputs, lesion_contrast, uncertainty_map
+from medsynth.model.uncertainty import (
+    calibration,
+    canonical_inputs,
+    insert_lesion,
+    lesion_contrast,
+    uncertainty_map,
+)
+from medsynth.viz import SYNTHETIC, TARGET, UNCERTAINTY, comparison_grid
 
 
 def measure(run: Path, data: Path, estimator: str) -> list[dict]:
@@ -72,6 +80,33 @@ def measure(run: Path, data: Path, estimator: str) -> list[dict]:
     return rows
 
 
+def lesion_figure(run: Path, data: Path, path: Path) -> Path:
+    """Axial slices through the inserted lesion of the run's first test subject, bright and dark:
+    source, target, synthetic, |error| and the shipped uncertainty map (normalised space)."""
+    model = SynthesisModel.from_checkpoint(run)
+    source, target = model.sources[0], str(model.target)
+    subject = model.checkpoint_splits["test"][0]
+    volumes = load_subject({r.id: r for r in scan_dataset(data)}[subject], [source, target])
+    canonical = {m: to_canonical(v)[0] for m, v in volumes.items()}
+    mask = foreground_mask([canonical[source].array])
+    rows, titles = [], []
+    for bright in (True, False):
+        arrays = {m: c.array for m, c in canonical.items()}
+        changed, ball, _ = insert_lesion(arrays, mask, canonical[source].spacing, bright=bright)
+        inputs = {source: canonical[source].with_array(changed[source])}
+        prediction = model.predict(inputs)
+        normalised, inside, _, name = canonical_inputs(model, inputs, None)
+        unc = uncertainty_map(model, normalised, inside, name, prediction).values
+        truth = model.normalise({target: changed[target]})[target]
+        k = int(round(np.argwhere(ball)[:, 2].mean()))
+        rows.append({source: normalised[source][:, :, k], TARGET: truth[:, :, k],
+                     SYNTHETIC: prediction.normalised[:, :, k], UNCERTAINTY: unc[:, :, k]})  # fmt: skip
+        titles.append(f"{subject}, {'bright' if bright else 'dark'} lesion, slice {k}")
+    return comparison_grid(
+        rows, path, titles=titles, vmax={UNCERTAINTY: float(np.max([r[UNCERTAINTY] for r in rows]))}
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -80,6 +115,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("calibration.json"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--figure", type=Path, help="PNG of the first run's inserted lesions (docs/lesion_uncertainty.png)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -88,6 +126,8 @@ def main() -> None:
         for estimator in ("tta", "scale") if has_scale else ("tta",):
             rows.extend(measure(run, args.data, estimator))
     args.out.write_text(json.dumps(rows, indent=2))
+    if args.figure:
+        print(f"figure: {lesion_figure(args.runs[0], args.data, args.figure)}")
     columns = ["psnr_masked", "spearman", "top_decile_error_ratio", "bright_unc_ratio", "bright_err_ratio",
                "dark_unc_ratio", "dark_err_ratio", "unseen_percent", "unc_seconds"]  # fmt: skip
     print("| run | estimator | subject | " + " | ".join(columns) + " |")
