@@ -182,7 +182,12 @@ def write_uncertainty(
     return {
         "path": str(path),
         "estimator": result.estimator,
-        "units": UNITS[result.estimator],
+        "units": UNITS[result.estimator]
+        + (
+            "; at least unseen_input.floor where the input is unlike every training voxel"
+            if result.unseen is not None
+            else ""
+        ),
         "unseen_input": result.summary(),
         "mean_in_mask": round(float(inside.mean()), 5) if inside.size else 0.0,
         "p95_in_mask": round(float(np.percentile(inside, 95)), 5) if inside.size else 0.0,
