@@ -51,7 +51,7 @@ def measure(run: Path, data: Path, estimator: str) -> list[dict]:
     for subject in model.checkpoint_splits["test"]:
         volumes = load_subject(records[subject], [source, target])
         prediction = model.predict({source: volumes[source]})
-        normalised, mask, _, name = canonical_inputs(model, {source: volumes[source]}, None)
+        normalised, mask, _, name = canonical_inputs(model, {source: volumes[source]}, None, prediction.mask)
         started = time.perf_counter()
         mode = "auto" if estimator == "scale" else "tta"
         result = uncertainty_map(model, normalised, mask, name, prediction, estimator=mode)
@@ -95,7 +95,7 @@ def lesion_figure(run: Path, data: Path, path: Path) -> Path:
         changed, ball, _ = insert_lesion(arrays, mask, canonical[source].spacing, bright=bright)
         inputs = {source: canonical[source].with_array(changed[source])}
         prediction = model.predict(inputs)
-        normalised, inside, _, name = canonical_inputs(model, inputs, None)
+        normalised, inside, _, name = canonical_inputs(model, inputs, None, prediction.mask)
         unc = uncertainty_map(model, normalised, inside, name, prediction).values
         truth = model.normalise({target: changed[target]})[target]
         k = int(round(np.argwhere(ball)[:, 2].mean()))

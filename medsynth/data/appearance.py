@@ -61,13 +61,18 @@ def depth_below_surface(mask: np.ndarray, spacing: tuple[float, ...]) -> np.ndar
     return np.where(mask, depth, 0.0).astype(np.float32)
 
 
-def intensity_depth_bins(normalised: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The (intensity, depth) bin of each value: the index pair ``depth_histogram`` counts."""
-    intensity = np.clip(
+def intensity_bins(normalised: np.ndarray) -> np.ndarray:
+    """The ``HIST_BINS`` bin of each normalised value on [-1, 1] (clipped): the one rule of both
+    histograms."""
+    return np.clip(
         ((np.clip(normalised, -1.0, 1.0) + 1.0) / 2.0 * HIST_BINS).astype(np.int64), 0, HIST_BINS - 1
     )
+
+
+def intensity_depth_bins(normalised: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (intensity, depth) bin of each value: the index pair ``depth_histogram`` counts."""
     layer = np.clip((depth / DEPTH_STEP_MM).astype(np.int64), 0, DEPTH_BINS - 1)
-    return intensity, layer
+    return intensity_bins(normalised), layer
 
 
 def intensity_depth_counts(normalised: np.ndarray, depth: np.ndarray) -> np.ndarray:
@@ -79,7 +84,7 @@ def intensity_depth_counts(normalised: np.ndarray, depth: np.ndarray) -> np.ndar
 
 def normalised_histogram(normalised: np.ndarray) -> np.ndarray:
     """Fractions of ``normalised`` values (clipped to [-1, 1]) in ``HIST_BINS`` equal bins."""
-    counts, _ = np.histogram(np.clip(normalised, -1.0, 1.0), bins=HIST_BINS, range=(-1.0, 1.0))
+    counts = np.bincount(intensity_bins(np.ravel(normalised)), minlength=HIST_BINS)
     total = counts.sum()
     return counts / total if total else np.full(HIST_BINS, 1.0 / HIST_BINS)
 

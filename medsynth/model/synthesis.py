@@ -43,10 +43,10 @@ class Prediction:
     mask: np.ndarray  # canonical RAS foreground of the inputs
     target: str
     seconds: float
+    #: canonical RAS voxel size (mm) of the arrays above.
+    spacing: tuple[float, float, float]
     #: canonical RAS predicted Laplace scale ``b`` (normalised units) of a model with a scale head.
     scale: np.ndarray | None = None
-    #: canonical RAS voxel size (mm) of the arrays above.
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
 class SynthesisModel:
@@ -227,4 +227,4 @@ class SynthesisModel:
         array = reorientation.undo(native.astype(np.float32))
         volume = reference.with_array(array, modality=target, synthetic=True, path=None)
         seconds = time.perf_counter() - started
-        return Prediction(volume, normalised, mask, target, seconds, scale, spacing=canonical_spacing)
+        return Prediction(volume, normalised, mask, target, seconds, canonical_spacing, scale)

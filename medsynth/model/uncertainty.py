@@ -141,15 +141,27 @@ def uncertainty_map(
     return UncertaintyMap(values, name, unseen, support.uninformed_error)
 
 
-def canonical_inputs(model: SynthesisModel, inputs: Mapping[str, Volume], target: str | None):
-    """The canonical normalised inputs, mask and reorientation ``predict`` uses."""
+def canonical_inputs(
+    model: SynthesisModel,
+    inputs: Mapping[str, Volume],
+    target: str | None,
+    mask: np.ndarray | None = None,
+):
+    """The canonical normalised inputs, mask and reorientation ``predict`` uses.
+
+    ``mask``: the prediction's (``Prediction.mask``) when there is one, so that the foreground, which
+    takes seconds at 1 mm, is not found again (with one input it is also that input's own mask, which
+    its normalisation needs, as in ``predict``).
+    """
     target, order = model.plan.resolve_target(inputs, target)
     canonical, reorientation = {}, None
     for modality in order:
         volume, reorientation = to_canonical(inputs[modality])
         canonical[modality] = volume.array
-    mask = foreground_mask([canonical[m] for m in order])
-    return model.normalise(canonical), mask, reorientation, target
+    if mask is None:
+        mask = foreground_mask([canonical[m] for m in order])
+    own = {order[0]: mask} if len(order) == 1 else None
+    return model.normalise(canonical, own), mask, reorientation, target
 
 
 #: Stem suffix of the uncertainty map written beside a synthetic volume.
@@ -172,7 +184,9 @@ def write_uncertainty(
 ) -> dict[str, Any]:
     """Write ``<out stem>_uncertainty.nii.gz`` on the output's grid; return the sidecar summary."""
     started = time.perf_counter()
-    normalised, mask, reorientation, target = canonical_inputs(model, inputs, prediction.target)
+    normalised, mask, reorientation, target = canonical_inputs(
+        model, inputs, prediction.target, prediction.mask
+    )
     result = uncertainty_map(model, normalised, mask, target, prediction, batch_size=batch_size)
     spread = result.values
     path = uncertainty_path(out)
@@ -267,7 +281,7 @@ def lesion_contrast(
     changed, ball, ring = insert_lesion(arrays, mask, first.spacing, bright=bright, radius_mm=radius_mm)
     inputs = {m: canonical[m].with_array(changed[m]) for m in canonical}
     prediction = model.predict(inputs)
-    normalised, mask, _, name = canonical_inputs(model, inputs, None)
+    normalised, mask, _, name = canonical_inputs(model, inputs, None, prediction.mask)
     unc = uncertainty_map(model, normalised, mask, name, prediction, estimator=estimator).values
     truth = model.normalise({truth_name: changed[truth_name]})[truth_name]
     error = np.abs(prediction.normalised - truth)
