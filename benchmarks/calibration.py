@@ -1,21 +1,21 @@
-"""Does the uncertainty map track the error? Both estimators on trained runs' held-out test subjects.
+"""Does the uncertainty map track the error? Every estimator on trained runs' held-out test subjects.
 
 For every run and estimator (``tta``: test-time augmentation, any model; ``scale``: the model's own
-Laplace scale head, runs trained with ``model.predict_scale=true``) and every test subject of the run's
-split: masked PSNR (normalised space), Spearman(uncertainty, |error|) inside the mask, the mean |error|
+Laplace scale head, runs trained with ``model.predict_scale=true``; ``scale+tta``: both as one Laplace,
+the default of such runs) and every test subject of the run's split: masked PSNR (normalised space), Spearman(uncertainty, |error|) inside the mask, the mean |error|
 of the top-decile-uncertainty voxels over the rest, the estimator's seconds beyond the plain prediction,
 and an inserted lesion (a 6 mm ball at the 99.5th / 0.5th percentile of source and target:
 :func:`medsynth.model.uncertainty.lesion_contrast`): mean uncertainty in the ball over its ring, and the
 same ratio of |error|. Prints a markdown table and writes the rows as JSON.
 
-The floor where an input is unlike every training voxel (medsynth/model/support.py) applies to both
-estimators; ``unseen_percent`` is the share of a healthy subject's head it raised (false alarms).
+The floor where an input is unlike every training voxel (medsynth/model/support.py) applies to every
+estimator; ``unseen_percent`` is the share of a healthy subject's head it raised (false alarms).
 The figures of docs/trust.md (12 epochs, so they do not depend on the machine's speed):
 
-    medsynth train 't1->t2' --data /tmp/demo_data --config demo_cpu --runs-dir /tmp/unc3 --name beta0 \\
+    medsynth train 't1->t2' --data /tmp/demo_data --config demo_cpu --runs-dir /tmp/unc4 --name faithful_s0 \\
         --set train.max_minutes=null --set train.epochs=6 --set train.decay_epochs=6 \\
-        --set model.predict_scale=true --set train.laplace_beta=0 --quiet
-    python benchmarks/calibration.py --data /tmp/demo_data /tmp/unc3/beta0
+        --set model.predict_scale=true [--set train.seed=1] --quiet
+    python benchmarks/calibration.py --data /tmp/demo_data /tmp/unc4/faithful_s0
 """
 
 from __future__ import annotations
@@ -42,9 +42,13 @@ from medsynth.model.uncertainty import (
 )
 from medsynth.viz import SYNTHETIC, TARGET, UNCERTAINTY, comparison_grid
 
+#: Benchmark label of each ``uncertainty_map`` estimator (``auto`` is scale + TTA on a model with a head).
+LABELS = {"tta": "tta", "scale": "scale", "auto": "scale+tta"}
 
-def measure(run: Path, data: Path, estimator: str) -> list[dict]:
+
+def measure(run: Path, data: Path) -> list[dict]:
     model = SynthesisModel.from_checkpoint(run)
+    estimators = ("tta", "scale", "auto") if model.plan.scale_channel else ("tta",)
     records = {r.id: r for r in scan_dataset(data)}
     source, target = model.sources[0], str(model.target)
     rows = []
@@ -52,31 +56,30 @@ def measure(run: Path, data: Path, estimator: str) -> list[dict]:
         volumes = load_subject(records[subject], [source, target])
         prediction = model.predict({source: volumes[source]})
         normalised, mask, _, name = canonical_inputs(model, {source: volumes[source]}, None, prediction.mask)
-        started = time.perf_counter()
-        mode = "auto" if estimator == "scale" else "tta"
-        result = uncertainty_map(model, normalised, mask, name, prediction, estimator=mode)
-        seconds = time.perf_counter() - started
-        unc = result.values
         truth = model.normalise({target: to_canonical(volumes[target])[0].array})[target]
-        row = {
-            "run": run.name,
-            "estimator": estimator,
-            "subject": subject,
-            "psnr_masked": psnr(prediction.normalised, truth, mask=mask, data_range=2.0),
-            "predict_seconds": prediction.seconds,
-            "unc_seconds": seconds,
-            # Healthy voxels the support floor raised (false alarms); -1: no (intensity, depth) counts.
-            "unseen_percent": -1.0 if result.unseen is None else 100.0 * result.unseen.sum() / mask.sum(),
-            **calibration(unc, prediction.normalised - truth, mask),
-        }
-        for bright in (True, False):
-            lesion = lesion_contrast(
-                model, {source: volumes[source]}, volumes[target], bright=bright, estimator=mode
-            )
-            kind = "bright" if bright else "dark"
-            row[f"{kind}_unc_ratio"] = lesion["uncertainty_ratio"]
-            row[f"{kind}_err_ratio"] = lesion["error_ratio"]
-        rows.append(row)
+        for estimator in estimators:
+            started = time.perf_counter()
+            result = uncertainty_map(model, normalised, mask, name, prediction, estimator=estimator)
+            seconds = time.perf_counter() - started
+            row = {
+                "run": run.name,
+                "estimator": LABELS[estimator],
+                "subject": subject,
+                "psnr_masked": psnr(prediction.normalised, truth, mask=mask, data_range=2.0),
+                "predict_seconds": prediction.seconds,
+                "unc_seconds": seconds,
+                # Healthy voxels the support floor raised (false alarms); -1: no (intensity, depth) counts.
+                "unseen_percent": -1.0 if result.unseen is None else 100.0 * result.unseen.sum() / mask.sum(),
+                **calibration(result.values, prediction.normalised - truth, mask),
+            }
+            for bright in (True, False):
+                lesion = lesion_contrast(
+                    model, {source: volumes[source]}, volumes[target], bright=bright, estimator=estimator
+                )
+                kind = "bright" if bright else "dark"
+                row[f"{kind}_unc_ratio"] = lesion["uncertainty_ratio"]
+                row[f"{kind}_err_ratio"] = lesion["error_ratio"]
+            rows.append(row)
     return rows
 
 
@@ -122,9 +125,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for run in args.runs:
-        has_scale = SynthesisModel.from_checkpoint(run).plan.scale_channel
-        for estimator in ("tta", "scale") if has_scale else ("tta",):
-            rows.extend(measure(run, args.data, estimator))
+        rows.extend(measure(run, args.data))
     args.out.write_text(json.dumps(rows, indent=2))
     if args.figure:
         print(f"figure: {lesion_figure(args.runs[0], args.data, args.figure)}")
@@ -136,7 +137,7 @@ def main() -> None:
         print(f"| {row['run']} | {row['estimator']} | {row['subject']} | "
               + " | ".join(f"{row[c]:.3g}" for c in columns) + " |")  # fmt: skip
     for run in dict.fromkeys(r["run"] for r in rows):
-        for estimator in ("tta", "scale"):
+        for estimator in LABELS.values():
             chosen = [r for r in rows if r["run"] == run and r["estimator"] == estimator]
             if chosen:
                 means = {c: float(np.mean([r[c] for r in chosen])) for c in columns}

@@ -25,10 +25,14 @@ from medsynth.model.plan import NetworkSpec, SynthesisPlan
 from medsynth.model.support import TrainingSupport
 from medsynth.model.synthesis import SynthesisModel
 from medsynth.model.uncertainty import (
+    MEMBERS,
     SCALE_ESTIMATOR,
+    TOTAL_ESTIMATOR,
     canonical_inputs,
     insert_lesion,
     lesion_contrast,
+    mixture_scale,
+    tta_members,
     uncertainty_map,
 )
 from medsynth.nets.unet import UNet
@@ -79,6 +83,31 @@ def test_laplace_nll_checks_shapes() -> None:
         laplace_nll(torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2, 2), torch.zeros(1, 1, 2, 2))
 
 
+# --------------------------------------------------------------------------- the mixture scale
+def test_mixture_scale_matches_a_sampled_mixture_of_laplace_members() -> None:
+    means = np.array([[0.0, 0.2], [0.1, -0.2], [0.3, 0.0], [0.0, 0.1]])
+    scales = np.array([[0.05, 0.1], [0.1, 0.1], [0.02, 0.3], [0.05, 0.2]])
+    rng = np.random.default_rng(0)
+    member = rng.integers(0, 4, size=400_000)
+    samples = rng.laplace(means[member], scales[member])  # (samples, 2 voxels)
+    sampled = np.sqrt(samples.var(axis=0) / 2.0)  # a Laplace's variance is 2 b^2
+    np.testing.assert_allclose(mixture_scale(means, scales), sampled, rtol=0.01)
+    # Identical members: the scale itself; no scale: the spread alone.
+    np.testing.assert_allclose(mixture_scale(np.zeros((4, 2)), scales[:1].repeat(4, 0)), scales[0])
+    np.testing.assert_allclose(mixture_scale(means, np.zeros_like(scales)), means.std(axis=0) / np.sqrt(2))
+
+
+def test_the_scale_estimator_needs_a_head(tiny_run: Path, tiny_cohort: Path) -> None:
+    model = SynthesisModel.from_checkpoint(tiny_run)
+    t1 = read_volume(_image(tiny_cohort, "sub-01", "T1w"))
+    prediction = model.predict({"t1": t1})
+    normalised, mask, _, target = canonical_inputs(model, {"t1": t1}, None, prediction.mask)
+    with pytest.raises(ValueError, match="needs a model with a scale head"):
+        uncertainty_map(model, normalised, mask, target, prediction, estimator="scale")
+    with pytest.raises(ValueError, match="one of auto, scale, tta"):
+        uncertainty_map(model, normalised, mask, target, prediction, estimator="mc_dropout")
+
+
 # ------------------------------------------------------------------------------- the network
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_unet_tanh_scale_bounds_the_mean_only(spatial_dims: int) -> None:
@@ -123,7 +152,12 @@ def test_scale_head_trains_and_the_plan_records_it(scale_run: Path) -> None:
     payload = load_checkpoint(scale_run)
     assert payload["plan"]["scale_channel"] is True
     assert payload["plan"]["generator"]["init_args"]["out_channels"] == 2
-    assert payload["objective"]["reconstruction"] == "laplace_nll"
+    # The default weight is the plain likelihood's (beta 0): the map ranks the error best.
+    assert payload["objective"] == {
+        **payload["objective"],
+        "reconstruction": "laplace_nll",
+        "laplace_beta": 0.0,
+    }
     with open(scale_run / "metrics.csv", newline="", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
     assert rows and all(np.isfinite(float(r["loss_nll"])) for r in rows if r.get("loss_nll"))
@@ -148,17 +182,27 @@ def test_infer_writes_the_heads_scale_on_the_output_grid(
     canonical, reorientation = to_canonical(volume)
     support = TrainingSupport.from_fingerprint(model.fingerprint, ["t1"], "t2")
     assert support is not None
-    unseen = support.unseen(model.normalise({"t1": canonical.array}), prediction.mask, canonical.spacing)
-    head = np.where(prediction.mask, prediction.scale, 0.0)
+    normalised = model.normalise({"t1": canonical.array}, {"t1": prediction.mask})
+    unseen = support.unseen(normalised, prediction.mask, canonical.spacing)
+    # The default for a model with a head: b of the 4 TTA members and their spread, as one Laplace.
+    means, scales = tta_members(model, normalised, prediction.mask, "t2", plain=prediction)
+    assert scales is not None and len(means) == len(MEMBERS)
+    np.testing.assert_array_equal(scales[0], prediction.scale)
+    total = np.where(prediction.mask, mixture_scale(means, scales), 0.0)
     want = reorientation.undo(
-        np.where(unseen, np.maximum(head, support.uninformed_error), head).astype(np.float32)
+        np.where(unseen, np.maximum(total, support.uninformed_error), total).astype(np.float32)
     )
-    np.testing.assert_allclose(np.asarray(written.dataobj), want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(written.dataobj), want, rtol=1e-5, atol=1e-6)
     sidecar = json.loads((tmp_path / "syn.json").read_text())["uncertainty"]
-    assert sidecar["estimator"] == SCALE_ESTIMATOR and sidecar["mean_in_mask"] > 0
+    assert sidecar["estimator"] == TOTAL_ESTIMATOR and sidecar["mean_in_mask"] > 0
     assert sidecar["unseen_input"] == {
         "status": "ok", "voxels": int(unseen.sum()), "floor": round(support.uninformed_error, 5),
     }  # fmt: skip
+    # The head alone: b of the plain prediction, no extra synthesis.
+    alone = uncertainty_map(model, normalised, prediction.mask, "t2", prediction, estimator="scale")
+    assert alone.estimator == SCALE_ESTIMATOR
+    head = np.where(prediction.mask, prediction.scale, 0.0)
+    np.testing.assert_array_equal(alone.values, np.where(unseen, np.maximum(head, alone.floor), head))
     # The image is channel 0: the synthetic volume equals the prediction's.
     np.testing.assert_allclose(np.asarray(nib.load(out).dataobj), prediction.volume.array, atol=1e-5)
 

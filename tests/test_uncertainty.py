@@ -12,7 +12,13 @@ from medsynth.cli import main
 from medsynth.io.readers import read_volume
 from medsynth.io.volume import to_canonical
 from medsynth.model.synthesis import SynthesisModel
-from medsynth.model.uncertainty import MEMBERS, calibration, canonical_inputs, tta_uncertainty
+from medsynth.model.uncertainty import (
+    ESTIMATOR,
+    MEMBERS,
+    calibration,
+    canonical_inputs,
+    uncertainty_map,
+)
 
 
 def _image(cohort: Path, subject: str, suffix: str) -> Path:
@@ -48,7 +54,9 @@ def test_uncertainty_tracks_the_error_on_held_out_subjects(tiny_run: Path, tiny_
         t2 = read_volume(_image(tiny_cohort, subject, "T2w"))
         prediction = model.predict({"t1": t1})
         normalised, mask, _, target = canonical_inputs(model, {"t1": t1}, None)
-        spread = tta_uncertainty(model, normalised, mask, target, plain=prediction.normalised)
+        unc = uncertainty_map(model, normalised, mask, target, prediction)
+        assert unc.estimator == ESTIMATOR
+        spread = unc.values
         truth = model.normalise({"t2": to_canonical(t2)[0].array})["t2"]
         result = calibration(spread, prediction.normalised - truth, mask)
         assert result["spearman"] > 0 and result["top_decile_error_ratio"] > 1, (subject, result)
