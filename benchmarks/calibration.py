@@ -12,10 +12,10 @@ The floor where an input is unlike every training voxel (medsynth/model/support.
 estimator; ``unseen_percent`` is the share of a healthy subject's head it raised (false alarms).
 The figures of docs/trust.md (12 epochs, so they do not depend on the machine's speed):
 
-    medsynth train 't1->t2' --data /tmp/demo_data --config demo_cpu --runs-dir /tmp/unc4 --name faithful_s0 \\
+    medsynth train 't1->t2' --data /tmp/demo_data --config demo_cpu --runs-dir /tmp/unc3 --name beta0 \\
         --set train.max_minutes=null --set train.epochs=6 --set train.decay_epochs=6 \\
         --set model.predict_scale=true [--set train.seed=1] --quiet
-    python benchmarks/calibration.py --data /tmp/demo_data /tmp/unc4/faithful_s0
+    python benchmarks/calibration.py --data /tmp/demo_data /tmp/unc3/beta0
 """
 
 from __future__ import annotations

@@ -253,7 +253,7 @@ def test_an_unseen_lesion_is_a_real_failure_the_map_flags(
     """The lesion is a real failure (its |error| well above its ring's). No training voxel had its
     intensity at its depth in the head, so every lesion voxel is unseen and the map there is at least
     the uninformed error. (On this 2-epoch model b is large everywhere, so the ratio to the ring is
-    not the point here; on the demo model it is 5.7-6.3x, docs/trust.md.)"""
+    not the point here; on the demo models it is 4.1-4.8x, docs/trust.md.)"""
     model = SynthesisModel.from_checkpoint(scale_run)
     subject = json.loads((scale_run / "splits.json").read_text())["test"][0]
     t1, _ = to_canonical(read_volume(_image(tiny_cohort, subject, "T1w")))
