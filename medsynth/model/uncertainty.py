@@ -9,12 +9,13 @@ The estimator is chosen per model by :func:`uncertainty_map` (measurements: docs
   with a slightly different input (epistemic), which the spread of the TTA members shows. Both are
   put together as one Laplace of the members' mixture: ``sqrt(mean(b^2) + var(mean) / 2)`` (the
   Laplace whose variance ``2 b^2`` is the mixture's), still an expected absolute error. On the demo
-  cohort this ranks the error better than ``b`` alone (Spearman 0.33-0.34 instead of 0.20-0.30 on the
+  cohort this ranks the error better than ``b`` alone (Spearman 0.30-0.34 instead of 0.20-0.30 on the
   subject whose tissues are least like the cohort's). Cost: ``len(MEMBERS) - 1`` extra syntheses.
 * **Scale head alone** (``estimator="scale"``): ``b`` of the plain prediction; no extra cost.
 * **TTA** (any other checkpoint): the same network is run on ``len(MEMBERS)`` perturbed copies of the
   normalised inputs (left-right flip, a small gamma change of the intensities), each prediction is
-  mapped back, and the voxel-wise standard deviation of the members is the uncertainty.
+  mapped back, and the voxel-wise standard deviation of the members is the uncertainty. Cost: the
+  same ``len(MEMBERS) - 1`` extra syntheses (the plain prediction is the first member).
 
 All are in normalised target units ([-1, 1] scale) and 0 outside the head. Where an input voxel is one
 the training subjects never had (:mod:`medsynth.model.support`: its intensity at its depth in the head),
