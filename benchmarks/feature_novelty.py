@@ -113,8 +113,9 @@ def main() -> None:
     def scored(volume: Volume) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(prediction, b, distance, mask) of one source volume."""
         prediction = model.predict({source: volume})
-        normalised, mask, _, name = canonical_inputs(model, {source: volume}, None)
-        scale = uncertainty_map(model, normalised, mask, name, prediction).values
+        normalised, mask, _, name = canonical_inputs(model, {source: volume}, None, prediction.mask)
+        # The head's b alone: this measures what the distance adds to b, not to the shipped head + TTA map.
+        scale = uncertainty_map(model, normalised, mask, name, prediction, estimator="scale").values
         features = voxel_features(model, args.layer, normalised, mask)
         return prediction.normalised, scale, bank.distance(features, mask), mask
 

@@ -265,7 +265,7 @@ def test_an_unseen_lesion_is_a_real_failure_the_map_flags(
     changed, ball, ring = insert_lesion({"t1": t1.array}, mask, t1.spacing, bright=bright, radius_mm=9.0)
     inputs = {"t1": t1.with_array(changed["t1"])}
     prediction = model.predict(inputs)
-    normalised, mask, _, target = canonical_inputs(model, inputs, None)
+    normalised, mask, _, target = canonical_inputs(model, inputs, None, prediction.mask)
     unc = uncertainty_map(model, normalised, mask, target, prediction)
     assert unc.unseen is not None and unc.floor is not None
     assert unc.unseen[ball & mask].all() and unc.unseen[ring].mean() < 0.05
