@@ -62,9 +62,14 @@ def describe(device: str = "cpu") -> str:
     except AttributeError:  # torch < 2.1
         kernels = ""
     load = f"; load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    from medsynth.model.device import cpu_matrix_units
+
+    units = cpu_matrix_units()
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in units.to_dict().items() if k != "bf16_unit")
     text = (
         f"machine: {cpu_model()}, {cpus} CPUs ({usable} usable), {simd()}{kernels}; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads{load}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads{load}\n"
+        f"bf16:    matrix unit {units.bf16_unit or 'none'} ({flags})"
     )
     if device.startswith("cuda") and torch.cuda.is_available():
         index = torch.device(device).index or 0
@@ -95,17 +100,22 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_peak(device: str = "cpu", *, size: int | None = None, repeats: int = 3) -> Peak:
+def measure_peak(
+    device: str = "cpu", *, size: int | None = None, repeats: int = 3, dtype_name: str | None = None
+) -> Peak:
     """Best-of-``repeats`` throughput of one dense ``size``-cubed matrix product on ``device``.
 
     Uses the current ``torch.get_num_threads()``: set the benchmark's thread count first. On a GPU each
-    repeat times 10 back-to-back products between two synchronisations.
+    repeat times 10 back-to-back products between two synchronisations. ``dtype_name`` (``"float32"``,
+    ``"bfloat16"``) overrides the device's default (fp32 on a CPU, bf16 on a GPU): a CPU benchmark that
+    compares the two precisions measures both peaks.
     """
     import torch
 
     kind = "cuda" if device.startswith("cuda") else "cpu"
     n = size or PEAK_SIZE[kind]
-    dtype = getattr(torch, PEAK_DTYPE[kind])
+    dtype_name = dtype_name or PEAK_DTYPE[kind]
+    dtype = getattr(torch, dtype_name)
     generator = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
@@ -119,7 +129,7 @@ def measure_peak(device: str = "cpu", *, size: int | None = None, repeats: int =
             torch.mm(a, b)
         synchronize(device)
         best = min(best, (time.perf_counter() - started) / inner)
-    return Peak(2 * n**3 / best / 1e9, device, PEAK_DTYPE[kind], n, repeats)
+    return Peak(2 * n**3 / best / 1e9, device, dtype_name, n, repeats)
 
 
 def percent(gflops: float, peak: Peak) -> str:

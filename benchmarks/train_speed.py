@@ -8,10 +8,15 @@ measured at the start of the run (:mod:`machine`), which also names the machine.
 peak resident memory (``ru_maxrss``) is its own. The machine may be shared: step times are medians and the
 load average is printed.
 
+Precisions (``--precision``, default fp32 and bf16 side by side) are forced with ``train.precision``, so
+each line is that precision whether or not ``auto`` would choose it; the header gives both matrix-product
+peaks (fp32 and bf16) and the CPU's bf16 units, and bf16 lines are put against the bf16 peak.
+
 It also measures what freezing the critic during the generator step saves (the Trainer calls
 ``critic.requires_grad_(False)``): the same step with critic weight gradients left on.
 
-    python benchmarks/train_speed.py                          # demo_cpu and t1_to_t2_unet2d, 2 threads
+    python benchmarks/train_speed.py                          # demo_cpu and t1_to_t2_unet2d, fp32 and bf16
+    python benchmarks/train_speed.py --precision auto         # what `medsynth train` would choose here
     python benchmarks/train_speed.py --channels-last both --compile
     python benchmarks/train_speed.py --config demo_cpu --size 128 128 --steps 10
     python benchmarks/train_speed.py --device cuda --config t1_to_t2_unet2d --batch-size 32
@@ -48,7 +53,8 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=6, help="timed steps (median taken) after one warm-up")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--channels-last", choices=("on", "off", "both"), default="on")
+    parser.add_argument("--channels-last", choices=("on", "off", "both"), default="both")
+    parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16", "auto"), default=["fp32", "bf16"])
     parser.add_argument("--compile", action="store_true", help="also measure with torch.compile")
     parser.add_argument("--no-freeze-compare", action="store_true", help="skip the frozen-critic comparison")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # JSON job, run in a child process
@@ -85,7 +91,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {
         "data.root": job["data"], "data.val": 1, "data.test": 1, "train.device": job["device"],
         "train.num_threads": job["threads"], "train.channels_last": job["channels_last"],
-        "train.compile": job["compile"],
+        "train.compile": job["compile"], "train.precision": job["precision"],
     }  # fmt: skip
     if job["size"]:
         values["data.crop_size"] = job["size"]
@@ -98,8 +104,11 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
         trainer = Trainer(config, task, data, Path(run_dir), quiet=True)
         trainer.loader.set_epoch(0)
         batches = [batch for _, batch in zip(range(4), trainer.loader, strict=False)]
-        trainer.train_step(batches[0])  # warm-up (and compilation with --compile)
+        for batch in batches[:3]:  # warm-up: oneDNN builds its bf16 kernels over the first steps
+            trainer.train_step(batch)  # (and torch.compile compiles with --compile)
         result: dict[str, Any] = {
+            "precision": trainer.precision.precision,
+            "channels_last": trainer.precision.channels_last,
             "crop": list(trainer.dataset.crop_size),
             "batch": config.train.batch_size,
             "gflop_step": _step_gflop(trainer, batches[0]),
@@ -127,7 +136,11 @@ def _run_child(job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def _row(recipe: str, variant: str, r: dict[str, Any], peak: machine.Peak) -> str:
+def _row(recipe: str, variant: str, r: dict[str, Any], peaks: dict[str, machine.Peak]) -> str:
+    peak = peaks["bfloat16" if r["precision"] == "bf16" else "float32"]
+    variant = f"{r['precision']}, {'channels_last' if r['channels_last'] else 'contiguous'}" + (
+        ", compile" if "compile" in variant else ""
+    )  # what the Trainer actually ran (auto may have chosen either)
     median, best = statistics.median(r["seconds"]), min(r["seconds"])
     gflop_slice = r["gflop_step"] / r["batch"]
     achieved = r["gflop_step"] / median
@@ -149,6 +162,25 @@ def _freeze_row(recipe: str, r: dict[str, Any]) -> str:
     )
 
 
+def _print_speedups(results: list[tuple[str, str, dict[str, Any]]]) -> None:
+    """Per recipe: the fastest bf16 line against the fastest fp32 line (median step times)."""
+    lines = []
+    for recipe in dict.fromkeys(name for name, _, _ in results):
+        best: dict[str, float] = {}
+        for name, _, r in results:
+            if name == recipe and "compile" not in _:
+                key = r["precision"]
+                best[key] = min(best.get(key, float("inf")), statistics.median(r["seconds"]))
+        if "fp32" in best and "bf16" in best:
+            lines.append(
+                f"| {recipe} | {best['fp32'] * 1e3:.0f} | {best['bf16'] * 1e3:.0f} | {best['fp32'] / best['bf16']:.2f}x |"
+            )
+    if lines:
+        print("\nbf16 against fp32, fastest memory format of each (median ms/step):\n")
+        print("| recipe | fp32 ms/step | bf16 ms/step | speed-up |\n|---|---|---|---|")
+        print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     if args.worker:
@@ -161,13 +193,18 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     print(machine.describe(args.device))
-    peak = machine.measure_peak(args.device)
-    print(peak, flush=True)
+    peaks = {name: machine.measure_peak(args.device, dtype_name=name) for name in ("float32", "bfloat16")}
+    for peak in peaks.values():
+        print(peak, flush=True)
     recipes = args.config or list(DEFAULT_RECIPES)
     formats = {"on": [True], "off": [False], "both": [True, False]}[args.channels_last]
-    variants = [(f"channels_last={'on' if fmt else 'off'}", fmt, False) for fmt in formats]
+    variants = [
+        (f"{precision}, channels_last={'on' if fmt else 'off'}", precision, fmt, False)
+        for precision in args.precision
+        for fmt in ([True] if precision == "auto" else formats)  # auto chooses the format itself
+    ]
     if args.compile:
-        variants.append(("channels_last=on, compile", True, True))
+        variants.append(("fp32, channels_last=on, compile", "fp32", True, True))
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as scratch:
         data = args.data
@@ -176,10 +213,11 @@ def main(argv: list[str] | None = None) -> None:
             make_demo_cohort(data, n_subjects=DEMO_SUBJECTS, spacing_mm=2.0, progress=False)
         results = []
         for recipe in recipes:
-            for number, (variant, channels_last, compile_) in enumerate(variants):
+            for number, (variant, precision, channels_last, compile_) in enumerate(variants):
                 job = {
                     "config": recipe, "data": str(data), "cache": str(Path(scratch) / "cache"),
                     "threads": args.threads, "channels_last": channels_last, "compile": compile_,
+                    "precision": precision,
                     "device": args.device,
                     "size": args.size, "batch_size": args.batch_size, "steps": args.steps,
                     "freeze_compare": number == 0 and not args.no_freeze_compare,
@@ -189,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"\n{args.device}, {args.threads} threads, data {args.data or '2 mm demo cohort'}, "
-        f"median (and best) of {args.steps} steps after 1 warm-up; load average before {load_before[0]:.2f}, "
+        f"median (and best) of {args.steps} steps after 3 warm-up steps; load average before {load_before[0]:.2f}, "
         f"after {load_after[0]:.2f} (1 min) on {os.cpu_count()} CPUs\n"
     )
     gpu = " peak GPU MiB |" if args.device == "cuda" else ""
@@ -199,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     for recipe, variant, result in results:
-        print(_row(recipe, variant, result, peak))
+        print(_row(recipe, variant, result, peaks))
+    _print_speedups(results)
     compared = [(recipe, r) for recipe, _, r in results if "unfrozen_seconds" in r]
     if compared:
         print("\nFreezing the critic's weights in the generator step (FLOPs and time per step):\n")

@@ -8,6 +8,10 @@
 Both work on normalised arrays (sources and target in the same space as the network's inputs and
 outputs), share the interface ``fit(pairs) -> self``, ``predict(source) -> array``, ``to_dict()``, and
 are rebuilt from their dict by :func:`baseline_from_dict` (so evaluation can save and reload them).
+
+For a CT target two radiotherapy baselines predict Hounsfield units directly (``predict_hu(source, mask)``):
+:class:`BulkDensityBaseline` (water inside the head, air outside) and :class:`BoneThresholdBaseline` (plus
+bone where the MR is dark).
 """
 
 from __future__ import annotations
@@ -136,6 +140,87 @@ class IntensityLUTBaseline:
             raise ConfigError(f"lookup table has {table.size} entries, expected n_bins = {baseline.n_bins}")
         baseline.table = table
         return baseline
+
+
+#: Hounsfield units of air and water: what a bulk-density assignment uses.
+AIR_HU, WATER_HU = -1000.0, 0.0
+
+
+class BulkDensityBaseline:
+    """A CT without any learning: water (0 HU) inside the input's head/body mask, air (-1000 HU) outside.
+
+    The bulk-density assignment is the oldest MR-only radiotherapy method and the floor every synthetic
+    CT is compared with (its dose error for photons is a few per cent; bone is what it lacks).
+    Predicts Hounsfield units directly, from the input mask alone.
+    """
+
+    name: ClassVar[str] = "bulk"
+
+    def predict_hu(self, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.where(np.asarray(mask, dtype=bool), WATER_HU, AIR_HU).astype(np.float32)
+
+
+class BoneThresholdBaseline:
+    """Bulk density plus bone where the MR is dark inside the head: the classic MR-threshold segmentation.
+
+    ``fit`` takes training pairs ``(normalised MR, CT in HU, head mask)`` and picks the normalised MR
+    threshold (on a grid of 41 values in [-1, 1]) whose dark-voxel region best matches the CT's bone
+    (> 250 HU) by Dice, pooled over subjects; the assigned HU are the mean CT value of real bone and of
+    the rest of the head. It fails where it is known to: CSF and air cavities are as dark as bone in
+    T1w images, which is why synthesis needs context.
+    """
+
+    name: ClassVar[str] = "bone_threshold"
+    THRESHOLDS = np.linspace(-1.0, 1.0, 41)
+
+    def __init__(self, threshold: float | None = None, bone_hu: float = 1000.0, soft_hu: float = 0.0) -> None:
+        self.threshold, self.bone_hu, self.soft_hu = threshold, float(bone_hu), float(soft_hu)
+
+    def fit(self, pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> BoneThresholdBaseline:
+        overlap = np.zeros(len(self.THRESHOLDS))
+        dark = np.zeros(len(self.THRESHOLDS))
+        bone_voxels, bone_sum, soft_voxels, soft_sum = 0, 0.0, 0, 0.0
+        for source, ct, mask in pairs:
+            mask = np.asarray(mask, dtype=bool)
+            values, hu = np.asarray(source)[mask], np.asarray(ct, dtype=np.float64)[mask]
+            bone = hu > 250.0
+            bone_voxels += int(bone.sum())
+            bone_sum += float(hu[bone].sum())
+            soft_voxels += int((~bone).sum())
+            soft_sum += float(hu[~bone].sum())
+            for index, threshold in enumerate(self.THRESHOLDS):
+                below = values < threshold
+                overlap[index] += np.count_nonzero(below & bone)
+                dark[index] += np.count_nonzero(below)
+        if bone_voxels == 0:
+            raise ValueError(
+                "no bone (> 250 HU) in the training CTs: the threshold baseline cannot be fitted"
+            )
+        dice = 2.0 * overlap / np.maximum(dark + bone_voxels, 1)
+        self.threshold = float(self.THRESHOLDS[int(np.argmax(dice))])
+        self.bone_hu = bone_sum / bone_voxels
+        self.soft_hu = soft_sum / max(soft_voxels, 1)
+        return self
+
+    def predict_hu(self, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if self.threshold is None:
+            raise RuntimeError("BoneThresholdBaseline is not fitted; call fit() first")
+        mask = np.asarray(mask, dtype=bool)
+        out = np.where(mask, self.soft_hu, AIR_HU).astype(np.float32)
+        out[mask & (np.asarray(source) < self.threshold)] = self.bone_hu
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "threshold": self.threshold,
+            "bone_hu": self.bone_hu,
+            "soft_hu": self.soft_hu,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BoneThresholdBaseline:
+        return cls(data["threshold"], data["bone_hu"], data["soft_hu"])
 
 
 Baseline = IdentityBaseline | IntensityLUTBaseline

@@ -139,6 +139,11 @@ class TrainConfig:
     #: CPU threads for torch (None: all cores).
     num_threads: int | None = None
     device: str = "auto"
+    #: ``auto`` (bf16 autocast where the device computes bf16 faster: CUDA from compute capability 8.0, a
+    #: CPU with AMX or AVX-512 BF16 when a short measurement of the network agrees; fp16 on older cards;
+    #: else fp32), or ``bf16`` / ``fp16`` / ``fp32`` to insist (medsynth/model/device.py decides).
+    precision: str = "auto"
+    #: Legacy switch kept for saved run configs: false forces fp32 whatever ``precision`` says.
     amp: bool = True
     compile: bool = False
     #: CUDA only: capture the whole training step in a CUDA graph and replay it (removes the per-step
@@ -201,6 +206,8 @@ class TrainConfig:
             raise ConfigError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.best_metric not in ("psnr", "ssim", "mae"):
             raise ConfigError(f"train.best_metric must be psnr, ssim or mae, got {self.best_metric!r}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
 

@@ -11,6 +11,12 @@ scored on the whole volume and inside the foreground mask of its inputs, in a st
 Trivial baselines (``--baselines``) are scored the same way: the normalised source itself and a
 source -> target intensity lookup table fitted on the run's training subjects.
 
+A CT target is also scored in Hounsfield units, whatever produced it (:mod:`medsynth.evaluate_ct`): MAE
+and mean error inside the body, PSNR over [-1024, 3071] HU, MS-SSIM, per tissue band, bone Dice and
+95 % Hausdorff distance, and the proton range error of the dose surrogate; the baselines gain the
+bulk-density assignment and an MR-threshold bone segmentation, and each subject's figure shows the MR,
+both CTs, their HU difference and the range-error map.
+
 ``--uncertainty`` also measures whether the model's voxel-wise uncertainty
 (:func:`medsynth.model.uncertainty.uncertainty_map`: its scale head, else TTA) tracks its error, in
 normalised space inside the mask: ``spearman_unc_err`` (Spearman rho of uncertainty and |error|),
@@ -37,12 +43,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__
-from .baselines import IdentityBaseline, IntensityLUTBaseline
+from .baselines import BoneThresholdBaseline, BulkDensityBaseline, IdentityBaseline, IntensityLUTBaseline
 from .config import load_config
 from .data.fingerprint import Fingerprint
 from .data.layouts import SubjectRecord, load_subject, scan_dataset
 from .data.masks import foreground_mask
 from .errors import MedsynthError
+from .evaluate_ct import CTScoring, render_ct_table
 from .io.atomic import atomic_path, atomic_write_text
 from .io.volume import Volume, to_canonical
 from .metrics import compute_metrics, json_safe
@@ -82,7 +89,9 @@ def evaluate_from_args(args: argparse.Namespace) -> int:
         raise MedsynthError("give --run RUN, or --checkpoint CKPT with --data DIR")
     if not data_root:
         raise MedsynthError("the run does not say where its data is; pass --data DIR", args.run)
-    model = SynthesisModel.from_checkpoint(checkpoint, device=args.device)
+    model = SynthesisModel.from_checkpoint(
+        checkpoint, device=args.device, precision=getattr(args, "precision", "auto")
+    )
     out = args.out or ((run or Path(checkpoint).parent) / "eval")
     cases = evaluate(
         model, data_root, out, split=args.split, space=args.space, manifest=manifest,
@@ -90,6 +99,8 @@ def evaluate_from_args(args: argparse.Namespace) -> int:
         uncertainty=getattr(args, "uncertainty", False),
     )  # fmt: skip
     print(render_table(cases, space_label(args.space)))
+    if any(case.target == "ct" for case in cases):
+        print(render_ct_table(cases))
     print(f"per-subject rows: {out / 'metrics.csv'}; summary: {out / 'summary.json'}; figures: {out}/*.png")
     return 0
 
@@ -176,8 +187,16 @@ def evaluate_subject(
         )  # fmt: skip
         first = inputs[0]
         if "lut" in baselines and not model.task.is_unified:
-            candidates["identity"] = IdentityBaseline().predict(sources_normalised[first])
+            if target != "ct":  # an MR is no CT estimate; the bulk-density baselines below are
+                candidates["identity"] = IdentityBaseline().predict(sources_normalised[first])
             candidates["lut"] = baselines["lut"].predict(sources_normalised[first])
+        if target == "ct" and "bone_threshold" in baselines:
+            window = model.fingerprint.output_normalizer(target)
+            for baseline in (BulkDensityBaseline(), baselines["bone_threshold"]):
+                candidates[baseline.name] = window.forward(
+                    baseline.predict_hu(sources_normalised[first], mask)
+                )
+        hounsfield = CTScoring(truth, mask, prediction.spacing) if target == "ct" else None
         for method, normalised in candidates.items():
             if space == "native":
                 native = model.fingerprint.output_normalizer(target).inverse(normalised)
@@ -188,10 +207,17 @@ def evaluate_subject(
                                           space="normalised [-1, 1]")  # fmt: skip
             if method == "model":
                 metrics.update(calibrated)
+            if hounsfield is not None:  # a CT target is also scored in HU, the way radiotherapy reads it
+                hu = model.fingerprint.output_normalizer(target).inverse(normalised)
+                metrics.update(hounsfield.score(hu))
+                if method == "model":
+                    hounsfield.figure(
+                        (first, sources_normalised[first]), hu, out / f"{record.id}_{label}.png"
+                    )
             yield Case(record.id, method, target, inputs, metrics)
         # A unified model is scored from every input subset; one figure per target (all others given)
         # shows it without writing 2**(M-1) near-identical PNGs per target.
-        if len(inputs) == len(volumes) - 1:
+        if len(inputs) == len(volumes) - 1 and hounsfield is None:
             subject_figure(sources_normalised, prediction.normalised, truth_normalised,
                            out / f"{record.id}_{label}.png", mask=mask, spacing=volumes[target].spacing)  # fmt: skip
 
@@ -245,6 +271,16 @@ def fit_baselines(
     if not train:
         log.warning("no training subjects of the run in this data folder; baselines skipped")
         return {}
+    fitted: dict[str, Any] = {}
+    if target == "ct":
+
+        def hu_pairs() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+            for record in train:
+                volumes = load_subject(record, [source, target])
+                src, ct = _canonical_array(volumes[source]), _canonical_array(volumes[target])
+                yield fingerprint.input_normalizer(source, src).forward(src), ct, foreground_mask([src])
+
+        fitted["bone_threshold"] = BoneThresholdBaseline().fit(hu_pairs())
 
     def pairs() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         for record in train:
@@ -254,7 +290,7 @@ def fit_baselines(
             yield (fingerprint.input_normalizer(source, src).forward(src),
                    fingerprint.input_normalizer(target, tgt).forward(tgt), mask)  # fmt: skip
 
-    return {"lut": IntensityLUTBaseline().fit(pairs())}
+    return {**fitted, "lut": IntensityLUTBaseline().fit(pairs())}
 
 
 def _canonical_array(volume: Volume) -> np.ndarray:

@@ -122,6 +122,14 @@ def _previous_hardware(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def _precision(run_dir: Path) -> dict[str, Any] | None:
+    """The training run's precision and why (``precision.json``, written when the run started)."""
+    try:
+        return json.loads((run_dir / "precision.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def build_model_card(run_dir: str | Path) -> dict[str, Any]:
     """The card's content as a JSON-ready dict (see the module docstring for its sources)."""
     import yaml
@@ -157,6 +165,7 @@ def build_model_card(run_dir: str | Path) -> dict[str, Any]:
             # The training machine: probed when the card is first written (the end of training) and
             # kept by later refreshes, which may run elsewhere (``medsynth evaluate`` on another box).
             "hardware": _previous_hardware(run_dir) or _hardware(str(train_config.get("device", "auto"))),
+            "precision": _precision(run_dir),
         },
         "evaluation": evaluation,
         "calibration": (evaluation or {}).get("calibration"),
@@ -219,6 +228,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"({training['hardware'].get('cpu') or str(training['hardware']['cpu_count']) + ' CPUs'}"
         + (f", {', '.join(training['hardware']['gpus'])}" if training["hardware"].get("gpus") else "")
         + f", torch {training['hardware']['torch']}); {_best(training['best_validation'])}.",
+        *_precision_lines(training.get("precision")),
         "",
         "## Held-out evaluation",
     ]
@@ -255,6 +265,13 @@ def render_markdown(card: dict[str, Any]) -> str:
             f"(mean over {calibration.get('subjects')} subjects)."
         )
     return "\n".join(lines) + "\n"
+
+
+def _precision_lines(precision: dict[str, Any] | None) -> list[str]:
+    if not precision:
+        return []
+    layout = "channels_last" if precision.get("channels_last") else "contiguous"
+    return ["", f"Precision: {precision.get('precision')}, {layout} ({precision.get('reason')})."]
 
 
 def write_model_card(run_dir: str | Path) -> tuple[Path, Path]:

@@ -35,6 +35,17 @@ UNCERTAINTY = "uncertainty"
 ERROR_CMAP = "magma"
 #: Columns drawn with :data:`ERROR_CMAP`, a colour bar and a window starting at zero.
 _HEAT_COLUMNS = (ERROR, UNCERTAINTY)
+#: Synthetic CT figures: the signed HU difference (diverging colours) and the proton range error (mm).
+HU_DIFFERENCE = "synthetic - real (HU)"
+RANGE_ERROR = "range error (mm)"
+_COLOUR_COLUMNS = {
+    ERROR: ERROR_CMAP,
+    UNCERTAINTY: ERROR_CMAP,
+    RANGE_ERROR: ERROR_CMAP,
+    HU_DIFFERENCE: "RdBu_r",
+}
+#: A bone window (level 500, width 2000 HU): skull, soft tissue and air all readable.
+BONE_WINDOW: tuple[float, float] = (-500.0, 1500.0)
 #: Percentiles of the automatic grey window: robust to a few hot voxels.
 WINDOW_PERCENTILES = (0.5, 99.5)
 _PANEL_INCHES = 2.2
@@ -110,7 +121,7 @@ def _draw_panels(
         for col, (column, image) in enumerate(zip(columns, row_images, strict=True)):
             ax = axes[col, row] if transposed else axes[row, col]
             low, high = windows[column]
-            cmap = ERROR_CMAP if column in _HEAT_COLUMNS else "gray"
+            cmap = _COLOUR_COLUMNS.get(column, "gray")
             shown = ax.imshow(image, cmap=cmap, vmin=low, vmax=high, aspect=aspect, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -119,7 +130,7 @@ def _draw_panels(
                 ax.set_title(title, fontsize=9)
             if (row if transposed else col) == 0 and side:
                 ax.set_ylabel(side, fontsize=9)
-            if column in _HEAT_COLUMNS:
+            if column in _COLOUR_COLUMNS:
                 figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
     return figure
 
@@ -221,8 +232,41 @@ def subject_figure(
     return _three_planes(arrays, path, mask, spacing)
 
 
+def ct_figure(
+    source: tuple[str, np.ndarray],
+    synthetic_hu: np.ndarray,
+    real_hu: np.ndarray,
+    range_error: np.ndarray,
+    path: str | Path,
+    *,
+    mask: np.ndarray | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> Path:
+    """A synthetic CT beside its MR input and the real CT, in three planes: MR, synthetic CT, real CT (one
+    bone window), their HU difference (+-500 HU, blue where the synthetic is too low) and the proton
+    range error map (mm, :func:`medsynth.ct_metrics.range_error_map`). Canonical RAS arrays of one shape.
+    """
+    name, mr = source
+    arrays = {name: mr, "synthetic CT": synthetic_hu, "real CT": real_hu,
+              HU_DIFFERENCE: np.asarray(synthetic_hu, np.float64) - real_hu, RANGE_ERROR: range_error}  # fmt: skip
+    arrays = {key: np.asarray(value, dtype=np.float64) for key, value in arrays.items()}
+    _check_volumes(arrays, real_hu, mask, spacing)
+    windows = {
+        name: _auto_window([arrays[name]]),
+        "synthetic CT": BONE_WINDOW,
+        "real CT": BONE_WINDOW,
+        HU_DIFFERENCE: (-500.0, 500.0),
+        RANGE_ERROR: (0.0, max(float(np.percentile(arrays[RANGE_ERROR], 99.5)), 1.0)),
+    }
+    return _three_planes(arrays, path, mask, spacing, windows)
+
+
 def _three_planes(
-    arrays: Mapping[str, np.ndarray], path: str | Path, mask: np.ndarray | None, spacing: Sequence[float]
+    arrays: Mapping[str, np.ndarray],
+    path: str | Path,
+    mask: np.ndarray | None,
+    spacing: Sequence[float],
+    windows: dict[str, Window] | None = None,
 ) -> Path:
     """One row per plane (axial, coronal, sagittal through the mask's centre), one column per array."""
     columns = list(arrays)
@@ -235,7 +279,7 @@ def _three_planes(
         "sagittal": ((i, slice(None), slice(None)), (spacing[1], spacing[2])),
     }
     cut = {name: [arrays[name][index] for index, _ in planes.values()] for name in columns}
-    windows = _windows(columns, {name: [arrays[name]] for name in columns}, None, None)
+    windows = windows or _windows(columns, {name: [arrays[name]] for name in columns}, None, None)
     images = [[_radiological(cut[name][row]) for name in columns] for row in range(len(planes))]
     # After _radiological, image rows run along the plane's second axis and columns along its first.
     aspects = [second / first for _, (first, second) in planes.values()]

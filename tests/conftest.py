@@ -31,6 +31,7 @@ TINY_OVERRIDES = [
     "train.num_threads=1",
     "train.val_every=1",
     "train.max_minutes=null",
+    "train.precision=fp32",  # the numerics tests compare; tests/test_precision.py covers auto and bf16
 ]
 
 

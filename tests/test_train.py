@@ -92,7 +92,7 @@ def test_existing_run_folder_is_never_overwritten(tiny_run: Path, tiny_cohort: P
     [
         (["t1-"], "Quote the task"),
         (["t1->t9"], "unknown modality 't9'"),
-        (["t1->ct"], "no subject has CT"),
+        (["t1->t1c"], "no subject has T1w+Gd"),  # the demo cohort has every other modality, CT included
         (["t1->t2", "--set", "train.epoch=3"], "unknown key train.epoch"),
         (["t1->t2", "--set", "data.val=4"], "subjects"),
     ],

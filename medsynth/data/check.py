@@ -18,7 +18,7 @@ from ..io.geometry import MIN_OVERLAP, grid_mismatch, overlap_fraction
 from ..io.readers import read_volume
 from ..io.volume import Volume
 from ..modalities import MODALITIES, canonical_modality
-from .layouts import SubjectRecord, constant_problem, scan_dataset
+from .layouts import SubjectRecord, constant_problem, ct_grid_problem, ct_problem, scan_dataset
 
 #: Fewer subjects than this cannot be split into train / validation / test by subject.
 MIN_SUBJECTS = 3
@@ -33,9 +33,9 @@ class FileCheck:
     shape: tuple[int, int, int] | None = None
     spacing: tuple[float, float, float] | None = None
     orientation: str | None = None
-    status: str = (
-        "ok"  # ok | unreadable | constant (one value) | resampled (other grid, same anatomy) | disjoint
-    )
+    #: ok | unreadable | constant (one value) | not HU (a CT without air at -1000) | resampled (other
+    #: grid, same anatomy) | off grid (a CT and an MR on different grids: never resampled) | disjoint
+    status: str = "ok"
 
 
 @dataclass
@@ -177,6 +177,11 @@ def _check_subject(record: SubjectRecord, wanted: tuple[str, ...], problems: lis
             )
             problems.append(Problem(record.id, message, blocking=True, modality=modality))
             continue
+        not_hu = ct_problem(volume) if modality == "ct" else None
+        if not_hu:
+            item.status = "not HU"
+            problems.append(Problem(record.id, f"{item.path} {not_hu}", blocking=True, modality=modality))
+            continue
         if reference is None:
             reference = (modality, volume)
             continue
@@ -185,7 +190,12 @@ def _check_subject(record: SubjectRecord, wanted: tuple[str, ...], problems: lis
         if mismatch is None:
             continue
         overlap = overlap_fraction(volume, ref_volume)
-        if overlap >= MIN_OVERLAP:
+        off_grid = ct_grid_problem(modality, volume, ref_name, ref_volume)
+        if off_grid and overlap >= MIN_OVERLAP:
+            item.status = "off grid"
+            ct_path = item.path if modality == "ct" else record.paths["ct"]
+            problems.append(Problem(record.id, f"{ct_path}: {off_grid}", blocking=True, modality=modality))
+        elif overlap >= MIN_OVERLAP:
             item.status = "resampled"
             message = f"not on the {ref_name} grid ({mismatch}); training resamples it onto that grid"
             problems.append(Problem(record.id, message, blocking=False, modality=modality))

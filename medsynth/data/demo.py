@@ -1,4 +1,4 @@
-"""The built-in demo cohort: paired T1w/T2w/PDw/FLAIR heads simulated from the MNI152 2009a templates.
+"""The built-in demo cohort: paired T1w/T2w/PDw/FLAIR and CT heads simulated from the MNI152 templates.
 
 Why simulate: a user can try every command (train, infer, evaluate, convert) in minutes without a data
 agreement, and tests get a realistic, co-registered, multi-contrast cohort that never leaves the machine.
@@ -11,13 +11,16 @@ The model, at a field strength of 3 T (details and sources in ``docs/demo_cohort
   intracranial region (the template's non-zero support, which is skull-stripped) plus a 2 mm
   subarachnoid rim. Because nilearn's T1 template has no scalp, the head around it is built as shells at a
   given distance from that region: inner table (bone), diploe (fatty marrow), outer table (bone),
-  subcutaneous fat and skin/muscle. Air is 0.
+  subcutaneous fat and skin/muscle. Air is 0. The diploe is fat-like in MR but bone marrow in CT, so it
+  also has a channel of its own (``Anatomy.diploe``) that only the CT reads.
 * **Signal.** Each tissue gets a closed-form signal for each sequence (spin echo, or inversion recovery for
   FLAIR) from its T1, T2 and proton density; a voxel's signal is the fraction-weighted sum (partial volume).
+  The CT is the fraction-weighted sum of tissue Hounsfield units (``CT_HU``), air filling the rest.
 * **Subjects.** One ``numpy`` Generator per subject, seeded with ``(seed, subject index)``, draws a global
-  affine jitter and a smooth elastic displacement (shared by all four contrasts, so they stay
+  affine jitter and a smooth elastic displacement (shared by all contrasts and the CT, so they stay
   co-registered), relaxation-time jitter, and per contrast a smooth multiplicative bias field, Rician
-  noise at a fixed SNR and an arbitrary intensity scale.
+  noise at a fixed SNR and an arbitrary intensity scale. The CT's HU jitter and noise come from a second
+  Generator, ``(seed, subject index, 1)``, so adding the CT left every MR volume bit-identical.
 
 Everything per subject runs on the output grid: the 1 mm tissue maps are reduced to ``spacing_mm`` once
 (and cached), so a 2 mm cohort costs about a second per subject.
@@ -80,15 +83,45 @@ TISSUES: tuple[Tissue, ...] = (
 )
 TISSUE_INDEX = {tissue.name: i for i, tissue in enumerate(TISSUES)}
 
+#: Inner and outer distance (mm) of the diploe, the marrow between the skull's two tables.
+DIPLOE_MM = (4.0, 6.0)
+
 #: Head shells outside the intracranial region: (tissue, inner and outer distance in mm).
 HEAD_SHELLS: tuple[tuple[str, float, float], ...] = (
     ("csf", 0.0, 2.0),  # subarachnoid space the skull-stripped template leaves out
     ("bone", 2.0, 4.0),  # inner table
-    ("fat", 4.0, 6.0),  # diploe (fatty marrow)
+    ("fat", *DIPLOE_MM),  # diploe (fatty marrow): fat in MR, its own channel for the CT
     ("bone", 6.0, 8.0),  # outer table
     ("fat", 8.0, 12.0),  # subcutaneous fat
     ("muscle", 12.0, 14.0),  # galea, skin
 )
+
+
+# CT numbers (HU, 120 kVp). Air and water are -1000 and 0 by definition of the scale. Soft tissue from
+# standard radiology tables (Buzug, Computed Tomography, Springer 2008, p. 475; Prokop, Spiral and Multislice
+# CT of the Body, Thieme 2003): CSF ~15, WM 20-30, GM 37-45, fat -50 to -100 (subcutaneous fat -100 to
+# -120), muscle 35-55. Bone: Schneider et al., Phys Med Biol 2000;45:459-478 tabulate cranium and cortical
+# bone as the densest tissues of the body (1.6-1.9 g/cm3) and spongiosa with marrow far below them; head CTs
+# show the skull's tables at about 1500-1800 HU and the diploe at about 400-700 HU. The two values below are
+# plausible picks inside those ranges, not measurements.
+CT_HU: dict[str, float] = {
+    "air": -1000.0,
+    "csf": 15.0,
+    "gm": 40.0,
+    "wm": 25.0,
+    "fat": -100.0,  # subcutaneous fat (the MR model's fat channel, minus the diploe)
+    "muscle": 45.0,  # galea, skin
+    "bone": 1650.0,  # inner and outer tables (dense cortical bone)
+    "diploe": 550.0,  # trabecular bone with marrow
+}
+#: Per-subject jitter of tissue HU: relative (standard deviation) for bone, absolute in HU for soft tissue.
+CT_BONE_JITTER = 0.03
+CT_SOFT_JITTER_HU = 3.0
+#: Standard deviation of the CT's (white, Gaussian) noise in HU: a plausible figure for thin (1-2 mm)
+#: reconstructions of a routine head protocol with a standard kernel, not a measurement.
+CT_NOISE_HU = 12.0
+#: Stored range of a 12-bit CT (RescaleIntercept -1024): values are clipped to it after the noise.
+CT_RANGE_HU = (-1024.0, 3071.0)
 
 
 def csf_nulling_ti(tr_ms: float, t1_ms: float) -> float:
@@ -133,6 +166,32 @@ class Sequence:
         return fields
 
 
+@dataclass(frozen=True)
+class CTProtocol:
+    """The simulated CT acquisition: what its file, sidecar and DICOM series say about it."""
+
+    modality: str = "ct"
+    suffix: str = "CT"
+    description: str = "CT head"
+    kvp: float = 120.0
+    kernel: str = "STANDARD"
+
+    def sidecar(self) -> dict[str, object]:
+        """JSON sidecar fields (BIDS has no CT suffix yet; these follow the DICOM attribute names)."""
+        return {
+            "Modality": "CT",
+            "SeriesDescription": self.description,
+            "KVP": self.kvp,
+            "ConvolutionKernel": self.kernel,
+            "Units": "HU",
+            "NoiseStandardDeviationHU": CT_NOISE_HU,
+            "SimulatedFrom": "the tissue fractions of the MR contrasts (same warp) plus a diploe channel; "
+            "HU per tissue in docs/demo_cohort.md",
+        }
+
+
+CT_PROTOCOL = CTProtocol()
+
 _FLAIR_TR_MS = 9000.0
 SEQUENCES: tuple[Sequence, ...] = (
     Sequence("t1", "T1w", "T1w SE", tr_ms=400.0, te_ms=8.0),
@@ -151,10 +210,16 @@ SEQUENCES: tuple[Sequence, ...] = (
 
 @dataclass(frozen=True)
 class Anatomy:
-    """Tissue fractions ``(tissue, i, j, k)`` on an RAS grid, with that grid's affine."""
+    """Tissue fractions ``(tissue, i, j, k)`` on an RAS grid, with that grid's affine.
+
+    ``diploe`` ``(i, j, k)`` is the part of the ``fat`` fraction that is skull marrow, not subcutaneous
+    fat: the two look alike in MR, not in CT. It stays out of ``fractions`` so the MR signal model (one
+    entry per ``TISSUES``) is untouched.
+    """
 
     fractions: np.ndarray
     affine: np.ndarray
+    diploe: np.ndarray
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -183,10 +248,14 @@ def _anatomy_1mm() -> Anatomy:
     # distance d holds the part of [inner, outer) it overlaps, so shells tile without gaps or overlap.
     distance = ndimage.distance_transform_edt(~intracranial).astype(np.float32)
     outside = ~intracranial
+
+    def shell(inner: float, outer: float) -> np.ndarray:
+        return (np.clip(outer - distance + 0.5, 0, 1) - np.clip(inner - distance + 0.5, 0, 1)) * outside
+
     for name, inner, outer in HEAD_SHELLS:
-        covered = np.clip(outer - distance + 0.5, 0, 1) - np.clip(inner - distance + 0.5, 0, 1)
-        fractions[TISSUE_INDEX[name]] += covered * outside
-    return Anatomy(fractions, np.asarray(t1.affine, dtype=np.float64))
+        fractions[TISSUE_INDEX[name]] += shell(inner, outer)
+    diploe = shell(*DIPLOE_MM).astype(np.float32)
+    return Anatomy(fractions, np.asarray(t1.affine, dtype=np.float64), diploe)
 
 
 def _check_spacing(spacing_mm: float) -> None:
@@ -211,14 +280,13 @@ def anatomy(spacing_mm: float) -> Anatomy:
     sigma = math.sqrt((spacing_mm**2 - 1.0) / 12.0)
     shape = tuple(math.ceil(n / spacing_mm) for n in base.shape)
     points = np.meshgrid(*(np.arange(n, dtype=np.float32) * spacing_mm for n in shape), indexing="ij")
-    fractions = np.stack(
-        [
-            ndimage.map_coordinates(ndimage.gaussian_filter(f, sigma), points, order=1, mode="nearest")
-            for f in base.fractions
-        ]
-    )
+
+    def reduce(f: np.ndarray) -> np.ndarray:
+        return ndimage.map_coordinates(ndimage.gaussian_filter(f, sigma), points, order=1, mode="nearest")
+
+    fractions = np.stack([reduce(f) for f in base.fractions])
     affine = base.affine @ np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
-    return Anatomy(fractions.astype(np.float32), affine)
+    return Anatomy(fractions.astype(np.float32), affine, reduce(base.diploe).astype(np.float32))
 
 
 def smooth_random_field(
@@ -258,8 +326,19 @@ def _rotation(angles_rad: np.ndarray) -> np.ndarray:
 def warp_anatomy(base: Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, SubjectDraw]:
     """Deform the tissue fractions with a random affine (+-3 deg, +-5 %) and a <= 3 mm elastic field.
 
-    One warp for all tissues means one warp for all contrasts: the subject's four images stay paired.
+    One warp for all tissues means one warp for all contrasts: the subject's images stay paired.
     """
+    coords, draw = warp_coordinates(base, rng)
+    return warp(base.fractions, coords), draw
+
+
+def warp(maps: np.ndarray, coords: list[np.ndarray]) -> np.ndarray:
+    """Sample each map of ``maps`` (``(n, i, j, k)``) at the warped ``coords`` (linear interpolation)."""
+    return np.stack([ndimage.map_coordinates(f, coords, order=1, mode="nearest") for f in maps])
+
+
+def warp_coordinates(base: Anatomy, rng: np.random.Generator) -> tuple[list[np.ndarray], SubjectDraw]:
+    """Where each output voxel samples the template (voxel coordinates): the warp of :func:`warp_anatomy`."""
     spacing = float(np.linalg.norm(base.affine[:3, 0]))
     rotation = _rotation(np.deg2rad(rng.uniform(-3.0, 3.0, size=3)))
     scaling = rng.uniform(0.95, 1.05, size=3)
@@ -272,10 +351,9 @@ def warp_anatomy(base: Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, S
     coords = [
         centre[a] + sum(inverse[a, b] * offsets[b] for b in range(3)) + displacement[a] for a in range(3)
     ]
-    warped = np.stack([ndimage.map_coordinates(f, coords, order=1, mode="nearest") for f in base.fractions])
     angle = math.degrees(math.acos(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0)))
     max_shift = float(np.sqrt(sum(d**2 for d in displacement)).max() * spacing)
-    return warped, SubjectDraw(float(np.prod(scaling) ** (1 / 3)), angle, max_shift)
+    return coords, SubjectDraw(float(np.prod(scaling) ** (1 / 3)), angle, max_shift)
 
 
 def jittered_tissues(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -307,31 +385,70 @@ def simulate_contrast(
     return (np.hypot(real, imaginary) * scale).astype(np.float32)
 
 
+def jittered_hu(rng: np.random.Generator) -> dict[str, float]:
+    """Tissue HU of one subject: bone density x (1 + 0.03 N(0,1)), soft tissue + 3 N(0,1) HU; air exact."""
+    names = [name for name in CT_HU if name != "air"]
+    draws = rng.standard_normal(len(names))
+    hu = {"air": CT_HU["air"]}
+    for name, draw in zip(names, draws, strict=True):
+        if name in ("bone", "diploe"):
+            hu[name] = CT_HU[name] * (1.0 + CT_BONE_JITTER * draw)
+        else:
+            hu[name] = CT_HU[name] + CT_SOFT_JITTER_HU * draw
+    return hu
+
+
+def simulate_ct(
+    fractions: np.ndarray, diploe: np.ndarray, hu: Mapping[str, float], rng: np.random.Generator
+) -> np.ndarray:
+    """A CT in HU (integer-valued float32): partial-volume sum of tissue HU, Gaussian noise, 12-bit range.
+
+    Air fills what the tissues leave (``1 - sum of fractions``), so ``HU = air + sum f (HU_t - air)``; the
+    diploe's share of the fat fraction takes the marrow's HU instead of fat's. No bias field and no scale:
+    a CT is calibrated.
+    """
+    air = hu["air"]
+    per_tissue = np.array([hu[t.name] - air for t in TISSUES], dtype=np.float32)
+    ct = np.tensordot(per_tissue, fractions, axes=1) + air
+    ct += np.float32(hu["diploe"] - hu["fat"]) * diploe
+    ct += rng.normal(0.0, CT_NOISE_HU, ct.shape).astype(np.float32)
+    return np.clip(np.round(ct), *CT_RANGE_HU).astype(np.float32)
+
+
 def simulate_subject(
     index: int, spacing_mm: float = 1.0, seed: int = 0
 ) -> tuple[dict[str, Volume], SubjectDraw]:
-    """The four contrasts of subject ``index`` (0-based), keyed by modality, on the shared demo grid.
+    """The four contrasts and the CT of subject ``index`` (0-based), keyed by modality, on one grid.
 
-    Everything random comes from ``np.random.default_rng((seed, index))``: a subject does not depend on
-    how many others are generated or in which order.
+    Everything random comes from ``np.random.default_rng((seed, index))`` and, for the CT's HU jitter and
+    noise, ``np.random.default_rng((seed, index, 1))``: a subject does not depend on how many others are
+    generated or in which order, and the MR volumes are those of the cohort before it had a CT.
     """
     base = anatomy(spacing_mm)
     rng = np.random.default_rng((seed, index))
-    fractions, draw = warp_anatomy(base, rng)
+    coords, draw = warp_coordinates(base, rng)
+    fractions = warp(base.fractions, coords)
     relaxation = jittered_tissues(rng)
     volumes = {
         seq.modality: Volume(
             simulate_contrast(seq, fractions, relaxation, spacing_mm, rng),
             base.affine,
-            {"format": "nifti", "path": "<demo>", "sequence": seq},
+            {"format": "nifti", "path": "<demo>", "protocol": seq},
         )
         for seq in SEQUENCES
     }
+    ct_rng = np.random.default_rng((seed, index, 1))
+    diploe = warp(base.diploe[None], coords)[0]
+    volumes[CT_PROTOCOL.modality] = Volume(
+        simulate_ct(fractions, diploe, jittered_hu(ct_rng), ct_rng),
+        base.affine,
+        {"format": "nifti", "path": "<demo>", "protocol": CT_PROTOCOL},
+    )
     return volumes, draw
 
 
-def _write_nifti(volume: Volume, path: Path) -> None:
-    image = nib.Nifti1Image(volume.array, volume.affine)
+def _write_nifti(volume: Volume, path: Path, dtype: type = np.float32) -> None:
+    image = nib.Nifti1Image(volume.array.astype(dtype), volume.affine)
     image.set_qform(volume.affine, code=1)
     image.set_sform(volume.affine, code=1)
     image.header.set_xyzt_units("mm", "sec")
@@ -348,19 +465,24 @@ def _prepare_output(out: Path) -> None:
 
 
 def _write_dicom(volumes: Mapping[str, Volume], folder: Path, subject_id: str) -> None:
-    """One series per contrast, in one study and one frame of reference (the contrasts share the grid)."""
+    """One series per contrast and the CT, in one study and one frame of reference (they share the grid).
+
+    The CT is a CT Image Storage series; its integer HU are stored exactly as signed 16-bit values
+    (RescaleSlope 1, RescaleIntercept 0, RescaleType HU), which is what the writer does for integer data.
+    """
     from pydicom.uid import generate_uid
 
     from ..io.dicom import write_dicom_series  # only needed with dicom=True
 
     study_uid, frame_uid = generate_uid(), generate_uid()
     for number, volume in enumerate(volumes.values(), start=1):
-        sequence: Sequence = volume.meta["sequence"]
+        protocol: Sequence | CTProtocol = volume.meta["protocol"]
         write_dicom_series(
             volume,
-            folder / f"{number:02d}_{sequence.suffix}",
-            series_description=sequence.description,
+            folder / f"{number:02d}_{protocol.suffix}",
+            series_description=protocol.description,
             series_number=number,
+            modality="CT" if isinstance(protocol, CTProtocol) else "MR",
             study_uid=study_uid,
             frame_of_reference_uid=frame_uid,
             patient_id=f"DEMO-{subject_id}",
@@ -376,12 +498,14 @@ def make_demo_cohort(
     dicom: bool = False,
     progress: bool = True,
 ) -> list[Path]:
-    """Write a paired T1w/T2w/PDw/FLAIR cohort in a BIDS-like layout and return the subject folders.
+    """Write a paired T1w/T2w/PDw/FLAIR + CT cohort in a BIDS-like layout and return the subject folders.
 
     Layout: ``OUT/sub-01/anat/sub-01_{T1w,T2w,PDw,FLAIR}.nii.gz`` (float32, with BIDS JSON sidecars
-    holding TR/TE/TI), ``OUT/dataset_description.json``, ``OUT/participants.tsv``, ``OUT/overview.png``
-    (subject 1) and, with ``dicom=True``, ``OUT/dicom/sub-01/<NN_contrast>/`` one DICOM series per
-    contrast sharing one StudyInstanceUID. Same ``seed`` -> identical files.
+    holding TR/TE/TI), ``OUT/sub-01/anat/sub-01_CT.nii.gz`` (int16 Hounsfield units on the same grid, with
+    a sidecar holding kVp and kernel), ``OUT/dataset_description.json``, ``OUT/participants.tsv``,
+    ``OUT/overview.png`` (subject 1) and, with ``dicom=True``, ``OUT/dicom/sub-01/<NN_contrast>/`` one
+    DICOM series per contrast and a CT series, sharing one StudyInstanceUID. Same ``seed`` -> identical
+    files.
     """
     if isinstance(n_subjects, bool) or not isinstance(n_subjects, int) or n_subjects < 1:
         raise MedsynthError(f"n_subjects must be a positive integer, got {n_subjects!r}")
@@ -399,10 +523,11 @@ def make_demo_cohort(
         volumes, draw = simulate_subject(index, spacing_mm, seed)
         anat = out / f"sub-{subject_id}" / "anat"
         for volume in volumes.values():
-            sequence: Sequence = volume.meta["sequence"]
-            stem = f"sub-{subject_id}_{sequence.suffix}"
-            _write_nifti(volume, anat / f"{stem}.nii.gz")
-            atomic_write_text(anat / f"{stem}.json", json.dumps(sequence.sidecar(), indent=2) + "\n")
+            protocol: Sequence | CTProtocol = volume.meta["protocol"]
+            stem = f"sub-{subject_id}_{protocol.suffix}"
+            ct = isinstance(protocol, CTProtocol)
+            _write_nifti(volume, anat / f"{stem}.nii.gz", np.int16 if ct else np.float32)
+            atomic_write_text(anat / f"{stem}.json", json.dumps(protocol.sidecar(), indent=2) + "\n")
         if dicom:
             _write_dicom(volumes, out / "dicom" / f"sub-{subject_id}", subject_id)
         rows.append(
@@ -416,7 +541,14 @@ def make_demo_cohort(
         "DatasetType": "raw",
         "License": "CC0 (simulated from the MNI ICBM152 2009a templates; see their copyright notice)",
         "GeneratedBy": [{"Name": "medsynth", "Version": __version__, "Description": "make_demo_cohort"}],
-        "MedsynthDemo": {"n_subjects": n_subjects, "spacing_mm": spacing_mm, "seed": seed, "snr": SNR},
+        "MedsynthDemo": {
+            "n_subjects": n_subjects,
+            "spacing_mm": spacing_mm,
+            "seed": seed,
+            "snr": SNR,
+            "ct": "sub-*_CT.nii.gz: int16 Hounsfield units on the MR grid, simulated from the same tissue "
+            f"fractions, noise sd {CT_NOISE_HU:g} HU",
+        },
     }
     atomic_write_text(out / "dataset_description.json", json.dumps(description, indent=2) + "\n")
     atomic_write_text(out / "participants.tsv", "\n".join(rows) + "\n")
@@ -424,18 +556,24 @@ def make_demo_cohort(
     return subject_dirs
 
 
+#: Display window of the CT row of the overview (level 500, width 3000 HU): air black, brain dark grey,
+#: diploe mid grey, the skull's tables white.
+CT_OVERVIEW_WINDOW_HU = (-1000.0, 2000.0)
+
+
 def _volumes_in(folder: Path) -> dict[str, Volume]:
-    """The demo contrasts of the first subject found under ``folder`` (cohort, subject or anat folder)."""
+    """The demo contrasts and CT of the first subject under ``folder`` (cohort, subject or anat folder)."""
     t1_files = sorted(folder.rglob(f"*_{SEQUENCES[0].suffix}.nii.gz"))
     if not t1_files:
         raise MedsynthError("holds no *_T1w.nii.gz; point to a demo cohort or one of its subjects", folder)
     stem = t1_files[0].name[: -len(f"_{SEQUENCES[0].suffix}.nii.gz")]
     volumes = {}
-    for seq in SEQUENCES:
-        path = t1_files[0].parent / f"{stem}_{seq.suffix}.nii.gz"
+    protocols: tuple[Sequence | CTProtocol, ...] = (*SEQUENCES, CT_PROTOCOL)
+    for protocol in protocols:
+        path = t1_files[0].parent / f"{stem}_{protocol.suffix}.nii.gz"
         if path.exists():
             image = nib.load(path)
-            volumes[seq.modality] = Volume(np.asarray(image.dataobj, dtype=np.float32), image.affine)
+            volumes[protocol.modality] = Volume(np.asarray(image.dataobj, dtype=np.float32), image.affine)
     return volumes
 
 
@@ -443,7 +581,8 @@ def save_overview_png(out_dir_or_volumes: str | Path | Mapping[str, Volume], pat
     """Mid axial, coronal and sagittal slices of each contrast of one subject, as a PNG for eyeballing.
 
     ``out_dir_or_volumes`` is a cohort folder (its first subject is shown), a subject or ``anat`` folder,
-    or a ``{modality: Volume}`` mapping. Each row is windowed to its own 0-99.5th percentile.
+    or a ``{modality: Volume}`` mapping. Each MR row is windowed to its own 0-99.5th percentile; a ``ct``
+    row uses the fixed bone-friendly window ``CT_OVERVIEW_WINDOW_HU`` (HU are absolute).
     """
     import matplotlib
 
@@ -461,14 +600,17 @@ def save_overview_png(out_dir_or_volumes: str | Path | Mapping[str, Volume], pat
         canonical, _ = to_canonical(volume)
         array, (sx, sy, sz) = canonical.array, canonical.spacing
         ci, cj, ck = (n // 2 for n in array.shape)
-        vmax = float(np.percentile(array, 99.5)) or 1.0
+        if modality == CT_PROTOCOL.modality:
+            vmin, vmax = CT_OVERVIEW_WINDOW_HU
+        else:
+            vmin, vmax = 0.0, float(np.percentile(array, 99.5)) or 1.0
         views = (
             (array[:, :, ck].T, sy / sx, "axial"),
             (array[:, cj, :].T, sz / sx, "coronal"),
             (array[ci, :, :].T, sz / sy, "sagittal"),
         )
         for ax, (image, aspect, view) in zip(row, views, strict=True):
-            ax.imshow(image, cmap="gray", origin="lower", aspect=aspect, vmin=0.0, vmax=vmax)
+            ax.imshow(image, cmap="gray", origin="lower", aspect=aspect, vmin=vmin, vmax=vmax)
             ax.set_axis_off()
             ax.set_title(f"{DISPLAY_NAMES.get(modality, modality)} {view}", fontsize=9, color="white")
     fig.tight_layout()

@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import DataError, MedsynthError
+import numpy as np
+
+from ..errors import DataError, GeometryError, MedsynthError
 from ..io.dicom import list_dicom_series
-from ..io.geometry import align_subject
+from ..io.geometry import align_subject, grid_mismatch
 from ..io.readers import read_volume
 from ..io.series_modality import classify_info, classify_tags
 from ..io.volume import Subject, Volume
@@ -110,11 +112,15 @@ def load_subject(
 
     ``reference`` (default: the first requested modality) is the grid the others are aligned to by
     :func:`medsynth.io.geometry.align_subject`: identical grids pass untouched, overlapping but different
-    ones are resampled with a warning, disjoint ones raise ``GeometryError``.
+    ones are resampled with a warning, disjoint ones raise ``GeometryError``. A CT is never resampled:
+    it must be on the reference's grid already (or be the reference, with the others on its grid).
 
     Raises:
         DataError: the subject lacks a requested modality (the message lists what it has), a file
-            cannot be read, or a volume is constant (:func:`constant_problem`).
+            cannot be read, a volume is constant (:func:`constant_problem`) or a CT is not in
+            Hounsfield units (:func:`ct_problem`).
+        GeometryError: a CT and another image of the subject are on different grids
+            (:func:`ct_grid_problem`), or images do not overlap.
     """
     wanted = [canonical_modality(m) for m in modalities]
     if not wanted:
@@ -137,10 +143,18 @@ def load_subject(
         m: read_volume(record.paths[m], series_uid=record.series_uids.get(m), volume_index=volume_index)
         for m in wanted
     }
-    for volume in subject.values():
+    for modality, volume in subject.items():
         problem = constant_problem(volume)
         if problem:
             raise DataError(f"{problem}; replace the file or leave subject {record.id} out", volume.source)
+        problem = ct_problem(volume) if modality == "ct" else None
+        if problem:
+            raise DataError(f"{problem} (subject {record.id})", volume.source)
+    if "ct" in subject:
+        for modality, volume in subject.items():
+            problem = ct_grid_problem(modality, volume, reference, subject[reference])
+            if problem:
+                raise GeometryError(f"{problem} (subject {record.id})", subject["ct"].source)
     return align_subject(subject, reference)
 
 
@@ -152,6 +166,52 @@ def constant_problem(volume: Volume) -> str | None:
     """
     low, high = float(volume.array.min()), float(volume.array.max())
     return f"is constant (every voxel is {low:g}), an empty or blank image" if low == high else None
+
+
+#: A CT in Hounsfield units holds air (-1000 HU) around the body. When even its 0.5th percentile is above
+#: this, the image is an MR or a CT whose stored values were never rescaled (0..4095 without the intercept).
+CT_AIR_CEILING_HU = -500.0
+
+
+def ct_problem(volume: Volume) -> str | None:
+    """Why a volume given as a CT is not one in Hounsfield units, or None.
+
+    The rule is air: a head or body CT has voxels near -1000 HU, so its 0.5th percentile is far below
+    ``CT_AIR_CEILING_HU``. An MR (never negative) or a CT stored as 0..4095 without its RescaleIntercept
+    (air near 24) fails it. Training, evaluation and ``medsynth data check`` refuse such a file, because
+    a fixed HU window would squash it into the soft-tissue range and every HU metric would be wrong.
+    """
+    values = volume.array.ravel()
+    values = values[:: max(1, values.size // 4_000_000)]  # a strided sample: the same answer, less memory
+    low = float(np.percentile(values, 0.5))
+    if low <= CT_AIR_CEILING_HU:
+        return None
+    return (
+        f"is not a CT in Hounsfield units: its 0.5th percentile is {low:.4g}, a CT has air near -1000, so it "
+        "looks like an MR or an uncalibrated CT; give the CT, or apply the rescale intercept (usually "
+        "-1024) to its stored values"
+    )
+
+
+def ct_grid_problem(modality: str, volume: Volume, reference: str, target: Volume) -> str | None:
+    """Why ``volume`` cannot be paired with ``target`` (the ``reference`` modality) when one is a CT.
+
+    A planning CT is registered and resampled once, by the user, with the interpolation and padding
+    (-1024 HU) they choose and check; resampling it silently here would blur the skull and shift HU where
+    dose is computed. SynthRAD-style data come on one grid already. So a CT on another grid than the MR
+    is refused with the fix, where MR pairs on different grids are resampled with a warning.
+    """
+    if modality == reference or "ct" not in (modality, reference):
+        return None
+    mismatch = grid_mismatch(volume, target)
+    if mismatch is None:
+        return None
+    mr, mr_volume = (modality, volume) if reference == "ct" else (reference, target)
+    return (
+        f"the CT is not on the grid of the {mr} image {mr_volume.source} ({mismatch}); medsynth does not "
+        f"interpolate a CT: resample or register the CT onto the {mr} grid first (e.g. SimpleITK "
+        f"Resample with the {mr} image as reference and -1024 as default value)"
+    )
 
 
 # --------------------------------------------------------------------------------------------- BIDS

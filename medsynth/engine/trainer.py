@@ -39,7 +39,7 @@ from ..errors import ConfigError, MedsynthError
 from ..io.atomic import atomic_path
 from ..metrics import mae, psnr, ssim_3d
 from ..model.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
-from ..model.device import pick_device
+from ..model.device import PrecisionChoice, pick_device
 from ..model.layout import InputLayout
 from ..model.networks import build_model_generator
 from ..model.plan import SynthesisPlan
@@ -49,6 +49,7 @@ from ..viz import comparison_grid, plot_curves
 from . import distributed
 from .graphs import graphed_step
 from .objectives import build_objective
+from .precision import decide_training_precision, training_measure
 from .setup import RunData
 
 log = logging.getLogger("medsynth")
@@ -97,8 +98,6 @@ class Trainer:
         torch.manual_seed(train.seed)
         self.device = self.dist.device(pick_device(train.device))
         self.spatial_dims = config.model.spatial_dims
-        channels_last = torch.channels_last if self.spatial_dims == 2 else torch.channels_last_3d
-        self.memory_format = channels_last if train.channels_last else torch.contiguous_format
 
         self.dataset = self._make_dataset()
         if len(self.dataset) == 0:
@@ -110,14 +109,25 @@ class Trainer:
         )
         self.generator, generator_spec = build_model_generator(config.model, layout.channels)
         self.generator = self.dist.sync_batchnorm(self.generator, self.device)
-        self.generator.to(self.device, memory_format=self.memory_format)
+        self.generator.to(self.device)
+        #: Precision and memory format: measured on this network where the CPU has a bf16 unit.
+        self.precision = self._decide_precision(layout.channels)
+        channels_last = torch.channels_last if self.spatial_dims == 2 else torch.channels_last_3d
+        self.memory_format = channels_last if self.precision.channels_last else torch.contiguous_format
+        self.generator.to(memory_format=self.memory_format)
         self.plan = SynthesisPlan(
             task=task, generator=generator_spec, spatial_dims=self.spatial_dims, axis=config.data.axis,
             context=config.data.context, window=self.window, sliding_overlap=config.data.sliding_overlap,
-            precision="bf16" if train.amp else "fp32",
+            precision=self.precision.precision,
         )  # fmt: skip
         # Validation runs the very object inference loads from the checkpoint, on the live generator.
-        self.model = SynthesisModel(self.plan, self.generator, data.fingerprint, device=self.device)
+        self.model = SynthesisModel(
+            self.plan,
+            self.generator,
+            data.fingerprint,
+            device=self.device,
+            precision=self.precision,
+        )
         betas = (train.beta1, train.beta2)
         self.opt_g = torch.optim.Adam(
             self.generator.parameters(), lr=train.lr_generator, betas=betas, fused=self.device.type == "cuda",
@@ -191,6 +201,15 @@ class Trainer:
             min_foreground=data.min_foreground, seed=self.config.train.seed,
             unified_subsets=data.unified_subsets,
         )  # fmt: skip
+
+    def _decide_precision(self, in_channels: int) -> PrecisionChoice:
+        """The run's precision (engine/precision.py): a CPU with a bf16 unit measures this network."""
+        sample = self.dataset[0]
+        measure = training_measure(
+            self.config, self.generator, in_channels, tuple(sample["source"].shape),
+            tuple(sample["target"].shape), self.device,
+        )  # fmt: skip
+        return decide_training_precision(self.config, self.run_dir, self.device, self.dist, measure)
 
     @property
     def window(self) -> tuple[int, ...] | None:

@@ -119,7 +119,9 @@ def check_writable(path: Path) -> None:
 
 def infer_from_args(args: argparse.Namespace) -> int:
     check_out_argument(args.out)
-    model = load_model(args.checkpoint, device=args.device)  # a checkpoint, or an ONNX/TorchScript export
+    model = load_model(
+        args.checkpoint, device=args.device, precision=getattr(args, "precision", "auto")
+    )  # a checkpoint, or an ONNX/TorchScript export
     jobs = plan_jobs(args, model)
     refuse_overwriting_inputs(jobs, uncertainty=args.uncertainty)
     batch_size = resolve_batch_size(args.batch_size, model)
@@ -161,6 +163,7 @@ def write_prediction(
             k: str(v) if isinstance(v, Path) else v for k, v in arguments.items() if k != "handler"
         },
         "seconds": round(seconds, 3),
+        "precision": model.precision.to_dict(),
         "intensity_space": "target modality scale (inverse of the cohort-level normalisation)",
         **(extra or {}),
     }

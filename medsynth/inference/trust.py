@@ -21,13 +21,13 @@ from ..model.synthesis import Prediction, SynthesisModel
 _checkers: weakref.WeakKeyDictionary[SynthesisModel, OODChecker] = weakref.WeakKeyDictionary()
 
 
-def load_model(path: str | Path, device: str = "cpu") -> SynthesisModel:
-    """A checkpoint (``.pt`` / run folder) or an exported model (``.onnx``, TorchScript ``.pt``)."""
+def load_model(path: str | Path, device: str = "cpu", precision: str = "auto") -> SynthesisModel:
+    """A checkpoint (``.pt`` / run folder) or an exported model (``.onnx``, TorchScript ``.pt``, always fp32)."""
     from ..model.export import is_exported, load_exported
 
     if is_exported(path):
         return load_exported(path, device=device)
-    return SynthesisModel.from_checkpoint(path, device=device)
+    return SynthesisModel.from_checkpoint(path, device=device, precision=precision)
 
 
 def screen_inputs(

@@ -211,6 +211,7 @@ def load_exported(path: str | Path, device: str = "cpu") -> SynthesisModel:
     model = SynthesisModel(
         plan, generator.eval(), fingerprint, device=device, source=str(path), digest=file_digest(path),
         epoch=meta.get("epoch"), splits=meta.get("splits") or {},
+        precision="fp32",  # an export is a traced fp32 graph; autocast cannot reach inside it
     )  # fmt: skip
     model.exported_from = meta.get("source_sha256")  # type: ignore[attr-defined]
     return model

@@ -41,6 +41,7 @@ def synthesize_slices(
     batch_size: int = 16,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    channels_last: bool = True,
     flip_tta: bool = False,
     progress: bool = False,
     margin: int = 4,
@@ -55,7 +56,8 @@ def synthesize_slices(
     slices are framed like training samples — a window of that size (grown to a multiple of 16 when the
     head is larger) centred on the head, padded with background — because instance and batch statistics
     depend on how much air surrounds the head. ``flip_tta`` averages the prediction with that of the
-    left-right flipped input. ``with_scale`` (a generator with a scale channel, ``plan.scale_channel``)
+    left-right flipped input. ``precision`` and ``channels_last`` are the model's choice
+    (:attr:`SynthesisModel.precision`). ``with_scale`` (a generator with a scale channel, ``plan.scale_channel``)
     also returns ``b = exp(channel 1)``, the predicted Laplace scale in normalised units (0 outside the
     computed box).
     """
@@ -91,7 +93,9 @@ def synthesize_slices(
         stacks = {m: image[neighbours[chunk]] for m, image in cropped.items()}  # (B, context, H, W)
         host = torch.from_numpy(layout.assemble(stacks, target))
         batch = (host.pin_memory() if pin else host).to(device, non_blocking=True)
-        batch = batch.contiguous(memory_format=torch.channels_last)
+        batch = batch.contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
         with autocast(device, precision):
             prediction = generator(batch)
             if flip_tta:

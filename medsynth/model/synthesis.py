@@ -11,6 +11,7 @@ training calls :meth:`~SynthesisModel.synthesize_normalised` on the cache's arra
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,10 +29,12 @@ from ..io.volume import Volume, to_canonical
 from ..nets.registry import build_generator
 from ..task import Task
 from .checkpoint import file_digest, load_checkpoint, resolve_checkpoint
-from .device import pick_device
+from .device import PrecisionChoice, autocast, check_precision_wish, choose_precision, pick_device, time_call
 from .plan import SynthesisPlan
 from .slicing import synthesize_slices
 from .sliding import synthesize_patches
+
+log = logging.getLogger("medsynth")
 
 
 @dataclass
@@ -63,16 +66,30 @@ class SynthesisModel:
         digest: str | None = None,
         epoch: int | None = None,
         splits: dict[str, list[str]] | None = None,
+        precision: str | PrecisionChoice = "auto",
     ) -> None:
         self.plan, self.generator, self.fingerprint = plan, generator, fingerprint
         self.device = pick_device(str(device))
+        #: ``auto``, ``bf16``, ``fp16`` or ``fp32``, decided on first use (:attr:`precision`); or a choice
+        #: already made (validation during training computes as the training step does).
+        self._precision = precision if isinstance(precision, PrecisionChoice) else None
+        self.precision_wish = (
+            precision.precision
+            if isinstance(precision, PrecisionChoice)
+            else check_precision_wish(precision, "--precision")
+        )
         self.source, self.digest, self.epoch = source, digest, epoch
         #: Subject-level splits of the training run, so evaluation scores the held-out subjects.
         self.checkpoint_splits: dict[str, list[str]] = dict(splits or {})
 
     @classmethod
     def from_payload(
-        cls, payload: dict[str, Any], *, device: str = "cpu", source: str = "<memory>"
+        cls,
+        payload: dict[str, Any],
+        *,
+        device: str = "cpu",
+        source: str = "<memory>",
+        precision: str = "auto",
     ) -> SynthesisModel:
         """Rebuild the generator from a loaded checkpoint alone."""
         plan = SynthesisPlan.from_checkpoint(payload, source)
@@ -84,7 +101,7 @@ class SynthesisModel:
             raise CheckpointError(f"incomplete or incompatible medsynth checkpoint ({exc})", source) from exc
         model = cls(
             plan, generator, fingerprint, device=device, source=source, epoch=payload.get("epoch"),
-            splits=payload.get("data", {}).get("splits", {}),
+            splits=payload.get("data", {}).get("splits", {}), precision=precision,
         )  # fmt: skip
         model.generator.to(model.device).eval()
         if plan.spatial_dims == 2:
@@ -92,10 +109,12 @@ class SynthesisModel:
         return model
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> SynthesisModel:
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "cpu", precision: str = "auto"
+    ) -> SynthesisModel:
         """Load a checkpoint file, or the best checkpoint of a run folder."""
         path = resolve_checkpoint(path)
-        model = cls.from_payload(load_checkpoint(path), device=device, source=str(path))
+        model = cls.from_payload(load_checkpoint(path), device=device, source=str(path), precision=precision)
         model.digest = file_digest(path)
         return model
 
@@ -118,6 +137,50 @@ class SynthesisModel:
 
     def describe(self) -> dict[str, Any]:
         return {"task": str(self.task), "checkpoint": self.source, "sha256": self.digest, "epoch": self.epoch}
+
+    @property
+    def precision(self) -> PrecisionChoice:
+        """What synthesis computes in (:func:`medsynth.model.device.choose_precision`), decided once.
+
+        On CUDA ``auto`` is the precision the model was trained with, narrowed to what the card can do;
+        on a CPU with a bf16 unit, a short measurement of this generator on a few training-sized slices.
+        """
+        if self._precision is None:
+            wish = self.precision_wish
+            if wish == "auto" and self.device.type == "cuda":
+                wish = self.plan.precision
+            measure = self._measure if self.plan.window else None
+            self._precision = choose_precision(self.device, wish, channels_last=True, measure=measure)
+            self._apply_memory_format()
+            log.debug("synthesis precision: %s", self._precision.describe())  # in every sidecar
+        return self._precision
+
+    def _apply_memory_format(self) -> None:
+        assert self._precision is not None
+        if self.plan.spatial_dims == 2:
+            layout = torch.channels_last if self._precision.channels_last else torch.contiguous_format
+            self.generator.to(memory_format=layout)
+
+    def _measure(self, precision: str, channels_last: bool) -> float:
+        """Seconds of one forward pass over 16 training-sized slices (or one 3D patch)."""
+        assert self.plan.window
+        channels = (
+            self.plan.layout.channels if self.plan.spatial_dims == 2 else len(self.plan.layout.modalities)
+        )
+        batch = torch.zeros(
+            (16 if self.plan.spatial_dims == 2 else 1, channels, *self.plan.window), device=self.device
+        )
+        if self.plan.spatial_dims == 2:
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            self.generator.to(memory_format=layout)
+            batch = batch.contiguous(memory_format=layout)
+        self.generator.eval()
+
+        def forward() -> None:
+            with torch.inference_mode(), autocast(self.device, precision):
+                self.generator(batch)
+
+        return time_call(forward, warmup=1, repeats=1)
 
     # ------------------------------------------------------------------------------- compute
     def normalise(
@@ -162,7 +225,7 @@ class SynthesisModel:
             result = synthesize_patches(
                 self.generator, [images[m] for m in plan.layout.modalities], mask,
                 patch_size=plan.window or (64, 64, 64), overlap=plan.sliding_overlap,
-                batch_size=batch_size, device=self.device, precision=plan.precision, progress=progress,
+                batch_size=batch_size, device=self.device, precision=self.precision.precision, progress=progress,
                 with_scale=with_scale,
             )  # fmt: skip
             return result if isinstance(result, tuple) else (result, None)
@@ -176,7 +239,8 @@ class SynthesisModel:
             window=plan.window,
             batch_size=batch_size,
             device=self.device,
-            precision=plan.precision,
+            precision=self.precision.precision,
+            channels_last=self.precision.channels_last,
             flip_tta=flip_tta,
             progress=progress,
             with_scale=with_scale,

@@ -23,6 +23,12 @@ LEAKY_RELU = ("leakyrelu", {"negative_slope": 0.2, "inplace": True})
 RELU = ("relu", {"inplace": True})
 
 
+def full_precision(tensor: torch.Tensor) -> torch.autocast:
+    """Leave autocast for a network's output layer: its result must be float32 whatever the step's
+    precision (a bf16 value has 8 bits of mantissa: 8 HU steps at 1000 HU, too coarse for a CT)."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 def check_choice(owner: str, name: str, value: object, choices: Iterable[object]) -> None:
     """Refuse ``value`` unless it is one of ``choices``; the message lists them."""
     choices = tuple(choices)

@@ -39,6 +39,7 @@ from .blocks import (
     check_choice,
     check_positive_int,
     crop_to,
+    full_precision,
     init_weights,
     pad_to_multiple,
 )
@@ -486,7 +487,9 @@ class ResViT(nn.Module):
         x = self.encoder(x)
         for index, block in enumerate(self.art_blocks):
             x = block(x, self.transformer_of(index))
-        return crop_to(self.decoder(x), size)
+        x = self.decoder[:-1](x)
+        with full_precision(x):  # the output layer in float32 under any autocast (model/device.py)
+            return crop_to(self.decoder[-1](x.float()), size)
 
     def load_pretrained(self, source: str | Path | Mapping[str, torch.Tensor]) -> list[str]:
         """Initialise from a state dict or a local state-dict file (``torch.save(model.state_dict(), path)``).

@@ -21,6 +21,7 @@ from .blocks import (
     check_choice,
     check_positive_int,
     crop_to,
+    full_precision,
     init_weights,
     pad_to_multiple,
 )
@@ -243,9 +244,13 @@ class UNet(nn.Module):
         skips.pop()  # the bottleneck is x itself
         for block in self.decoder:
             x = torch.cat([skips.pop(), block(x)], dim=1)
-        x = self.head(x)
         if self.output is not None:
-            x = self.output(torch.cat([stem, x], dim=1))
+            x = self.head(x)
+            with full_precision(x):  # the output layer in float32 under any autocast (model/device.py)
+                x = self.output(torch.cat([stem, x], dim=1).float())
+        else:
+            with full_precision(x):
+                x = self.head(x.float())
         if self.scale_channel:
             x = torch.cat([torch.tanh(x[:, :1]), x[:, 1:]], dim=1)
         return crop_to(x, size)
