@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", help="modality to synthesise (unified models; 'missing' = all absent ones)"
     )
     infer.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    infer.add_argument("--out-dtype", default="float32", choices=["float32", "int16"],
+                       help="data type of the written volume: float32 (default), or int16 (rounded; HU of a synthetic CT)")  # fmt: skip
     infer.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                        help='"auto" (default): bf16 where the device computes it faster (measured on a CPU with a bf16 unit), else fp32')  # fmt: skip
     infer.add_argument("--batch-size", type=int, default=None,

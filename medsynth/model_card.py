@@ -253,6 +253,7 @@ def render_markdown(card: dict[str, Any]) -> str:
                 + " | ".join(cells)
                 + " |"
             )
+        lines += _hounsfield_lines(evaluation.get("groups", []))
     lines += ["", "## Uncertainty calibration"]
     calibration = card.get("calibration")
     if not calibration:
@@ -265,6 +266,32 @@ def render_markdown(card: dict[str, Any]) -> str:
             f"(mean over {calibration.get('subjects')} subjects)."
         )
     return "\n".join(lines) + "\n"
+
+
+def _hounsfield_lines(groups: list[dict[str, Any]]) -> list[str]:
+    """A CT target's table in Hounsfield units (``medsynth.evaluate_ct``), when the evaluation has one."""
+    from .evaluate_ct import CT_TABLE
+
+    rows = [g for g in groups if "mae_hu" in g]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "In Hounsfield units, inside the body (PSNR over [-1024, 3071] HU; bone > 250 HU; range error: "
+        "water-equivalent depth to each brain voxel, 8 axial proton beams):",
+        "",
+        "| method | n | " + " | ".join(title for _, title, _ in CT_TABLE) + " |",
+        "|---|---|" + "---|" * len(CT_TABLE),
+    ]
+    for group in rows:
+        cells = [
+            f"{fmt.format(group[key]['mean'])} ± {fmt.format(group[key]['std']).lstrip('+')}"
+            if key in group
+            else "-"
+            for key, _, fmt in CT_TABLE
+        ]
+        lines.append(f"| {group['method']} | {group['subjects']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _precision_lines(precision: dict[str, Any] | None) -> list[str]:

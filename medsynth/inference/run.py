@@ -152,7 +152,7 @@ def write_prediction(
 
     ``extra`` adds blocks to the sidecar (``ood``, ``uncertainty``: :mod:`.trust`).
     """
-    write_volume(volume.array, volume, out)
+    write_volume(volume.array, volume, out, dtype=arguments.get("out_dtype") or "float32")
     sidecar = {
         "medsynth_version": __version__,
         "output": str(out),

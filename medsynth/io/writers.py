@@ -18,8 +18,13 @@ from .atomic import atomic_path
 from .volume import Volume
 
 
-def write_volume(array: np.ndarray, reference: Volume, path: str | Path) -> Path:
-    """Write ``array`` as float32 on ``reference``'s grid; the format follows the extension.
+#: Output data types: float32 (the default: what the network computed) or int16 (rounded, clipped to
+#: the int16 range; what CT scanners and treatment-planning systems store HU as).
+OUTPUT_DTYPES = ("float32", "int16")
+
+
+def write_volume(array: np.ndarray, reference: Volume, path: str | Path, *, dtype: str = "float32") -> Path:
+    """Write ``array`` as float32 (or ``dtype="int16"``) on ``reference``'s grid; the format follows the extension.
 
     ``.nii``/``.nii.gz`` are written with nibabel, ``.mha``/``.nrrd`` with SimpleITK (compressed). The file
     appears complete or not at all (:func:`~medsynth.io.atomic.atomic_path`).
@@ -32,7 +37,12 @@ def write_volume(array: np.ndarray, reference: Volume, path: str | Path) -> Path
         >>> write_volume(t2_synthetic, t1, "sub-01_T2w_syn.nii.gz")  # doctest: +SKIP
     """
     path = Path(path)
+    if dtype not in OUTPUT_DTYPES:
+        raise MedsynthError(f"output dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}", path)
     array = np.asarray(array, dtype=np.float32)
+    if dtype == "int16":
+        info = np.iinfo(np.int16)
+        array = np.clip(np.rint(array), info.min, info.max).astype(np.int16)
     if array.shape != reference.shape:
         raise ValueError(f"array shape {array.shape} does not match the reference grid {reference.shape}")
     image_format = formats.format_for(path, writing=True)

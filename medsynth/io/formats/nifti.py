@@ -87,9 +87,9 @@ def nifti_image(array: np.ndarray, reference: Volume) -> nib.Nifti1Image | nib.N
     """A NIfTI image of ``array`` whose header is the reference's (when it was NIfTI) or a scanner-space one.
 
     The reference header is kept byte for byte where it still applies, so qform and sform (which may
-    legitimately differ) come back exactly. Only what no longer holds is reset: the data type (float32),
-    the scaling (none: values are written as they are), the display range, and the affine if the
-    reference's grid is not the header's any more.
+    legitimately differ) come back exactly. Only what no longer holds is reset: the data type (the array's:
+    float32, or int16 when asked), the scaling (none: values are written as they are), the display range, and
+    the affine if the reference's grid is not the header's any more.
     """
     block = reference.meta.get("header") if reference.meta.get("format") == "nifti" else None
     if block is None:
@@ -101,7 +101,7 @@ def nifti_image(array: np.ndarray, reference: Volume) -> nib.Nifti1Image | nib.N
     header_class = nib.Nifti2Header if len(block) == _NIFTI2_HEADER_BYTES else nib.Nifti1Header
     header = header_class(binaryblock=block)
     header.set_data_shape(array.shape)
-    header.set_data_dtype(np.float32)
+    header.set_data_dtype(array.dtype)
     header.set_slope_inter(None, None)
     header["cal_min"] = header["cal_max"] = 0
     if not np.allclose(header.get_best_affine(), reference.affine, rtol=0, atol=1e-6):
