@@ -17,7 +17,6 @@ from . import formats
 from .atomic import atomic_path
 from .volume import Volume
 
-
 #: Output data types: float32 (the default: what the network computed) or int16 (rounded, clipped to
 #: the int16 range; what CT scanners and treatment-planning systems store HU as).
 OUTPUT_DTYPES = ("float32", "int16")
