@@ -12,6 +12,11 @@ the network compared with the volume's size.
     python benchmarks/inference_speed.py                      # demo_cpu and t1_to_t2_unet2d, 1 mm and 2 mm
     python benchmarks/inference_speed.py --checkpoint runs/demo/checkpoint_best.pt --spacing 1
     python benchmarks/inference_speed.py --device cuda --batch-size 64
+    python benchmarks/inference_speed.py --precision fp32 bf16 auto  # bf16 lines: time and max |bf16 - fp32|
+
+Precisions (``--precision``, default fp32 and bf16 side by side) are forced on the model; a bf16 line also
+reports the largest difference from the fp32 synthesis of the same volume inside the head (normalised
+units) and is put against the bf16 matrix-product peak.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (median taken) after one warm-up")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16", "auto"), default=["fp32", "bf16"])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--workdir", type=Path, help="keep the demo subjects here (default: temporary)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # JSON job, run in a child process
@@ -94,10 +100,14 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(job["threads"])
     subject = Path(job["subject"])
     device = job["device"]
-    if job["checkpoint"]:
-        model = SynthesisModel.from_checkpoint(job["checkpoint"], device=device)
-    else:
-        model = SynthesisModel.from_payload(_random_checkpoint(job["recipe"], subject), device=device)
+    payload = None if job["checkpoint"] else _random_checkpoint(job["recipe"], subject)
+
+    def load(precision: str) -> SynthesisModel:
+        if payload is None:
+            return SynthesisModel.from_checkpoint(job["checkpoint"], device=device, precision=precision)
+        return SynthesisModel.from_payload(payload, device=device, precision=precision)
+
+    model = load(job["precision"])
     paths = scan_dataset(subject)[0].paths
     inputs = {m: read_volume(paths[m]) for m in model.sources}
 
@@ -120,6 +130,8 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
         model.predict(inputs, batch_size=job["batch_size"])  # returns a host array: synchronised
         seconds.append(time.perf_counter() - started)
     result = {
+        "precision": model.precision.precision,
+        "channels_last": model.precision.channels_last,
         "shape": list(prediction.volume.shape),
         "head_voxels": int(prediction.mask.sum()),
         "fed_voxels": fed["voxels"],
@@ -130,6 +142,10 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     }
     if device == "cuda":
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if model.precision.precision != "fp32":  # after the memory reading: the reference is not part of it
+        reference = load("fp32").predict(inputs, batch_size=job["batch_size"])
+        inside = reference.mask
+        result["max_abs_diff"] = float(abs(prediction.normalised - reference.normalised)[inside].max())
     return result
 
 
@@ -143,15 +159,18 @@ def _run_child(job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def _row(name: str, spacing: float, r: dict[str, Any], peak: machine.Peak) -> str:
+def _row(name: str, spacing: float, r: dict[str, Any], peaks: dict[str, machine.Peak]) -> str:
+    peak = peaks["bfloat16" if r["precision"] == "bf16" else "float32"]
     median, best = statistics.median(r["seconds"]), min(r["seconds"])
+    layout = "channels_last" if r["channels_last"] else "contiguous"
+    difference = f"{r['max_abs_diff']:.4f}" if "max_abs_diff" in r else "-"
     total = math.prod(r["shape"])
     shape = "x".join(str(s) for s in r["shape"])
     gpu = f" {r['peak_gpu_mib']:.0f} |" if "peak_gpu_mib" in r else ""
     return (
-        f"| {name} | {spacing:g} mm | {shape} | {median:.2f} | {best:.2f} | {r['gflop']:.0f} "
+        f"| {name} | {r['precision']}, {layout} | {spacing:g} mm | {shape} | {median:.2f} | {best:.2f} | {r['gflop']:.0f} "
         f"| {machine.percent(r['gflop'] / median, peak)} | {machine.percent(r['gflop'] / best, peak)} "
-        f"| {r['fed_voxels'] / total:.0%} | {r['padded_voxels'] / total:.0%} | {r['peak_rss_mib']:.0f} |{gpu}"
+        f"| {r['fed_voxels'] / total:.0%} | {r['padded_voxels'] / total:.0%} | {r['peak_rss_mib']:.0f} | {difference} |{gpu}"
     )
 
 
@@ -167,8 +186,9 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     print(machine.describe(args.device))
-    peak = machine.measure_peak(args.device)
-    print(peak, flush=True)
+    peaks = {name: machine.measure_peak(args.device, dtype_name=name) for name in ("float32", "bfloat16")}
+    for peak in peaks.values():
+        print(peak, flush=True)
     models = [None] if args.checkpoint else (args.config or list(DEFAULT_RECIPES))
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as scratch:
@@ -178,14 +198,15 @@ def main(argv: list[str] | None = None) -> None:
             subject = workdir / f"demo_{spacing:g}mm"
             if not subject.is_dir():
                 make_demo_cohort(subject, n_subjects=1, spacing_mm=spacing, progress=False)
-            for recipe in models:
+            for recipe, precision in ((r, p) for r in models for p in args.precision):
                 job = {
+                    "precision": precision,
                     "recipe": recipe, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
                     "subject": str(subject), "threads": args.threads, "batch_size": args.batch_size,
                     "repeats": args.repeats, "device": args.device,
                 }  # fmt: skip
                 name = args.checkpoint.name if args.checkpoint else Path(recipe).stem
-                rows.append(_row(name, spacing, _run_child(job), peak))
+                rows.append(_row(name, spacing, _run_child(job), peaks))
     load_after = os.getloadavg()
 
     print(
@@ -195,10 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     gpu = " peak GPU MiB |" if args.device == "cuda" else ""
     print(
-        "| model | voxels | shape | s (median) | s (best) | GFLOP | of the measured peak (median) | (best) "
-        f"| voxels computed / volume | incl. U-Net padding | peak RSS MiB |{gpu}"
+        "| model | precision | voxels | shape | s (median) | s (best) | GFLOP | of the measured peak (median) | (best) "
+        f"| voxels computed / volume | incl. U-Net padding | peak RSS MiB | max abs diff from fp32 in the head |{gpu}"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     print("\n".join(rows))
 
 
