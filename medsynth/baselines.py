@@ -163,11 +163,13 @@ class BulkDensityBaseline:
 class BoneThresholdBaseline:
     """Bulk density plus bone where the MR is dark inside the head: the classic MR-threshold segmentation.
 
-    ``fit`` takes training pairs ``(normalised MR, CT in HU, head mask)`` and picks the normalised MR
-    threshold (on a grid of 41 values in [-1, 1]) whose dark-voxel region best matches the CT's bone
-    (> 250 HU) by Dice, pooled over subjects; the assigned HU are the mean CT value of real bone and of
-    the rest of the head. It fails where it is known to: CSF and air cavities are as dark as bone in
-    T1w images, which is why synthesis needs context.
+    ``fit`` takes training pairs ``(normalised MR, CT in HU, head mask)``; the assigned values are the mean
+    CT value of real bone (> 250 HU) and of the rest of the head, and the normalised MR threshold (on a
+    grid of 41 values in [-1, 1]) is the one with the lowest HU MAE over the training heads. Why not the
+    threshold whose dark region best matches the bone by Dice, the segmentation habit: CSF and air
+    cavities are as dark as bone in T1w images, so that threshold paints the ventricles as bone (on the
+    demo cohort: bone Dice 0.40, MAE 715 HU, worse than bulk density); the MAE-optimal one keeps only the
+    darkest voxels. Either way it fails where context is needed, which is the point of a baseline.
     """
 
     name: ClassVar[str] = "bone_threshold"
@@ -177,29 +179,25 @@ class BoneThresholdBaseline:
         self.threshold, self.bone_hu, self.soft_hu = threshold, float(bone_hu), float(soft_hu)
 
     def fit(self, pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> BoneThresholdBaseline:
-        overlap = np.zeros(len(self.THRESHOLDS))
-        dark = np.zeros(len(self.THRESHOLDS))
-        bone_voxels, bone_sum, soft_voxels, soft_sum = 0, 0.0, 0, 0.0
-        for source, ct, mask in pairs:
-            mask = np.asarray(mask, dtype=bool)
-            values, hu = np.asarray(source)[mask], np.asarray(ct, dtype=np.float64)[mask]
-            bone = hu > 250.0
-            bone_voxels += int(bone.sum())
-            bone_sum += float(hu[bone].sum())
-            soft_voxels += int((~bone).sum())
-            soft_sum += float(hu[~bone].sum())
-            for index, threshold in enumerate(self.THRESHOLDS):
-                below = values < threshold
-                overlap[index] += np.count_nonzero(below & bone)
-                dark[index] += np.count_nonzero(below)
-        if bone_voxels == 0:
+        heads = [
+            (np.asarray(source)[np.asarray(mask, bool)], np.asarray(ct, np.float64)[np.asarray(mask, bool)])
+            for source, ct, mask in pairs
+        ]
+        hu = np.concatenate([h for _, h in heads]) if heads else np.empty(0)
+        bone = hu > 250.0
+        if not bone.any():
             raise ValueError(
                 "no bone (> 250 HU) in the training CTs: the threshold baseline cannot be fitted"
             )
-        dice = 2.0 * overlap / np.maximum(dark + bone_voxels, 1)
-        self.threshold = float(self.THRESHOLDS[int(np.argmax(dice))])
-        self.bone_hu = bone_sum / bone_voxels
-        self.soft_hu = soft_sum / max(soft_voxels, 1)
+        self.bone_hu = float(hu[bone].mean())
+        self.soft_hu = float(hu[~bone].mean()) if (~bone).any() else 0.0
+        values = np.concatenate([v for v, _ in heads])
+        as_bone, as_soft = np.abs(hu - self.bone_hu), np.abs(hu - self.soft_hu)
+        order = np.argsort(values, kind="stable")  # voxels below a threshold are a prefix of this order
+        gain = np.concatenate([[0.0], np.cumsum((as_bone - as_soft)[order])])
+        below = np.searchsorted(values[order], self.THRESHOLDS, side="left")
+        errors = as_soft.sum() + gain[below]  # total |error| when the darkest `below` voxels are bone
+        self.threshold = float(self.THRESHOLDS[int(np.argmin(errors))])
         return self
 
     def predict_hu(self, source: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -144,11 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, type=Path, help="checkpoint .pt or run folder")
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     export.add_argument("--out", required=True, type=Path, help="output file, e.g. model.onnx or model_ts.pt")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out that is not an earlier export in this format")  # fmt: skip
     export.set_defaults(handler=_export)
 
     convert = commands.add_parser("convert", help="add a synthetic series to every study of a DICOM export")
     add_convert_arguments(convert)
     convert.set_defaults(handler=convert_command)
+
+    info = commands.add_parser("info", help="versions, devices and what medsynth chooses on them (bug reports)")
+    info.add_argument("--json", action="store_true", help="print the report as JSON, for a bug report")
+    info.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                      help="the folder whose free space is reported (default: runs)")  # fmt: skip
+    info.set_defaults(handler=_info)
     return parser
 
 
@@ -157,7 +165,7 @@ def add_trust_arguments(infer: argparse.ArgumentParser) -> None:
     infer.add_argument("--strict", action="store_true",
                        help="refuse inputs unlike the training data instead of warning (exit 2)")  # fmt: skip
     infer.add_argument("--uncertainty", action="store_true",
-                       help="also write <out stem>_uncertainty.nii.gz (test-time augmentation spread)")  # fmt: skip
+                       help="also write <out stem>_uncertainty in the output's format (expected error)")  # fmt: skip
 
 
 def _configure_logging(debug: bool) -> None:
@@ -216,6 +224,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_from_args
 
     return evaluate_from_args(args)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .info import collect, render, to_json
+
+    report = collect(args.runs_dir)
+    print(to_json(report) if args.json else render(report))
+    return 0
 
 
 def _demo_job(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import load_config
 from .data.demo import make_demo_cohort
+from .engine.lock import RunFolderLock
 from .engine.run import claim_run_dir, default_run_name, train
 from .evaluate import evaluate, render_table, space_label
 from .io.atomic import atomic_write_text
@@ -40,16 +41,17 @@ def run_demo_job(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, values)
     run_dir = workdir / "runs" / (config.name or default_run_name(config))
     latest = run_dir / LATEST
-    if latest.is_file():
-        state = load_checkpoint(latest)
-        finished = bool(state.get("finished"))
-        print(f"[2/3] run {run_dir} " + ("already trained" if finished else "interrupted; resuming"))
-        if not finished:
-            train(load_config(run_dir / "config.yaml"), run_dir, resume=True, quiet=args.quiet)
-    else:
-        print(f"[2/3] training {config.parsed_task().describe()} with recipe {args.config} -> {run_dir}")
-        claim_run_dir(run_dir, config)
-        train(config, run_dir, quiet=args.quiet)
+    with RunFolderLock(run_dir):  # one training per run folder (engine/lock.py)
+        if latest.is_file():
+            state = load_checkpoint(latest)
+            finished = bool(state.get("finished"))
+            print(f"[2/3] run {run_dir} " + ("already trained" if finished else "interrupted; resuming"))
+            if not finished:
+                train(load_config(run_dir / "config.yaml"), run_dir, resume=True, quiet=args.quiet)
+        else:
+            print(f"[2/3] training {config.parsed_task().describe()} with recipe {args.config} -> {run_dir}")
+            claim_run_dir(run_dir, config)
+            train(config, run_dir, quiet=args.quiet)
 
     print("[3/3] evaluating the held-out test subjects against the trivial baselines")
     predictor = SynthesisModel.from_checkpoint(run_dir / BEST)

@@ -66,7 +66,14 @@ def _training_time(rows: list[dict[str, str]]) -> dict[str, Any]:
         for key in ("seconds", "val_seconds", "io_seconds"):
             with contextlib.suppress(ValueError):
                 seconds += float(row.get(key) or 0)
-    return {"epochs": int(rows[-1]["epoch"]) if rows else 0, "seconds": round(seconds, 1)}
+    if not rows:
+        return {"epochs": 0, "seconds": round(seconds, 1)}
+    # An epoch the time budget ended early (metrics.csv ``partial`` = "k/n" steps) is not a whole one.
+    partial = rows[-1].get("partial") or ""
+    summary: dict[str, Any] = {"epochs": int(rows[-1]["epoch"]) - bool(partial), "seconds": round(seconds, 1)}
+    if partial:
+        summary["partial_epoch"] = f"{partial} steps of epoch {rows[-1]['epoch']}"
+    return summary
 
 
 def _hardware(device: str) -> dict[str, Any]:
@@ -224,7 +231,13 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"Splits (by subject, saved in splits.json): {splits}. Scanners: {data['scanners']}.",
         "",
         "## Training",
-        f"{training['epochs']} epochs in {training['seconds'] / 60:.1f} min on {training['hardware']['device']} "
+        f"{training['epochs']} epochs"
+        + (
+            f" and {training['partial_epoch']} (the time budget ended it)"
+            if training.get("partial_epoch")
+            else ""
+        )
+        + f" in {training['seconds'] / 60:.1f} min on {training['hardware']['device']} "
         f"({training['hardware'].get('cpu') or str(training['hardware']['cpu_count']) + ' CPUs'}"
         + (f", {', '.join(training['hardware']['gpus'])}" if training["hardware"].get("gpus") else "")
         + f", torch {training['hardware']['torch']}); {_best(training['best_validation'])}.",
@@ -283,9 +296,13 @@ def _hounsfield_lines(groups: list[dict[str, Any]]) -> list[str]:
         "| method | n | " + " | ".join(title for _, title, _ in CT_TABLE) + " |",
         "|---|---|" + "---|" * len(CT_TABLE),
     ]
+
+    def cell(value: Any, fmt: str) -> str:  # summary.json writes infinities as "inf"
+        return fmt.format(value) if isinstance(value, (int, float)) else str(value)
+
     for group in rows:
         cells = [
-            f"{fmt.format(group[key]['mean'])} ± {fmt.format(group[key]['std']).lstrip('+')}"
+            f"{cell(group[key]['mean'], fmt)} ± {cell(group[key]['std'], fmt).lstrip('+')}"
             if key in group
             else "-"
             for key, _, fmt in CT_TABLE

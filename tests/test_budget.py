@@ -34,12 +34,13 @@ def test_budget_stops_the_run_complete_and_resume_extends_it(
     assert "stopped by the time budget" in out and f"--resume {run}" in out
     latest = load_checkpoint(run / "checkpoint_latest.pt")
     assert latest["finished"] is True and latest["elapsed_seconds"] >= 0.04 * 60
-    epochs = latest["epoch"]
+    epochs, partial = latest["epoch"], latest["step_in_epoch"] > 0  # whole epochs, and one begun
     assert 1 <= epochs < 400
     for name in ("checkpoint_best.pt", "metrics.csv", "curves.png", "splits.json", "fingerprint.json"):
         assert (run / name).is_file(), name
     rows = _rows(run)
-    assert len(rows) == epochs and rows[-1]["val_psnr"]  # the last epoch is always validated
+    assert len(rows) == epochs + partial and rows[-1]["val_psnr"]  # the last epoch is always validated
+    assert bool(rows[-1]["partial"]) == partial
     # The schedule is mapped onto the budget: the learning rate has decayed by the end.
     assert float(rows[-1]["lr"]) < float(rows[0]["lr"])
 
@@ -47,7 +48,7 @@ def test_budget_stops_the_run_complete_and_resume_extends_it(
     assert code == 0
     resumed = load_checkpoint(run / "checkpoint_latest.pt")
     assert resumed["epoch"] > epochs and resumed["elapsed_seconds"] >= 0.08 * 60
-    assert len(_rows(run)) == resumed["epoch"]
+    assert len(_rows(run)) == resumed["epoch"] + (resumed["step_in_epoch"] > 0)
 
 
 @pytest.mark.parametrize(

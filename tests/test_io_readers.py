@@ -75,10 +75,10 @@ def test_trailing_singleton_axis_is_3d(tmp_path):
 def test_4d_needs_volume_index(tmp_path):
     data = np.stack([ramp((4, 5, 6)) * t for t in range(3)], axis=-1)
     path = save_nifti(tmp_path / "bold.nii.gz", data)
-    with pytest.raises(DataError, match=r"4D with 3 volumes; pass volume_index \(0 to 2\)"):
+    with pytest.raises(DataError, match=r"4D with 3 volumes; pick one with --volume-index N, N from 0 to 2"):
         read_volume(path)
     np.testing.assert_array_equal(read_volume(path, volume_index=2).array, data[..., 2])
-    with pytest.raises(DataError, match="volume_index 3 is out of range"):
+    with pytest.raises(DataError, match="--volume-index 3 is out of range"):
         read_volume(path, volume_index=3)
 
 

@@ -152,12 +152,13 @@ def test_resume_removes_stale_partials(tiny_run: Path, tmp_path: Path) -> None:
 def test_disk_full_during_a_checkpoint_save_keeps_the_last_one(
     tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    """torch.save fails like a full disk from the second save on: one error line, exit 2, resumable."""
+    """torch.save fails like a full disk from the third save on (the first checkpoint before training,
+    epoch 1's latest, then its best): one error line, exit 2, resumable."""
     real_save, calls = torch.save, []
 
     def full_disk(obj, f, *args, **kwargs):
         calls.append(f)
-        if len(calls) >= 2:
+        if len(calls) >= 3:
             raise RuntimeError(
                 "[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file data/0: "
                 "file write failed"

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ..errors import MedsynthError
-from .report import FORMATS, ConvertReport
+from .report import FORMATS, UNREADABLE_REPORT, ConvertReport
 
 #: How many study UIDs the one-line "not reported yet" message names before pointing to report.json.
 _SHOWN_UIDS = 5
@@ -130,7 +130,13 @@ def convert_command(args: argparse.Namespace) -> int:
 
 def _print_merged(report: ConvertReport) -> int:
     print(f"merged {len(report.settings['merged_from'])} shard reports: {report.summary()}", file=sys.stderr)
-    missing = report.unreported
+    for bad in report.settings.get("reports_unreadable", []):
+        print(
+            f"{bad['name']} cannot be read ({bad['reason']}): its {bad['studies']} studies are listed as "
+            f"unreported; run shard {bad['shard']} again (or restore the file)",
+            file=sys.stderr,
+        )
+    missing = [r.study_uid for r in report.studies if r.status == "unreported" and not _damaged(r.reason)]
     if missing:
         shown = ", ".join(missing[:_SHOWN_UIDS]) + (", ..." if len(missing) > _SHOWN_UIDS else "")
         shards = ", ".join(report.settings["shards_unreported"]) or "unknown"
@@ -139,4 +145,8 @@ def _print_merged(report: ConvertReport) -> int:
             "(all listed in report.json)",
             file=sys.stderr,
         )
-    return 1 if report.failed or missing else 0
+    return 1 if report.failed or report.unreported else 0
+
+
+def _damaged(reason: str) -> bool:
+    return reason.startswith(UNREADABLE_REPORT)

@@ -9,7 +9,9 @@ frame by frame, each stack as its own series), so a dry run over thousands of fi
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import pydicom.uid
 
 from ..io.dicom import DicomSeriesInfo, list_dicom_series
 from .classify import SeriesMapping, classify_series
+
+log = logging.getLogger("medsynth")
 
 #: Multi-frame classes whose frames are colour: read per frame, but not a contrast medsynth translates.
 _COLOUR_MULTIFRAME = {"1.2.840.10008.5.1.4.1.1.4.3": "Enhanced MR Color"}
@@ -125,6 +129,10 @@ def _sop_class_name(uid: str) -> str:
 def discover(root: str | Path, mapping: SeriesMapping | None = None) -> Export:
     """Find every study and series under ``root`` (any depth, any file names, DICOMDIR or not).
 
+    Symbolic links are followed while they stay inside ``root`` (each real folder is walked once, so
+    links cannot loop); links that lead out of it, or nowhere, are not followed: a warning says how
+    many, and a note names each.
+
     Example::
 
         export = discover("/data/export")
@@ -142,12 +150,25 @@ def discover(root: str | Path, mapping: SeriesMapping | None = None) -> Export:
     for study_uid in sorted(by_study):
         series = tuple(by_study[study_uid])
         export.studies.append(Study(study_uid, series[0].patient_id, series))
-    export.notes = _notes(export, listing.unreadable, Path(root))
+    export.notes = _notes(export, listing.unreadable, Path(root), listing.links)
+    if listing.links:
+        link, reason = listing.links[0]
+        log.warning(
+            "%d symbolic link(s) under %s not followed (first: %s %s); the export is read only inside "
+            "its own folder: copy the linked files in, or convert the linked folder as its own export",
+            len(listing.links), root, link, reason,
+        )  # fmt: skip
     return export
 
 
-def _notes(export: Export, unreadable: list[tuple[Path, str]], root: Path) -> list[str]:
-    """Say what was set aside: non-image objects by class, unusable series by UID, unreadable files.
+def _notes(
+    export: Export,
+    unreadable: list[tuple[Path, str]],
+    root: Path,
+    links: Sequence[tuple[Path, str]] = (),
+) -> list[str]:
+    """Say what was set aside: non-image objects by class, unusable series by UID, unreadable files,
+    symbolic links not followed (broken, or leading out of the export).
 
     Notes name series by UID and files by their path inside the export; no tag text is repeated.
     """
@@ -163,4 +184,7 @@ def _notes(export: Export, unreadable: list[tuple[Path, str]], root: Path) -> li
     for path, reason in unreadable:
         where = path.relative_to(root) if path.is_relative_to(root) else path
         notes.append(f"unreadable file {where}: {reason.splitlines()[0][:200]}")
+    for path, reason in links:
+        where = path.relative_to(root) if path.is_relative_to(root) else path
+        notes.append(f"link {where} not followed: {reason}")
     return notes

@@ -31,8 +31,16 @@ FORMATS: tuple[str, ...] = ("nifti", "dicom", "both")
 #: Row statuses, in the order the summary line lists them. ``unreported`` appears only in merged reports.
 STATUSES: tuple[str, ...] = ("converted", "planned", "skipped", "failed", "unreported")
 
+#: Columns of ``report.csv``.
+_CSV_COLUMNS = (
+    "study_uid", "patient_key", "status", "reason", "seconds", "inputs", "outputs", "ood", "checkpoint",
+)  # fmt: skip
+
 #: The reason of a study skipped because an earlier run converted it.
 ALREADY_CONVERTED = "already converted (use --overwrite to redo)"
+
+#: The reason of an ``unreported`` study whose shard's report exists but cannot be read.
+UNREADABLE_REPORT = "its shard's report cannot be read"
 
 _SHARD_REPORT = re.compile(r"^report-shard-(?P<index>[0-9]+)-of-(?P<count>[0-9]+)\.json$")
 
@@ -49,6 +57,7 @@ class StudyResult:
     inputs: dict[str, str] = field(default_factory=dict)  # modality -> series UID used
     outputs: list[str] = field(default_factory=list)  # paths relative to the output folder
     ood: dict[str, Any] = field(default_factory=dict)  # the out-of-distribution check (model/ood.py)
+    checkpoint: str = ""  # ``name sha256:...`` of the model that made the outputs (also for earlier runs')
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -79,9 +88,7 @@ class ConvertReport:
     def to_csv(self) -> str:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(
-            ["study_uid", "patient_key", "status", "reason", "seconds", "inputs", "outputs", "ood"]
-        )
+        writer.writerow(_CSV_COLUMNS)
         for r in self.studies:
             inputs = ";".join(f"{m}={uid}" for m, uid in sorted(r.inputs.items()))
             writer.writerow(
@@ -94,6 +101,7 @@ class ConvertReport:
                     inputs,
                     ";".join(r.outputs),
                     _ood_cell(r.ood),
+                    r.checkpoint,
                 ]
             )
         return buffer.getvalue()
@@ -148,11 +156,32 @@ class ShardReport:
     settings: dict[str, Any]
 
 
-def read_shard_reports(out: str | Path) -> tuple[list[ShardReport], list[str]]:
-    """Every readable ``report-shard-*-of-*.json`` in ``out``, and a note for each unreadable one."""
+@dataclass(frozen=True)
+class UnreadableShardReport:
+    """A ``report-shard-K-of-N.json`` that exists but cannot be read (garbled, truncated, not a report)."""
+
+    name: str
+    index: int
+    count: int
+    reason: str
+
+    @property
+    def shard(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def read_shard_reports(
+    out: str | Path,
+) -> tuple[list[ShardReport], list[str], list[UnreadableShardReport]]:
+    """Every readable ``report-shard-*-of-*.json`` in ``out``, a note for each unreadable one, and those.
+
+    An unreadable report is kept apart so the merge can say that its shard's studies are unreported
+    because the report is damaged, not because the shard has not run.
+    """
     out = Path(out)
     reports: list[ShardReport] = []
     notes: list[str] = []
+    unreadable: list[UnreadableShardReport] = []
     names = {f.name for f in fields(StudyResult)}
     for path in sorted(out.glob("report-shard-*-of-*.json")):
         match = _SHARD_REPORT.match(path.name)
@@ -167,10 +196,12 @@ def read_shard_reports(out: str | Path) -> tuple[list[ShardReport], list[str]]:
             mtime = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(
                 timespec="microseconds"
             )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            notes.append(
-                f"shard report {path.name} cannot be read ({' '.join(str(exc).split())[:200]}); ignored"
-            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            notes.append(f"shard report {path.name} cannot be read ({reason}); ignored")
+            index, count = int(match["index"]), int(match["count"])
+            if 1 <= index <= count:
+                unreadable.append(UnreadableShardReport(path.name, index, count, reason))
             continue
         reports.append(
             ShardReport(
@@ -183,7 +214,7 @@ def read_shard_reports(out: str | Path) -> tuple[list[ShardReport], list[str]]:
                 settings=settings,
             )
         )
-    return reports, notes
+    return reports, notes, unreadable
 
 
 def _rank(row: StudyResult, finished: str) -> tuple[int, int, str]:
@@ -196,11 +227,14 @@ def merge_reports(
     reports: Sequence[ShardReport],
     export_studies: Iterable[tuple[str, str, list[str]]],
     notes: Sequence[str] = (),
+    unreadable: Sequence[UnreadableShardReport] = (),
 ) -> ConvertReport:
     """One report of the whole export from the shards' reports.
 
     ``export_studies`` lists ``(study UID, patient key, owning shards)`` for every study discovery
-    finds now; a study no report holds becomes an ``unreported`` row naming the shards that own it.
+    finds now; a study no report holds becomes an ``unreported`` row naming the shards that own it,
+    or, when the report of its shard exists but is ``unreadable``, saying so (settings
+    ``reports_unreadable`` counts them per report).
     When several reports hold one study, the row kept is the done one (converted, or skipped as
     already converted), else the later, and a note says which reports disagreed.
 
@@ -232,12 +266,22 @@ def merge_reports(
             )
     export_uids: set[str] = set()
     unreported_shards: set[str] = set()
+    damaged = {u.shard: u for u in unreadable}
+    damaged_counts: dict[str, int] = {}
     for uid, key, owners in export_studies:
         export_uids.add(uid)
-        if uid not in rows:
+        if uid in rows:
+            continue
+        bad = next((damaged[o] for o in owners if o in damaged), None)
+        if bad is not None:
+            damaged_counts[bad.name] = damaged_counts.get(bad.name, 0) + 1
+            reason = (
+                f"{UNREADABLE_REPORT}: {bad.name} ({bad.reason}); run shard {bad.shard} again to report it"
+            )
+        else:
             unreported_shards.update(owners)
             reason = f"no shard has reported it yet (owned by shard {', '.join(owners)})" if owners else ""
-            rows[uid] = StudyResult(uid, key, "unreported", reason or "no shard has reported it yet")
+        rows[uid] = StudyResult(uid, key, "unreported", reason or "no shard has reported it yet")
     gone = sorted(set(rows) - export_uids)
     if gone:
         merged_notes.append(
@@ -247,6 +291,10 @@ def merge_reports(
         "merged_from": [r.name for r in reports],
         "shards_reported": sorted({f"{r.index}/{r.count}" for r in reports}, key=_shard_order),
         "shards_unreported": sorted(unreported_shards, key=_shard_order),
+        "reports_unreadable": [
+            {"name": u.name, "shard": u.shard, "reason": u.reason, "studies": damaged_counts.get(u.name, 0)}
+            for u in unreadable
+        ],
         "finished": now_iso(),
     }
     for key in ("target", "format", "medsynth_version"):

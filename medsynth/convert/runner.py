@@ -104,18 +104,21 @@ def convert_study(
     result.inputs = {m: s.series_uid for m, s in plan.inputs.items()}
     folder = study_folder(out, study.patient_id, study.study_uid)
     sidecar = folder / f"{target}.json"
+    done = None if overwrite else _done_record(sidecar, fmt)
+    if done is not None:  # before the plan: the record stands even if the export changed since
+        result.reason = ALREADY_CONVERTED
+        _carry_over(result, done, sidecar, out)
+        return result
     if plan.problem:
         result.reason = plan.problem
-        return result
-    if not overwrite and _already_done(sidecar, fmt):
-        result.reason = ALREADY_CONVERTED
         return result
     try:
         reference_modality = next(iter(plan.inputs))
         volumes = {m: _read_series(s) for m, s in plan.inputs.items()}
         if len(volumes) > 1:
             volumes = align_subject(volumes, reference_modality)
-        result.ood = ood_block(predictor, volumes)  # recorded per study (docs/trust.md)
+        names = {m: f"study {study.study_uid}, {m} series {s.series_uid}" for m, s in plan.inputs.items()}
+        result.ood = ood_block(predictor, volumes, names)  # recorded per study (docs/trust.md)
         synthetic = _synthetic_volume(predictor.predict(volumes, target=target))
         reference = volumes[reference_modality]
         _check_grid(synthetic, reference)
@@ -140,6 +143,7 @@ def convert_study(
     else:
         result.status = "converted"
         result.outputs = [str(p.relative_to(out)) for p in [*outputs, sidecar]]
+        result.checkpoint = checkpoint_id
     result.seconds = time.perf_counter() - start
     return result
 
@@ -152,12 +156,34 @@ def _already_done(sidecar: Path, fmt: str) -> bool:
     """A study is done when its sidecar (written last) lists every requested format and every output it
     names still exists (an overwrite killed between moving the old series out and the new one in must
     not leave a study marked done without its DICOM folder)."""
+    return _done_record(sidecar, fmt) is not None
+
+
+def _done_record(sidecar: Path, fmt: str) -> dict[str, Any] | None:
+    """The sidecar of a done study (see :func:`_already_done`), or ``None`` when it is not done."""
     try:
         record = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    outputs = [sidecar.parent / name for name in record.get("outputs", [])]
-    return set(_formats(fmt)) <= set(record.get("formats", [])) and all(p.exists() for p in outputs)
+        outputs = [sidecar.parent / str(name) for name in record.get("outputs", [])]
+        formats = set(record.get("formats", []))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return record if set(_formats(fmt)) <= formats and all(p.exists() for p in outputs) else None
+
+
+def _carry_over(result: StudyResult, record: dict[str, Any], sidecar: Path, out: Path) -> None:
+    """Fill a skipped row of a done study with what its sidecar records: inputs, outputs, model, check.
+
+    A re-run thus writes a report that still says what each study was converted from and into, not a
+    list of bare "skipped" rows.
+    """
+    inputs = record.get("inputs")
+    if isinstance(inputs, dict):
+        result.inputs = {str(m): str(uid) for m, uid in inputs.items()}
+    names = [sidecar.parent / str(name) for name in record.get("outputs", [])]
+    result.outputs = [str(p.relative_to(out)) for p in [*names, sidecar]]
+    result.checkpoint = str(record.get("checkpoint") or "")
+    ood = record.get("ood")
+    result.ood = ood if isinstance(ood, dict) else {}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -492,18 +518,21 @@ def merge_shard_reports(input: str | Path, out: str | Path) -> ConvertReport:
         raise MedsynthError("input folder not found; pass the root of the DICOM export", input)
     if not out.is_dir():
         raise MedsynthError("output folder not found; pass the --out of the shard runs", out)
-    reports, notes = read_shard_reports(out)
+    reports, notes, unreadable = read_shard_reports(out)
     if not reports:
+        damaged = "; ".join(f"{u.name} cannot be read ({u.reason})" for u in unreadable[:3])
         raise MedsynthError(
-            "no readable shard reports (report-shard-K-of-N.json) here; run convert --shard K/N first", out
+            f"no readable shard reports (report-shard-K-of-N.json) here{f' ({damaged})' if damaged else ''}; "
+            "run convert --shard K/N first",
+            out,
         )
     export = discover(input)
-    counts = sorted({r.count for r in reports})
+    counts = sorted({r.count for r in reports} | {u.count for u in unreadable})
     studies = [
         (s.study_uid, patient_key(s.patient_id), [str(Shard.owner(s.study_uid, n)) for n in counts])
         for s in export.studies
     ]
-    merged = merge_reports(reports, studies, notes)
+    merged = merge_reports(reports, studies, notes, unreadable)
     merged.write(out)
     return merged
 
@@ -531,10 +560,10 @@ def _dry_run_row(plan: Plan, out: Path, target: str, fmt: str, overwrite: bool) 
     row = StudyResult(plan.study.study_uid, patient_key(plan.study.patient_id), "planned")
     row.inputs = {m: s.series_uid for m, s in plan.inputs.items()}
     sidecar = study_folder(out, plan.study.patient_id, plan.study.study_uid) / f"{target}.json"
-    if plan.problem:
-        row.status, row.reason = "skipped", plan.problem
-    elif not overwrite and _already_done(sidecar, fmt):
+    if not overwrite and _already_done(sidecar, fmt):
         row.status, row.reason = "skipped", ALREADY_CONVERTED
+    elif plan.problem:
+        row.status, row.reason = "skipped", plan.problem
     return row
 
 

@@ -8,9 +8,12 @@ are already done.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 from ..errors import MedsynthError
+
+_SHARD = re.compile(r"\s*(?P<index>[0-9]+)\s*/\s*(?P<count>[0-9]+)\s*", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -33,10 +36,10 @@ class Shard:
         >>> Shard.parse("2/4")
         Shard(index=2, count=4)
         """
-        index, slash, count = text.strip().partition("/")
-        if not slash or not index.strip().isdigit() or not count.strip().isdigit():
+        match = _SHARD.fullmatch(text)  # ASCII digits only: "²/2" passes isdigit() but not int()
+        if match is None:
             raise MedsynthError(f"cannot read --shard {text!r}; write it as K/N, e.g. --shard 1/4")
-        return cls(int(index), int(count))
+        return cls(int(match["index"]), int(match["count"]))
 
     def contains(self, study_uid: str) -> bool:
         """True when this shard owns the study."""

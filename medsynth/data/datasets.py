@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, MedsynthError
 from ..model.layout import assemble_fixed, assemble_unified
+from ..model.memory import GIB, device_memory, release_memory
 from .cache import CachedSubject, Cohort
 
 log = logging.getLogger("medsynth")
@@ -463,28 +464,54 @@ def _pinned(batch: dict[str, Any]) -> dict[str, Any]:
 RESIDENT_SHARE = 0.5
 
 
-def place_on_device(dataset: SliceDataset | PatchDataset, device: torch.device, *, resident: bool) -> str:
+def place_on_device(
+    dataset: SliceDataset | PatchDataset,
+    device: torch.device,
+    *,
+    resident: bool,
+    memory: tuple[int, int] | None = None,
+) -> str:
     """Decide where a CUDA run's batches come from; returns the one-line decision (also logged).
 
     * ``resident`` and a slice dataset that takes at most :data:`RESIDENT_SHARE` of the free device
       memory: its arrays move to the GPU once and batches are gathered there (:meth:`SliceDataset.to_device`);
     * otherwise batches are gathered on the host into pinned memory and copied non-blocking.
 
+    Free memory is the driver's figure (``torch.cuda.mem_get_info``, in
+    :func:`~medsynth.model.memory.device_memory`): what another process holds on a shared card counts as
+    used. When that process grows between the check and the copy, the copy's out-of-memory falls back to
+    pinned host batches too. ``memory``: ``(free, total)`` bytes instead of asking the device (tests pass
+    a card another job fills).
+
     A CPU device changes nothing (the numpy gather is what a CPU step wants).
     """
     if device.type != "cuda":
         return "training batches gathered on the host"
     if resident and isinstance(dataset, SliceDataset):
-        free, _total = torch.cuda.mem_get_info(device)
-        if dataset.resident_bytes <= RESIDENT_SHARE * free:
-            dataset.to_device(device)
-            message = f"training slices resident on {device} ({dataset.resident_bytes / 2**20:.0f} MB)"
-            log.info(message)
-            return message
-        log.info(
-            "training slices (%.0f MB) exceed %.0f %% of the free GPU memory; pinned host batches instead",
-            dataset.resident_bytes / 2**20, 100 * RESIDENT_SHARE,
-        )  # fmt: skip
+        free, total = memory or device_memory(device) or (0, 0)
+        size = dataset.resident_bytes
+        card = f"{free / GIB:.1f} of {total / GIB:.1f} GiB free on {device}"
+        fitted = False
+        if size <= RESIDENT_SHARE * free:
+            try:
+                dataset.to_device(device)
+                fitted = True
+            except torch.OutOfMemoryError:
+                fitted = False
+            if fitted:
+                message = f"training slices resident on {device} ({size / 2**20:.0f} MB; {card})"
+                log.info(message)
+                return message
+            release_memory(device)  # outside the except block: the partial copy is gone by now
+            log.warning(
+                "out of memory copying the training slices (%.0f MB) to %s (another process took the "
+                "memory?); pinned host batches instead", size / 2**20, device,
+            )  # fmt: skip
+        else:
+            log.info(
+                "training slices (%.0f MB) exceed %.0f %% of the free GPU memory (%s); "
+                "pinned host batches instead", size / 2**20, 100 * RESIDENT_SHARE, card,
+            )  # fmt: skip
     dataset.pin_memory = True
     return "training batches gathered on the host into pinned memory, copied non-blocking"
 

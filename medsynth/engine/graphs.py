@@ -22,12 +22,20 @@ What a graph needs, and how the loop provides it:
 The first ``warmup`` steps run eagerly on a side stream (cuDNN algorithm choice, optimiser state,
 lazily built buffers), then the step is captured and replayed from then on. On a CPU there is nothing to
 capture: :func:`graphed_step` logs one line and returns the eager step unchanged.
+
+A capture that fails (an operation that synchronises with the host or is not allowed while a stream
+captures, in a network or a loss) is not fatal: one log line names the operation's file, line and code,
+and the step runs eagerly from then on, starting with the batch whose capture failed. An out-of-memory
+during the capture is left to the caller, which backs off the batch (:mod:`medsynth.engine.trainer`).
 """
 
 from __future__ import annotations
 
+import linecache
 import logging
+import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,6 +84,8 @@ class GraphedStep:
         self.step, self.optimizers, self.device, self.warmup = step, list(optimizers), device, warmup
         self.backend = backend if backend is not None else CudaCapture(device)
         self.steps = 0
+        #: Why the capture failed (one line), once it has: the step then runs eagerly.
+        self.failure: str | None = None
         self._inputs: tuple[torch.Tensor | None, ...] | None = None
         self._outputs: dict[str, torch.Tensor] | None = None
         #: (optimiser, group index, device tensor read by the captured optimiser step), and the float it holds.
@@ -91,10 +101,26 @@ class GraphedStep:
         self, source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         self.steps += 1
+        if self.failure is not None:
+            return self.step(source, target, mask)
         if not self.captured and self.steps <= self.warmup:
             return self.backend.warm(lambda: self.step(source, target, mask))
         if not self.captured:
-            self._capture(source, target, mask)
+            try:
+                self._capture(source, target, mask)
+            except torch.OutOfMemoryError:
+                self._abandon()
+                raise
+            except Exception as exc:  # any failure of the capture: say where, then train eagerly
+                self.failure = capture_failure(exc)
+            if self.failure is not None:
+                self._abandon()
+                log.warning(
+                    "CUDA graph capture failed at %s; the training step runs eagerly from now on "
+                    "(set train.cuda_graphs=false to skip the attempt)",
+                    self.failure,
+                )
+                return self.step(source, target, mask)
         self._feed(source, target, mask)
         self.backend.replay()
         assert self._outputs is not None
@@ -124,6 +150,13 @@ class GraphedStep:
                 optimizer.param_groups[index]["lr"] = value
         log.info("training step captured in a CUDA graph after %d eager warm-up steps", self.warmup)
 
+    def _abandon(self) -> None:
+        """Forget a failed capture: its buffers, and gradients that live in its memory pool."""
+        self._inputs, self._outputs, self._lr, self._lr_values = None, None, [], []
+        self.backend.graph = None
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
     def _feed(self, source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Copy the batch into the static inputs and the current learning rates into their tensors."""
         assert self._inputs is not None
@@ -135,6 +168,75 @@ class GraphedStep:
             if value != self._lr_values[number]:  # the schedule moved: one fill kernel, no host sync
                 tensor.fill_(value)
                 self._lr_values[number] = value
+
+
+#: Frames of the capture machinery itself: the operation that broke a capture is called from outside them.
+_CAPTURE_FRAMES = ("torch/cuda/graphs.py", "medsynth/engine/graphs.py", "contextlib.py")
+
+
+def capture_failure(exc: BaseException) -> str:
+    """One line on what broke a capture: the innermost call outside the capture machinery (file, line and
+    the code there, which names the operation), the medsynth line that led to it, and the error's first line.
+
+    Example: ``torch/nn/functional.py:4571 `return torch._C._nn.upsample_nearest2d(...)` from
+    medsynth/nets/unet.py:88 `x = F.interpolate(x, scale_factor=2)` (RuntimeError: CUDA error: operation
+    not permitted when stream is capturing)``.
+    """
+    # A failed operation invalidates the capture, and ending it raises again ("operation failed due to a
+    # previous error during capture") from inside torch: the first error of the chain names the operation.
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__context__
+    frames: list[traceback.FrameSummary] = []
+    for exc in reversed(chain):
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.endswith(_CAPTURE_FRAMES)]
+        if frames:
+            break
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    error = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    if not frames:
+        return f"the capture itself ({error})"
+    ours = [f for f in frames if _ours(f.filename)]
+    where = _where(frames[-1])
+    if ours and ours[-1] is not frames[-1]:
+        where += f" from {_where(ours[-1])}"
+    return f"{where} ({error})"
+
+
+def _where(frame: traceback.FrameSummary, limit: int = 100) -> str:
+    """``file:line `code``` (a statement over several lines joined into one, shortened to ``limit``)."""
+    first = frame.lineno or 0
+    last = max(getattr(frame, "end_lineno", None) or first, first)
+    lines = [linecache.getline(frame.filename, n).strip() for n in range(first, min(last, first + 10) + 1)]
+    code = " ".join(line for line in lines if line) or (frame.line or "").strip()
+    code = code.replace("( ", "(").replace(" )", ")")
+    if len(code) > limit:
+        code = code[: limit - 3] + "..."
+    return f"{_short_path(frame.filename)}:{frame.lineno} `{code}`"
+
+
+#: The medsynth package folder: frames under it are "ours".
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def _ours(filename: str) -> bool:
+    return Path(filename).resolve().is_relative_to(_PACKAGE)
+
+
+def _short_path(filename: str) -> str:
+    """``medsynth/losses.py``, ``torch/nn/modules/conv.py`` (from site-packages), or relative to the
+    working folder."""
+    path = Path(filename).resolve()
+    packages = [p for p in path.parents if p.name in ("site-packages", "dist-packages")]
+    for root in (*packages, _PACKAGE.parent):
+        if path.is_relative_to(root):
+            return path.relative_to(root).as_posix()
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return filename
 
 
 def graphs_apply(device: torch.device) -> bool:

@@ -7,6 +7,12 @@ one step. A new method (CycleGAN, a diffusion or flow-matching generator) is a n
 
 Every step returns its losses as *detached device tensors*: reading them forces the host to wait for
 the GPU, so the loop reads them only when it logs.
+
+Every backward and optimiser step goes through the context's gradient scaler (:meth:`_Context.backward`,
+:meth:`_Context.step`, :meth:`_Context.update`): under fp16 autocast (cards of compute capability 7.x,
+:func:`medsynth.model.device.choose_precision`) small gradients would underflow to zero without it; in
+bf16 and fp32 it is disabled and each call is the plain ``backward()`` / ``optimizer.step()``. Its scale
+is part of the objective's state, so a resumed run continues with it.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class _Context:
         memory_format: torch.memory_format,
         precision: str,
         distributed: Dist | None = None,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         #: The generator's forward (possibly ``torch.compile``-d) and its input channels.
         self.config, self.generator, self.in_channels, self.optimizer = (
@@ -69,6 +76,28 @@ class _Context:
         self.device, self.memory_format, self.precision = device, memory_format, precision
         #: The torchrun job (one process when absent): wraps an objective's own networks in DDP.
         self.distributed = distributed or Dist()
+        #: Loss scaling for fp16 (one scaler for every optimiser of a step, updated once per step);
+        #: disabled, and then free, for bf16 and fp32.
+        self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()`` on unscaled gradients; skipped when fp16 gradients overflowed."""
+        self.scaler.step(optimizer)
+
+    def update(self) -> None:
+        """End of a training step: the scaler grows or backs off its scale."""
+        self.scaler.update()
+
+    def scaler_state(self) -> dict[str, Any]:
+        """The scaler's state for the checkpoint (nothing when it is disabled)."""
+        return {"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
+
+    def load_scaler_state(self, state: dict[str, Any]) -> None:
+        if state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
 
     @property
     def cuda_graphs(self) -> bool:
@@ -140,8 +169,9 @@ class L1Objective:
             terms = self.loss(None, synthetic, target, mask)
             total, losses = terms.total, {"loss_l1": terms.l1}
         self.ctx.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.ctx.optimizer.step()
+        self.ctx.backward(total)
+        self.ctx.step(self.ctx.optimizer)
+        self.ctx.update()
         return losses
 
     @property
@@ -149,10 +179,11 @@ class L1Objective:
         return []
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return self.ctx.scaler_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """No state beyond the generator's."""
+        """No state beyond the generator's, and the fp16 gradient scaler's."""
+        self.ctx.load_scaler_state(state)
 
     def describe(self) -> dict[str, Any]:
         return {"name": "l1", "lambda_l1": self.loss.lambda_l1, **_describe_scale(self.scale)}
@@ -218,8 +249,8 @@ class GANObjective:
             fake_score = critic(pair(synthetic.detach()))
             loss_critic = LSGANLoss.critic(real_score, fake_score)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_critic.backward()
-        self.optimizer.step()
+        ctx.backward(loss_critic)
+        ctx.step(self.optimizer)
         # The generator step needs gradients through the critic, not of its weights.
         self.critic.requires_grad_(False)
         with ctx.autocast():
@@ -232,8 +263,9 @@ class GANObjective:
                 terms = self.loss(fake_scores, synthetic, target, mask)
                 total, losses = terms.total, {"loss_adv": terms.adversarial, "loss_l1": terms.l1}
         ctx.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        ctx.optimizer.step()
+        ctx.backward(total)
+        ctx.step(ctx.optimizer)
+        ctx.update()
         return {"loss_critic": loss_critic.detach(), **losses}
 
     @property
@@ -244,11 +276,13 @@ class GANObjective:
         return {
             "critic_state": self.critic.state_dict(),
             "optimizer_critic": self.optimizer.state_dict(),
+            **self.ctx.scaler_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.critic.load_state_dict(state["critic_state"])
         self.optimizer.load_state_dict(state["optimizer_critic"])
+        self.ctx.load_scaler_state(state)
 
     def describe(self) -> dict[str, Any]:
         return {

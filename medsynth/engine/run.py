@@ -14,11 +14,12 @@ import yaml
 
 from ..config import Config, load_config
 from ..errors import MedsynthError
-from ..io.atomic import remove_stale_partials
+from ..io.atomic import disk_full_error, is_disk_full, remove_stale_partials
 from ..model.checkpoint import BEST, LATEST
 from ..model_card import refresh_model_card
 from ..task import Task
 from . import distributed
+from .lock import LOCK_NAME, RunFolderLock
 from .setup import prepare_run_data
 from .trainer import Trainer
 
@@ -72,17 +73,36 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(2) from None
         raise
     dist = distributed.init(config.train.device)
+    lock: RunFolderLock | None = None
     try:
-        if not args.resume:
-            dist.on_main(lambda: claim_run_dir(run_dir, config))
-        return train(config, run_dir, resume=bool(args.resume), quiet=args.quiet, runs_root=run_dir.parent)
+        # One training per folder: rank 0 holds the lock for the job (a second job is refused here).
+        lock = dist.on_main(lambda: RunFolderLock(run_dir).acquire())
+        try:
+            if not args.resume:
+                dist.on_main(lambda: claim_run_dir(run_dir, config))
+            return train(
+                config, run_dir, resume=bool(args.resume), quiet=args.quiet, runs_root=run_dir.parent
+            )
+        except (OSError, RuntimeError) as exc:  # a full disk at any write of the run is one line
+            if not is_disk_full(exc):
+                raise
+            raise disk_full_error(run_dir, _after_disk_full(run_dir)) from exc
     except MedsynthError as exc:
         # Set-up errors (data, recipe, run folder) are the same on every rank: rank 0 prints the one line.
         if dist.rank > 0 and not isinstance(exc, distributed.PeerFailure):
             raise SystemExit(2) from None
         raise
     finally:
+        if lock is not None:
+            lock.release()
         distributed.teardown()
+
+
+def _after_disk_full(run_dir: Path) -> str:
+    """What to do once space is free: resume from the last checkpoint, or start again without one."""
+    if (run_dir / LATEST).is_file():
+        return f"free some space and continue with: medsynth train --resume {run_dir}"
+    return "free some space and run the same command again"
 
 
 def _run_from_args(args: argparse.Namespace) -> tuple[Config, Path]:
@@ -93,6 +113,11 @@ def _run_from_args(args: argparse.Namespace) -> tuple[Config, Path]:
         if not saved.is_file():
             raise MedsynthError("nothing to resume: no medsynth run here (no config.yaml)", run_dir)
         if not (run_dir / LATEST).is_file():
+            if int(os.environ.get("RANK", "0")) == 0:
+                # Refused below; but a training still preparing its data is named (the lock), and what a
+                # killed first checkpoint write left (a partial, a stale lock) is removed on the way.
+                with RunFolderLock(run_dir):
+                    remove_leftovers(run_dir)
             raise MedsynthError(
                 "nothing to resume: the run stopped before its first checkpoint_latest.pt; "
                 "start it again with the same command, without --resume",
@@ -127,7 +152,7 @@ def claim_run_dir(run_dir: Path, config: Config) -> None:
             )
             for derived in ("splits.json", "fingerprint.json", "metrics.csv"):
                 (run_dir / derived).unlink(missing_ok=True)
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         raise MedsynthError(
             "output folder is not empty and holds no medsynth run; pick another --name", run_dir
         )
@@ -175,8 +200,10 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, quiet: bool = 
     if not dist.is_main:
         return best
     minutes = (time.perf_counter() - started) / 60
+    value = best.get("value")
+    score = f"{value:.4g}" if isinstance(value, (int, float)) else "not validated yet"
     print(
-        f"done in {minutes:.1f} min: best validation {best['metric']} {best.get('value', float('nan')):.4g} "
+        f"done in {minutes:.1f} min: best validation {best['metric']} {score} "
         f"at epoch {best.get('epoch')} -> {run_dir / BEST}"
     )
     refresh_model_card(run_dir)  # model_card.md/.json; `medsynth evaluate` adds the held-out results

@@ -19,9 +19,11 @@ at the next step with the same data order and RNG state.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
+import os
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,11 +38,12 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..data.datasets import PatchDataset, SliceDataset, make_loader, place_on_device
 from ..errors import ConfigError, MedsynthError
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_path, disk_full_error, disk_full_is_one_line, is_disk_full
 from ..metrics import mae, psnr, ssim_3d
 from ..model.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
 from ..model.device import PrecisionChoice, pick_device
 from ..model.layout import InputLayout
+from ..model.memory import BatchBackoff, describe_memory, lr_scale
 from ..model.networks import build_model_generator
 from ..model.plan import SynthesisPlan
 from ..model.synthesis import SynthesisModel
@@ -58,6 +61,7 @@ METRICS_FIELDS = [
     "epoch", "steps", "seconds", "val_seconds", "io_seconds", "slices_per_s", "lr",
     "loss_critic", "loss_adv", "loss_l1", "val_psnr", "val_ssim", "val_mae",
     "loss_nll",  # model.predict_scale: the Laplace likelihood (engine/objectives.py)
+    "partial",  # "k/n": an epoch the time budget ended after k of its n steps (empty for whole epochs)
 ]  # fmt: skip
 
 
@@ -168,6 +172,9 @@ class Trainer:
         self._elapsed_at_start = 0.0
         self._session_start = time.perf_counter()
         self.stopped_by_budget = False
+        #: Steps of the epoch being trained (set by _train_epoch); fewer trained means a partial epoch.
+        self._epoch_batches = 0
+        self._resumed_epoch: int | None = None
         self.best: dict[str, Any] = {"metric": train.best_metric, "value": None, "epoch": None}
         self.stats = EpochStats()
         self._running: dict[str, torch.Tensor] = {}
@@ -285,8 +292,9 @@ class Trainer:
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self._seed_rank(self.global_step)
-        if self.dist.is_main:
-            _truncate_metrics(self.run_dir / "metrics.csv", self.epoch)
+        #: metrics.csv rows after this epoch are dropped once training goes on (fit), not before: a
+        #: resume with nothing to train keeps the record of a partial epoch.
+        self._resumed_epoch = self.epoch
 
     def _seed_rank(self, step: int) -> None:
         """Ranks other than 0 draw their own random numbers (dropout), from (seed, rank, step)."""
@@ -332,9 +340,17 @@ class Trainer:
         writer = _tensorboard(self.run_dir / "tensorboard") if self.dist.is_main else None
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self._session_start = time.perf_counter()
+        already_spent = self._budget_spent()
+        resume_hint = f"free some space and continue with: medsynth train --resume {self.run_dir}"
+        if self._resumed_epoch is not None and not already_spent and self.dist.is_main:
+            _truncate_metrics(self.run_dir / "metrics.csv", self._resumed_epoch)  # they are trained again
         try:
+            if not already_spent and self.dist.is_main and not (self.run_dir / LATEST).exists():
+                # A first checkpoint before the first step: a run stopped by a full disk (or a kill) in
+                # its first epoch still has one to resume from, and a disk too full for one fails now.
+                self.save_latest()
             while self.epoch < total and not self.stopped_by_budget:
-                self._train_epoch(total)
+                self._train_epoch_in_memory(total)
                 if self._stop_signal is not None:
                     self._drain()
                     self.save_latest()
@@ -355,8 +371,10 @@ class Trainer:
                 self._end_epoch(metrics, writer)
                 self.dist.barrier()  # while rank 0 validates and writes
             self._drain()
-        except RuntimeError as exc:
-            if distributed.is_peer_failure(exc):
+        except (OSError, RuntimeError) as exc:
+            if is_disk_full(exc):  # any write of the run: TensorBoard events, figures, logs
+                raise disk_full_error(self.run_dir, resume_hint) from exc
+            if isinstance(exc, RuntimeError) and distributed.is_peer_failure(exc):
                 hint = f"torchrun ... -m medsynth train --resume {self.run_dir}"
                 raise distributed.PeerFailure(distributed.peer_failure_message(exc, hint)) from exc
             raise
@@ -365,14 +383,39 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if writer is not None:
-                writer.close()
+                with disk_full_is_one_line(self.run_dir / "tensorboard", resume_hint):
+                    writer.close()
         if self.stopped_by_budget and not self.quiet:
-            print(
-                f"stopped by the time budget (train.max_minutes={self.config.train.max_minutes}) after "
-                f"{self.epoch} epochs; extend it with: medsynth train --resume {self.run_dir} "
-                f"--set train.max_minutes=<more>"
+            extend = (
+                f"extend it with: medsynth train --resume {self.run_dir} --set train.max_minutes=<more>"
             )
+            if already_spent:
+                print(
+                    f"the time budget (train.max_minutes={self.config.train.max_minutes}) was already "
+                    f"spent ({self._clock() / 60:.2f} min trained): nothing trained; {extend}"
+                )
+            else:
+                part = (
+                    f" and {self.step_in_epoch} of {self._epoch_batches} steps of epoch {self.epoch + 1}"
+                    if self.step_in_epoch
+                    else ""
+                )
+                print(
+                    f"stopped by the time budget (train.max_minutes={self.config.train.max_minutes}) after "
+                    f"{self.epoch} whole epochs{part}; {extend}"
+                )
         return self.best
+
+    def _budget_spent(self) -> bool:
+        """Before any step: a resumed run whose budget is spent trains nothing (and validates nothing)."""
+        budget = self.budget_seconds
+        if budget is None:
+            return False
+        clock = self.dist.agree(self._clock(), None)[0]  # rank 0's clock on every rank
+        if clock < budget:
+            return False
+        self.stopped_by_budget = True
+        return True
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop_signal = signum
@@ -392,7 +435,9 @@ class Trainer:
             return 1.0 - max(0, self.epoch + 1 - train.epochs) / float(train.decay_epochs + 1)
         constant = train.epochs / float(train.total_epochs)
         progress = min((self._clock() if clock is None else clock) / budget, 1.0)
-        return 1.0 if progress < constant else max(1.0 - (progress - constant) / (1.0 - constant), 0.01)
+        if progress < constant or constant >= 1.0:  # decay_epochs=0: constant to the end
+            return 1.0
+        return max(1.0 - (progress - constant) / (1.0 - constant), 0.01)
 
     def _set_lr(self, clock: float | None = None) -> float:
         factor = self.lr_factor(clock)
@@ -409,6 +454,7 @@ class Trainer:
             if train.steps_per_epoch is None
             else min(train.steps_per_epoch, len(self.loader))
         )
+        self._epoch_batches = batches
         bar = tqdm(
             total=batches, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{total_epochs}",
             unit="step", disable=True if self.quiet else None, leave=False, dynamic_ncols=True,
@@ -453,6 +499,85 @@ class Trainer:
             # A signal that reached some ranks after the last agreement must stop all of them here,
             # or they would part ways at the next collective (save and exit vs. validate).
             self._stop_signal = self.dist.agree(self._clock(), self._stop_signal)[1]
+
+    # ------------------------------------------------------------------ out of device memory
+    #: An out-of-memory within this many steps of a session's start (or of a smaller batch) halves the
+    #: batch; later, it is an error line (the card filled up meanwhile). A CUDA graph is captured at step 4.
+    OOM_BACKOFF_STEPS = 8
+    #: The smallest training batch the back-off tries.
+    OOM_BATCH_FLOOR = 4
+    _oom_window_start: int | None = None
+    _oom_backoff: BatchBackoff | None = None
+    _oom_lrs: tuple[float, float] = (0.0, 0.0)
+
+    def _train_epoch_in_memory(self, total_epochs: int) -> None:
+        """:meth:`_train_epoch`; an out-of-memory in the first steps halves the batch and trains on."""
+        while True:
+            if self._oom_window_start is None:
+                self._oom_window_start = self.global_step
+            try:
+                self._train_epoch(total_epochs)
+                return
+            except torch.OutOfMemoryError:
+                pass
+            # Outside the except block: the failed step's tensors are released with its traceback.
+            self._smaller_batch()
+
+    def _smaller_batch(self) -> None:
+        """Halve the batch (down to :attr:`OOM_BATCH_FLOOR`), scale the learning rates by the recipes'
+        ``sqrt(batch / 8)`` rule, record both in config.yaml and the checkpoint, recapture the graph."""
+        train, old = self.config.train, self.config.train.batch_size
+        assert self._oom_window_start is not None
+        fitted = self.global_step - self._oom_window_start
+        if self.dist.enabled:  # every process must train one batch size: no back-off under torchrun
+            raise MedsynthError(
+                f"out of memory at training batch {old} in process {self.dist.rank} ({describe_memory(self.device)}); "
+                f"set a smaller batch, e.g. --set train.batch_size={max(old // 2, 1)}"
+            )
+        if fitted >= self.OOM_BACKOFF_STEPS:
+            raise MedsynthError(
+                f"out of memory at training batch {old} ({describe_memory(self.device)}) after {fitted} steps "
+                f"had fitted (did another process take memory?); continue with: medsynth train --resume "
+                f"{self.run_dir} (its first steps halve the batch if the card is still short)"
+            )
+        if self._oom_backoff is None:
+            self._oom_backoff = BatchBackoff(
+                old, floor=self.OOM_BATCH_FLOOR, what="training batch", device=self.device,
+                hint="use a smaller model or train.crop_size, free the card, or use one with more memory",
+            )  # fmt: skip
+            self._oom_lrs = (train.lr_generator, train.lr_critic)
+        backoff = self._oom_backoff
+        self._step = None  # type: ignore[assignment]  # a captured graph holds memory of the old shapes
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        backoff.shrink()  # frees the cache; an error line at the floor
+        new, factor = backoff.batch, lr_scale(old, backoff.batch)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["initial_lr"] *= factor
+                group["lr"] *= factor
+        train.batch_size = new
+        train.lr_generator, train.lr_critic = train.lr_generator * factor, train.lr_critic * factor
+        # Samples of this epoch already trained stay trained: the loader's order does not depend on the batch.
+        self.step_in_epoch = self.step_in_epoch * old // new
+        self.loader.batch_size = new
+        step = graphed_step(self.objective.step, self.optimizers, self.device, enabled=train.cuda_graphs)
+
+        def step_then_report(*batch: Any) -> dict[str, torch.Tensor]:
+            losses = step(*batch)
+            backoff.settled()  # one log line, at the first step that fits
+            return losses
+
+        self._step = step_then_report
+        (lr_g, lr_c), total = self._oom_lrs, lr_scale(backoff.failed[0], new)
+        backoff.note = (
+            f"; learning rates x{total:.2f} by the recipes' sqrt(batch / 8) rule (generator {lr_g:.3g} -> "
+            f"{train.lr_generator:.3g}, critic {lr_c:.3g} -> {train.lr_critic:.3g}), recorded in config.yaml"
+        )
+        self._oom_window_start = self.global_step
+        if self.dist.is_main:  # a resumed run trains at the batch that fitted, with its learning rates
+            self.config.save(self.run_dir / "config.yaml")
+            self.save_latest()
 
     def _agree(self) -> tuple[float | None, int | None]:
         """(budget clock, stop signal) after a step: this process's, or under torchrun the job's.
@@ -571,6 +696,8 @@ class Trainer:
         self._check_pending()
         means = self.stats.means()
         validated = metrics is not None
+        # The time budget may end an epoch early: it is recorded as partial, and resume completes it.
+        partial = self.step_in_epoch < self._epoch_batches
         row: dict[str, Any] = {
             "epoch": self.epoch + 1,
             "steps": self.global_step,
@@ -580,14 +707,16 @@ class Trainer:
             "lr": self.opt_g.param_groups[0]["lr"],
             **{k: round(v, 6) for k, v in means.items()},
             **({f"val_{k}": round(v, 6) for k, v in metrics.items()} if validated else {}),
+            "partial": f"{self.step_in_epoch}/{self._epoch_batches}" if partial else "",
         }
         improved = validated and self._is_better(metrics[self.config.train.best_metric])
         if improved:
             self.best = {"metric": self.config.train.best_metric, "value": metrics[self.best["metric"]],
                          "epoch": self.epoch + 1, **{f"val_{k}": v for k, v in metrics.items()}}  # fmt: skip
-        self.epoch += 1
-        self.step_in_epoch = 0
-        self.stats = EpochStats()
+        if not partial:
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.stats = EpochStats()
         # The latest checkpoint first: a failed write of the best one must not cost the resumable state.
         self.save_latest(background=True)
         if improved:
@@ -599,7 +728,7 @@ class Trainer:
             _append_metrics(self.run_dir / "metrics.csv", row)
         if writer is not None:
             for key, value in row.items():
-                if key != "epoch":
+                if key not in ("epoch", "partial"):
                     writer.add_scalar(key, value, row["epoch"])
         if validated:
             self._submit(self._save_figures, self.samples, row["epoch"])
@@ -615,6 +744,7 @@ class Trainer:
                 f"epoch {row['epoch']:>3}/{self.config.train.total_epochs}  {losses}  {val}"
                 f"{row['slices_per_s']:.0f} slices/s  train {row['seconds']:.1f} s / val {row['val_seconds']:.1f} s"
                 f" / io {row['io_seconds']:.1f} s  [{self._job_progress()}]" + ("  *best" if improved else "")
+                + (f"  (partial: {row['partial']} steps, time budget)" if partial else "")
             )
 
     def _is_better(self, value: float) -> bool:
@@ -678,12 +808,23 @@ def _cuda_rng_states() -> list[torch.Tensor]:
 
 
 def _append_metrics(path: Path, row: dict[str, Any]) -> None:
+    """Append one row; a failed append (a full disk) leaves the file as it was and says so in one line."""
     new = not path.exists()
-    with open(path, "a", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=METRICS_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    size = 0 if new else path.stat().st_size
+    try:
+        with open(path, "a", newline="", encoding="utf-8") as stream:
+            writer = csv.DictWriter(stream, fieldnames=METRICS_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # no half row: shrinking a file needs no space
+            os.truncate(path, size)
+        if is_disk_full(exc):
+            raise disk_full_error(
+                path, f"free some space and continue with: medsynth train --resume {path.parent}"
+            ) from exc
+        raise
 
 
 def _truncate_metrics(path: Path, completed_epochs: int) -> None:

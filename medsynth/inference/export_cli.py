@@ -7,7 +7,7 @@ import os
 
 from ..errors import MedsynthError
 from ..model.checkpoint import resolve_checkpoint
-from ..model.export import export_model, input_shape
+from ..model.export import check_export_target, export_model, input_shape
 from ..model.synthesis import SynthesisModel
 
 
@@ -18,6 +18,7 @@ def export_from_args(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
     if args.out.exists() and checkpoint.exists() and os.path.samefile(args.out, checkpoint):
         raise MedsynthError("--out is the checkpoint being exported; give another file name", args.out)
+    check_export_target(args.out, args.format, overwrite=bool(getattr(args, "overwrite", False)))
     model = SynthesisModel.from_checkpoint(args.checkpoint, device="cpu")
     path = export_model(model, args.out, args.format)
     print(

@@ -171,7 +171,14 @@ def write_prediction(
 
 
 def sidecar_path(out: Path) -> Path:
-    return out.with_name(volume_stem(out) + ".json")
+    """``<stem>.json`` beside a ``.nii.gz`` output, ``<name>.json`` beside any other (``t2.mha.json``).
+
+    NIfTI-gz outputs keep the plain name; every other format carries its ending, so ``t2.mha`` and
+    ``t2.nii.gz`` written side by side each keep their own record.
+    """
+    if out.name.lower().endswith(".nii.gz"):
+        return out.with_name(volume_stem(out) + ".json")
+    return out.with_name(out.name + ".json")
 
 
 # ------------------------------------------------------------------------ what to compute, where
@@ -325,13 +332,21 @@ def refuse_overwriting_inputs(jobs: list[Job], *, uncertainty: bool = False) -> 
 
 
 def is_medsynth_output(path: Path) -> bool:
-    """A volume with a medsynth sidecar (``<stem>.json`` holding ``medsynth_version``) beside it."""
-    sidecar = path.with_name(volume_stem(path) + ".json")
-    try:
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "medsynth_version" in data
+    """A volume with a medsynth sidecar (:func:`sidecar_path`, holding ``medsynth_version``) beside it.
+
+    Outputs of earlier versions kept ``<stem>.json`` for every format; such a sidecar counts when its
+    ``output`` names this file.
+    """
+    for sidecar in dict.fromkeys([sidecar_path(path), path.with_name(volume_stem(path) + ".json")]):
+        try:
+            data = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or "medsynth_version" not in data:
+            continue
+        if sidecar == sidecar_path(path) or Path(str(data.get("output", ""))).name == path.name:
+            return True
+    return False
 
 
 def drop_own_outputs(items: list[Path], source: Path, out: Path, target: str) -> list[Path]:

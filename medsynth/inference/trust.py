@@ -3,8 +3,8 @@
 * :func:`load_model`: a medsynth checkpoint or run folder, or an exported ONNX / TorchScript file;
 * :func:`screen_inputs`: the out-of-distribution check before synthesis (warn, or refuse with
   ``--strict``); its result is the sidecar's ``ood`` block;
-* :func:`trust_outputs`: ``--uncertainty`` writes ``<out stem>_uncertainty.nii.gz`` on the output's grid
-  and returns the sidecar's ``uncertainty`` block.
+* :func:`trust_outputs`: ``--uncertainty`` writes ``<out stem>_uncertainty`` (in the output's format) on
+  the output's grid and returns the sidecar's ``uncertainty`` block.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ whose writer is gone and never those of a process that is still running.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -25,6 +26,9 @@ from ..errors import MedsynthError
 _PARTIAL = re.compile(
     r"^\.(?P<stem>.*)\.(?P<pid>[0-9]+)-(?P<host>[0-9a-f]{6})\.(?P<token>[0-9a-f]{8})\.partial(?:\.[^.]+)*$"
 )
+
+#: What a full disk says: no space, or the user's quota spent (the same for the user).
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 #: A partial written on another machine (a shared output folder) is removed only when older than this.
 FOREIGN_PARTIAL_AGE_S = 24 * 3600.0
@@ -141,6 +145,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path) from exc
         raise MedsynthError(f"cannot write here ({exc.strerror})", folder) from exc
     try:
         yield temp
@@ -149,8 +155,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(temp, path)
     except OSError as exc:
         temp.unlink(missing_ok=True)
-        if exc.errno == 28:  # ENOSPC
-            raise MedsynthError("no space left on the device; free some space and run again", path) from exc
+        if is_disk_full(exc):
+            raise disk_full_error(path) from exc
         raise
     except BaseException:
         temp.unlink(missing_ok=True)
@@ -162,3 +168,45 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as temp:
         temp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+# ------------------------------------------------------------------------------- full disk
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` says the disk (or the user's quota) is full.
+
+    An :class:`OSError` carries ``ENOSPC`` / ``EDQUOT``; libraries that write through their own C++
+    streams (``torch.save``, TensorBoard) raise a ``RuntimeError`` whose text says so instead.
+    """
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+        return True
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return False
+    text = str(exc).lower()
+    return "no space left" in text or "disk quota" in text or "file write failed" in text
+
+
+def disk_full_error(path: str | Path, hint: str = "free some space and run again") -> MedsynthError:
+    """The one line every write of medsynth says when the disk is full."""
+    return MedsynthError(f"no space left on the device (the disk is full); {hint}", path)
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(path: str | Path, hint: str = "free some space and run again") -> Iterator[None]:
+    """Turn a full disk inside the block into :func:`disk_full_error`; other errors pass unchanged.
+
+    For writes that cannot go through :func:`atomic_path` (an appended log, a lock file, a library's
+    own writer thread) and around whole commands, so a full disk is one line wherever it strikes.
+
+    Example::
+
+        with disk_full_is_one_line(run_dir / "metrics.csv"):
+            append_row(run_dir / "metrics.csv", row)
+    """
+    try:
+        yield
+    except MedsynthError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path, hint) from exc
+        raise

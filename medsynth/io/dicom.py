@@ -123,15 +123,22 @@ class DicomSeriesInfo:
 
 
 class DicomSeriesList(list[DicomSeriesInfo]):
-    """The series found in a folder, with the files that could not be parsed.
+    """The series found in a folder, with the files that could not be parsed and the links not followed.
 
     ``unreadable`` holds ``(file, reason)`` for files that look like DICOM but failed to parse, so a batch
-    run reports them all instead of stopping on the first bad file.
+    run reports them all instead of stopping on the first bad file; ``links`` holds ``(link, reason)``
+    for symbolic links a recursive walk did not follow (broken, or leading out of the folder).
     """
 
-    def __init__(self, series: list[DicomSeriesInfo], unreadable: list[tuple[Path, str]]) -> None:
+    def __init__(
+        self,
+        series: list[DicomSeriesInfo],
+        unreadable: list[tuple[Path, str]],
+        links: list[tuple[Path, str]] | None = None,
+    ) -> None:
         super().__init__(series)
         self.unreadable = unreadable
+        self.links = links or []
 
 
 class _FileHeader(NamedTuple):
@@ -185,21 +192,55 @@ def _floats(value: Any, count: int) -> np.ndarray | None:
     return array if array.shape == (count,) else None
 
 
-def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
+def _walk(folder: Path, recursive: bool, skipped_links: list[tuple[Path, str]]) -> Iterator[Path]:
+    """The files of ``folder`` in name order; with ``recursive``, of its subfolders too (depth first).
+
+    A recursive walk follows symbolic links (to files and to folders) that stay inside ``folder``, as
+    exports that link one tree into another expect, and visits every real folder once, so a link back
+    to a parent cannot loop. Links that lead out of ``folder`` or nowhere are not followed; they are
+    added to ``skipped_links`` with the reason. Only regular files are yielded (a FIFO would block).
+    """
     if not recursive:
         yield from sorted(p for p in folder.iterdir() if p.is_file())
         return
-    for root, dirs, names in os.walk(folder):
-        dirs.sort()
-        yield from (Path(root) / name for name in sorted(names))
+    root = folder.resolve()
+    visited = {root}
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError as exc:
+            skipped_links.append((current, f"cannot be listed ({exc.strerror or exc})"))
+            continue
+        folders = []
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_symlink():
+                real = Path(os.path.realpath(path))
+                if not real.exists():
+                    skipped_links.append((path, f"leads nowhere (broken or a loop, to {os.readlink(path)})"))
+                    continue
+                if not real.is_relative_to(root):
+                    skipped_links.append((path, f"leads out of {folder} (to {real})"))
+                    continue
+            if entry.is_dir():  # follows links, which now stay inside the export
+                real = path.resolve()
+                if real not in visited:
+                    visited.add(real)
+                    folders.append(path)
+            elif entry.is_file():
+                yield path
+        pending.extend(reversed(folders))
 
 
 def list_dicom_series(folder: str | Path, recursive: bool = False) -> DicomSeriesList:
     """Group the DICOM files of ``folder`` (and its subfolders when ``recursive``) into series.
 
     Files are recognised by content, not extension (scanner exports often have none); DICOMDIR indexes
-    and repeated copies of one instance are skipped. Series are returned in order of study, series number
-    and UID so listings are stable.
+    and repeated copies of one instance are skipped. A recursive listing follows symbolic links that stay
+    inside ``folder`` and lists the others in ``links`` (:func:`_walk`). Series are returned in order of
+    study, series number and UID so listings are stable.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -207,7 +248,8 @@ def list_dicom_series(folder: str | Path, recursive: bool = False) -> DicomSerie
     groups: dict[str, list[_FileHeader]] = {}
     seen_instances: set[str] = set()
     unreadable: list[tuple[Path, str]] = []
-    for path in _walk(folder, recursive):
+    links: list[tuple[Path, str]] = []
+    for path in _walk(folder, recursive, links):
         try:
             header = _read_header(path)
         except Exception as exc:  # pydicom raises many exception types on malformed files; report them all
@@ -232,7 +274,7 @@ def list_dicom_series(folder: str | Path, recursive: bool = False) -> DicomSerie
             s.study_uid, s.series_number if s.series_number is not None else -1, s.series_uid, s.stack
         )
     )  # fmt: skip
-    return DicomSeriesList(series, unreadable)
+    return DicomSeriesList(series, unreadable, links)
 
 
 def _summarise(series_uid: str, headers: list[_FileHeader]) -> DicomSeriesInfo:
@@ -502,6 +544,112 @@ def read_multiframe(info: DicomSeriesInfo) -> tuple[np.ndarray, tuple[float, ...
     spacing = (between_columns, between_rows, (positions[-1] - positions[0]) / (len(positions) - 1))
     direction = np.column_stack([row, column, normal / np.linalg.norm(normal)])
     return array, spacing, chosen[0].position, direction.flatten()
+
+
+# --- trusting stored pixels ----------------------------------------------------------------------------
+
+#: Elements larger than this stay on disk when a header is read to check its pixels (only their size is kept).
+_DEFER_BYTES = 1024
+_PIXEL_DATA = 0x7FE00010
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def read_pixel_header(path: Path) -> Dataset:
+    """Every attribute of one file, with its pixel data left on disk (its length and offset are kept)."""
+    with warnings.catch_warnings():  # odd values in exports are common and not the user's to fix
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=True)
+
+
+def pixel_data_problem(ds: Dataset, path: Path) -> str | None:
+    """Why one file holds fewer pixel bytes than its header declares, or ``None``.
+
+    SimpleITK (GDCM) reads a slice whose PixelData element holds half of its ``Rows x Columns x frames``
+    values without complaint and makes up the rest, so the sizes are compared here before any pixel is
+    decoded: the element's own length, and how much of it the file really holds. Encapsulated
+    (compressed) pixel data declares no size; its decoder finds damage.
+    """
+    element = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    if element is None:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            return None
+        return "holds no pixel data (the PixelData element is missing)"
+    syntax = ds.get("file_meta", Dataset()).get("TransferSyntaxUID")
+    if syntax is not None and pydicom.uid.UID(syntax).is_compressed:
+        return None
+    length = getattr(element, "length", None)
+    if length is None:  # already a decoded DataElement
+        length = len(element.value or b"")
+    if length == _UNDEFINED_LENGTH:
+        return None
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        return f"has no usable pixel description (Rows, Columns, BitsAllocated: {exc})"
+    expected = (rows * columns * samples * frames * bits + 7) // 8
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        expected = expected // 3 * 2  # two samples per pixel on disk, not three
+    have, short_file = length, False
+    value_tell = getattr(element, "value_tell", None)
+    if value_tell is not None:
+        on_disk = max(0, os.path.getsize(path) - int(value_tell))
+        have, short_file = min(length, on_disk), on_disk < length
+    if have >= expected:
+        return None
+    shape = f"{rows}x{columns}" + (f"x{frames} frames" if frames > 1 else "") + f", {bits}-bit"
+    why = "the file is truncated" if short_file else "the pixel data was cut short"
+    return f"pixel data holds {have} of the {expected} bytes its header declares ({shape}; {why})"
+
+
+def rescale_problem(slope: Any, intercept: Any) -> str | None:
+    """Why a RescaleSlope / RescaleIntercept pair cannot map stored values to real ones, or ``None``.
+
+    A slope of 0 maps every voxel to the intercept (readers that then take slope 1 instead read a
+    different image without a word); a missing slope means 1, as the standard says.
+    """
+    for name, value in (("RescaleSlope", slope), ("RescaleIntercept", intercept)):
+        if value is None or value == "":
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return f"{name} {value!r} is not a number"
+        if not np.isfinite(number):
+            return f"{name} is {number}"
+        if name == "RescaleSlope" and number == 0:
+            return "RescaleSlope is 0, which maps every stored value to the intercept"
+    return None
+
+
+def slice_problem(path: Path) -> str | None:
+    """Why the pixels of one single-frame file cannot be trusted (short pixel data, slope 0), or ``None``."""
+    try:
+        ds = read_pixel_header(path)
+    except Exception as exc:  # pydicom raises many exception types on damaged files
+        return f"its header cannot be parsed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    return pixel_data_problem(ds, path) or rescale_problem(ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+
+
+def multiframe_problem(path: Path, frames: Sequence[int]) -> str | None:
+    """Why the pixels of the chosen ``frames`` of a multi-frame file cannot be trusted, or ``None``.
+
+    The pixel data is checked for the whole file, the rescale of each chosen frame as its functional
+    groups give it (per-frame over shared over top level).
+    """
+    try:
+        ds = read_pixel_header(path)
+        problem = pixel_data_problem(ds, path)
+        geometry = frame_geometry(ds) if problem is None else []
+    except Exception as exc:  # pydicom raises many exception types on damaged files
+        return f"its header cannot be parsed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    for index in frames if problem is None else ():
+        problem = rescale_problem(geometry[index].slope, geometry[index].intercept)
+        if problem is not None:
+            return f"frame {index + 1}: {problem}"
+    return problem
 
 
 # --- writing -------------------------------------------------------------------------------------------

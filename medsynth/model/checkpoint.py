@@ -8,9 +8,9 @@ containers, so it is loaded with ``torch.load(weights_only=True)``: a tampered f
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +18,77 @@ import torch
 
 from .. import __version__
 from ..errors import CheckpointError, MedsynthError
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_path, is_disk_full
 
 FORMAT = "medsynth-checkpoint"
 #: 2: the inference contract is a typed ``plan`` (version 1 held an untyped ``slicing`` dict).
 FORMAT_VERSION = 2
 BEST = "checkpoint_best.pt"
 LATEST = "checkpoint_latest.pt"
+#: What :func:`model_file_kind` calls a file, and how messages name each kind.
+KIND_NAMES = {"checkpoint": "a torch checkpoint", "torchscript": "a TorchScript export", "onnx": "an ONNX export"}
 
 
 def resolve_checkpoint(path: str | Path, which: str = BEST) -> Path:
     """A checkpoint file as given, or ``which`` (``checkpoint_best.pt``) inside a run folder."""
     path = Path(path)
     return path / which if path.is_dir() else path
+
+
+def is_run_folder(folder: str | Path) -> bool:
+    """A folder ``medsynth train`` made: its ``config.yaml`` beside a checkpoint, splits or fingerprint."""
+    folder = Path(folder)
+    if not (folder / "config.yaml").is_file():
+        return False
+    return any((folder / name).is_file() for name in (LATEST, BEST, "splits.json", "fingerprint.json"))
+
+
+def model_file_kind(path: str | Path) -> str:
+    """What a model file holds, told by its content, never by its ending.
+
+    ``"checkpoint"`` (a ``torch.save`` archive or pickle), ``"torchscript"`` (a zip with ``code/``),
+    ``"onnx"`` (a protobuf ``ModelProto``), or ``"unknown"`` (not a file, or none of these).
+
+    >>> model_file_kind("no/such/file.pt")
+    'unknown'
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(64)
+    except OSError:
+        return "unknown"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "unknown"
+        if any("/code/" in name for name in names):
+            return "torchscript"
+        return "checkpoint" if any(name.endswith("data.pkl") for name in names) else "unknown"
+    if head[:1] == b"\x80":  # a pickle: the legacy torch.save format
+        return "checkpoint"
+    return "onnx" if _looks_like_onnx(head) else "unknown"
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    """An ONNX ``ModelProto`` begins with ``ir_version`` (field 1, a small varint) and then another field."""
+    if head[:1] != b"\x08":
+        return False
+    value, shift, index = 0, 0, 1
+    while index < len(head) and index <= 10:
+        byte = head[index]
+        value |= (byte & 0x7F) << shift
+        shift, index = shift + 7, index + 1
+        if not byte & 0x80:
+            break
+    else:
+        return False
+    if not 1 <= value <= 64 or index >= len(head):
+        return False
+    tag = head[index]
+    return 2 <= tag >> 3 <= 30 and tag & 0x07 in (0, 2)
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
@@ -40,24 +98,24 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     raises a one-line :class:`MedsynthError`, so a run can always be resumed from its last good save.
     """
     stamped = {"format": FORMAT, "format_version": FORMAT_VERSION, "medsynth_version": __version__, **payload}
+    had_one = Path(path).is_file()
     try:
         with atomic_path(path) as temp:
             torch.save(stamped, temp)
-    except (OSError, RuntimeError) as exc:
-        # torch reports a failed write as RuntimeError wrapping the OS error text.
-        reason = "the disk is full" if _is_disk_full(exc) else f"cannot write it ({exc})"
-        raise MedsynthError(
-            f"checkpoint not saved: {reason}; the previous checkpoint is intact, free space and resume",
-            path,
-        ) from exc
+    except (OSError, RuntimeError, MedsynthError) as exc:
+        # torch reports a failed write as RuntimeError wrapping the OS error text; atomic_path reports
+        # a full disk it saw itself as a MedsynthError.
+        full = is_disk_full(exc.__cause__ if isinstance(exc, MedsynthError) and exc.__cause__ else exc)
+        if isinstance(exc, MedsynthError) and not full:
+            raise
+        reason = "the disk is full" if full else f"cannot write it ({exc})"
+        kept = (
+            "the previous checkpoint is intact, free space and resume"
+            if had_one
+            else "no earlier checkpoint of this name exists; free space and run again"
+        )
+        raise MedsynthError(f"checkpoint not saved: {reason}; {kept}", path) from exc
     return Path(path)
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(exc).lower()
-    return "no space left" in text or "disk quota" in text or "file write failed" in text
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -69,6 +127,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = resolve_checkpoint(path)
     if not path.is_file():
         raise CheckpointError("no such checkpoint; pass a .pt file or a run folder", path)
+    kind = model_file_kind(path)
+    if kind in ("onnx", "torchscript"):
+        raise CheckpointError(
+            f"this is {KIND_NAMES[kind]} of a model (medsynth export), not a medsynth checkpoint: "
+            "`medsynth infer` runs it; to export or resume, pass the run folder or its checkpoint_best.pt",
+            path,
+        )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -15,6 +15,9 @@ Which precision pays depends on the machine, not on the recipe:
 Whatever autocast does, the generator's output layer, the losses, the metrics and everything written to
 disk stay float32 (the networks run their last layer outside autocast, ``nets.blocks.full_precision``: a bf16 output has 8 bits of
 mantissa, too few for 10 HU at 1000 HU).
+
+torch is imported inside the functions that use it: ``medsynth info`` reads the capability table and
+the CPU's flags without paying torch's import (over a second on a small machine).
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, MedsynthError
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
 #: What a user or recipe may ask for; ``auto`` lets this module decide.
 PRECISION_WISHES = ("auto", "bf16", "fp16", "fp32")
 #: bf16 must beat fp32 by this factor to be chosen by ``auto``: fp32 is exact, so a tie goes to it.
@@ -43,6 +46,8 @@ MIN_MEASURED_MS = 20.0
 
 def pick_device(name: str) -> torch.device:
     """``auto`` means CUDA when present; asking for CUDA without one is a user error."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -83,15 +88,37 @@ class CpuMatrixUnits:
         }
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_matrix_units() -> CpuMatrixUnits:
-    """Detect the CPU's bf16 units once per process."""
-    flags: set[str] = set()
+def cpu_flags() -> set[str]:
+    """The kernel's CPU flags (``/proc/cpuinfo``; empty where there is none)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
             if line.lower().startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+#: oneDNN computes bf16 at all from AVX-512 "core" (F, BW, VL, DQ) or AVX-NE-CONVERT on.
+_ONEDNN_BF16_FLAGS = ({"avx512f", "avx512bw", "avx512vl", "avx512dq"}, {"avx_ne_convert"})
+
+
+def cpu_matrix_units_from_flags(flags: set[str] | None = None) -> CpuMatrixUnits:
+    """:func:`cpu_matrix_units` from the CPU flags alone, without importing torch (``medsynth info``).
+
+    oneDNN's answer is inferred from the flags its own check reads, and AMX is taken as granted when the
+    CPU reports it (PyTorch's check also asks the kernel for the tile state); a bf16 unit needs AMX or
+    AVX-512 BF16 either way, and both imply AVX-512 core, so the inferred unit is the same.
+    """
+    flags = cpu_flags() if flags is None else flags
+    onednn = any(needed <= flags for needed in _ONEDNN_BF16_FLAGS)
+    return CpuMatrixUnits(amx_bf16="amx_bf16" in flags, avx512_bf16="avx512_bf16" in flags, onednn_bf16=onednn)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_matrix_units() -> CpuMatrixUnits:
+    """Detect the CPU's bf16 units once per process."""
+    import torch
+
+    flags = cpu_flags()
     onednn = False
     with contextlib.suppress(Exception):  # absent in builds without oneDNN
         onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -121,6 +148,8 @@ class CudaCapability:
 
 
 def cuda_capability(device: torch.device) -> CudaCapability:
+    import torch
+
     index = device.index if device.index is not None else torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
     return CudaCapability(torch.cuda.get_device_name(index), major, minor)
@@ -161,7 +190,7 @@ def check_precision_wish(wish: str, where: str = "precision") -> str:
 
 
 def choose_precision(
-    device: torch.device,
+    device: torch.device | str,
     wish: str,
     *,
     channels_last: bool = True,
@@ -173,10 +202,16 @@ def choose_precision(
 
     ``channels_last`` is the recipe's memory format, kept unless a CPU measurement picks the other one.
     ``units`` / ``cuda`` describe the hardware (detected when None; tests pass a T4, an A100, an AMX CPU).
+    ``device`` may be a device type (``"cuda"``, ``"cpu"``) when both are given (``medsynth info``).
     """
     check_precision_wish(wish)
-    if device.type == "cuda":
-        return _choose_cuda(wish, channels_last, cuda or cuda_capability(device))
+    kind = device if isinstance(device, str) else device.type
+    if kind == "cuda":
+        if cuda is None:
+            import torch
+
+            cuda = cuda_capability(torch.device(device))
+        return _choose_cuda(wish, channels_last, cuda)
     if wish == "fp16":
         raise ConfigError("fp16 autocast is for CUDA cards; on a CPU use bf16, fp32 or auto")
     units = units or cpu_matrix_units()
@@ -247,9 +282,11 @@ def time_call(step: Callable[[], Any], *, warmup: int = 1, repeats: int = 3) -> 
 # ------------------------------------------------------------------------------------- autocast
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The dtype :func:`autocast` computes convolutions in, or None where it does nothing (fp32)."""
+    import torch
+
     if device.type not in ("cuda", "cpu"):
         return None
-    dtype = _DTYPES.get(precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if device.type == "cpu" and dtype is not torch.bfloat16:
         return None  # fp16 on a CPU is refused by choose_precision; old plans saying fp16 run in fp32
     return dtype
@@ -261,6 +298,8 @@ def autocast(device: torch.device, precision: str, *, cache: bool = True) -> Any
     ``cache=False`` disables autocast's cache of low-precision weight copies, which a CUDA graph capture
     requires (:mod:`medsynth.engine.graphs`).
     """
+    import torch
+
     dtype = autocast_dtype(device, precision)
     if dtype is None:
         return contextlib.nullcontext()

@@ -13,9 +13,10 @@ orientation        the voxel axes are > 15 degrees more oblique than the most ob
 histogram          Jensen-Shannon divergence of the normalised intensity histogram inside the
                    head from the training subjects' mean > the calibrated threshold (2 x the
                    largest leave-one-out divergence of a training subject, at least 0.015)
-contrast           the histogram is closer to another modality of the fingerprint (e.g. a T2w given
-                   as the T1w input), or an MR input holds air in Hounsfield units (>= 5 % of voxels
-                   below -500: a CT), or a CT input holds none (< 0.5 %)
+contrast           the histogram lies within another modality's threshold and at most half as far
+                   from it as from the expected one (e.g. a T2w given as the T1w input; a near tie is
+                   not called a contrast swap), or an MR input holds air in Hounsfield units (>= 5 %
+                   of voxels below -500: a CT), or a CT input holds none (< 0.5 %)
 =================  ===========================================================================
 
 The result is an :class:`OODReport` (``ok``, ``reasons``, ``score``/``threshold`` of the histogram test,
@@ -54,6 +55,9 @@ HIST_FLOOR = 0.015
 #: Share of voxels below -500 that makes an "MR" input a CT, and below which a "CT" input is not one.
 CT_AIR_FRACTION = 0.05
 MR_AIR_FRACTION = 0.005
+#: An input is called another training contrast only when its divergence to that contrast is within that
+#: contrast's threshold and at most 1 / CONTRAST_MARGIN of its divergence to the expected one.
+CONTRAST_MARGIN = 2.0
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
@@ -133,12 +137,16 @@ class OODChecker:
             for m, items in self.training.items()
         }
 
-    def check(self, inputs: Mapping[str, Volume]) -> OODReport:
-        """Compare every input (modality -> volume) with the training subjects of that modality."""
+    def check(self, inputs: Mapping[str, Volume], names: Mapping[str, str] | None = None) -> OODReport:
+        """Compare every input (modality -> volume) with the training subjects of that modality.
+
+        Reasons name each input by ``names[modality]`` when given (``convert`` names the study and
+        series), else by the file it was read from.
+        """
         report = OODReport("ok")
         scores: list[tuple[float, float, float]] = []  # (divergence / threshold, divergence, threshold)
         for modality, volume in inputs.items():
-            name = volume.source
+            name = (names or {}).get(modality) or volume.source
             array = volume.array
             air = float(np.mean(array < AIR_HU))
             self._check_kind(report, modality, name, air)
@@ -226,27 +234,60 @@ class OODChecker:
         }
         if own > reference.threshold:
             wanted = DISPLAY_NAMES.get(modality, modality)
-            if nearest != modality:
+            also = _also_off(report, modality)
+            swapped = _is_other_contrast(own, divergences[nearest], self.references[nearest])
+            if nearest != modality and swapped:
                 report.reasons.append(
                     f"{name}: its intensity histogram matches the training {DISPLAY_NAMES.get(nearest, nearest)} "
                     f"images, not {wanted} (divergence {divergences[nearest]:.3f} vs {own:.3f}); "
-                    f"is this the right contrast?"
+                    f"is this the right contrast?{also}"
                 )
             else:
+                others = ", ".join(
+                    f"{DISPLAY_NAMES.get(m, m)}: {d:.3f}" for m, d in divergences.items() if m != modality
+                )
                 report.reasons.append(
                     f"{name}: intensity histogram inside the head is unlike the training {wanted} images "
                     f"(divergence {own:.3f} > threshold {reference.threshold:.3f})"
+                    + (f" and unlike every other training contrast ({others})" if others else "")
+                    + also
                 )
         return own / reference.threshold, own, reference.threshold
+
+
+def _is_other_contrast(own: float, other: float, reference: HistogramReference) -> bool:
+    """Whether a histogram is another training contrast rather than an unlike image of the expected one.
+
+    Only when it lies within that contrast's own threshold and at most ``1 / CONTRAST_MARGIN`` of the
+    divergence to the expected one: a near tie (0.042 vs 0.043), noise or a negated image is far from
+    every training contrast, and naming one of them would send the user after the wrong problem.
+    """
+    return other <= reference.threshold and other * CONTRAST_MARGIN <= own
+
+
+def _also_off(report: OODReport, modality: str) -> str:
+    """``; also off: voxel spacing, field of view`` when other checks of this input failed, else ``""``.
+
+    A different voxel size, field of view or obliquity changes the histogram by itself, so the
+    histogram reason says so rather than leaving the contrast as the only suspect.
+    """
+    labels = {"spacing": "voxel spacing", "field_of_view_mm": "field of view", "orientation": "obliquity"}
+    checks = report.checks
+    off = [label for key, label in labels.items() if not checks.get(key, {}).get(modality, {"ok": 1})["ok"]]
+    if not off:
+        return ""
+    return f"; also off: {', '.join(off)}, which alone changes the histogram"
 
 
 def _xyz(values: np.ndarray) -> str:
     return "x".join(f"{v:.3g}" for v in values)
 
 
-def check_inputs(fingerprint: Fingerprint, inputs: Mapping[str, Volume]) -> OODReport:
+def check_inputs(
+    fingerprint: Fingerprint, inputs: Mapping[str, Volume], names: Mapping[str, str] | None = None
+) -> OODReport:
     """:class:`OODChecker` built and run once (build the checker yourself to reuse it)."""
-    return OODChecker(fingerprint).check(inputs)
+    return OODChecker(fingerprint).check(inputs, names)
 
 
 def enforce(report: OODReport, *, strict: bool) -> None:
@@ -261,14 +302,17 @@ def enforce(report: OODReport, *, strict: bool) -> None:
         log.warning("out of distribution: %s", reason)
 
 
-def ood_block(model: Any, inputs: Mapping[str, Volume]) -> dict[str, Any]:
+def ood_block(
+    model: Any, inputs: Mapping[str, Volume], names: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """The ``ood`` block for any predictor-like object; ``{}`` when it carries no fingerprint.
 
-    Used by ``convert`` per study: reasons are logged as warnings and recorded, never refused.
+    Used by ``convert`` per study, with ``names`` naming each input by study and series UID: reasons
+    are logged as warnings and recorded, never refused.
     """
     fingerprint = getattr(model, "fingerprint", None)
     if not isinstance(fingerprint, Fingerprint):
         return {}
-    report = check_inputs(fingerprint, inputs)
+    report = check_inputs(fingerprint, inputs, names)
     enforce(report, strict=False)
     return report.to_dict()

@@ -19,6 +19,7 @@ from ..data.masks import bounding_box
 from ..losses import LOG_SCALE_RANGE
 from .device import autocast
 from .layout import InputLayout
+from .memory import BatchBackoff
 
 BACKGROUND = -1.0
 
@@ -47,6 +48,7 @@ def synthesize_slices(
     margin: int = 4,
     window: Sequence[int] | None = None,
     with_scale: bool = False,
+    backoff: BatchBackoff | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Synthesise a slice-first normalised volume from slice-first normalised inputs.
 
@@ -59,7 +61,8 @@ def synthesize_slices(
     left-right flipped input. ``precision`` and ``channels_last`` are the model's choice
     (:attr:`SynthesisModel.precision`). ``with_scale`` (a generator with a scale channel, ``plan.scale_channel``)
     also returns ``b = exp(channel 1)``, the predicted Laplace scale in normalised units (0 outside the
-    computed box).
+    computed box). An out-of-memory halves the batch and retries the same slices (``backoff``, else a
+    new :class:`~.memory.BatchBackoff` of ``batch_size``; the caller may keep it for its next volume).
     """
     device = torch.device(device)
     shape = next(iter(images.values())).shape
@@ -87,27 +90,59 @@ def synthesize_slices(
     result = torch.empty((len(slice_ids), rows, cols), dtype=torch.float32, device=device)
     log_scale = torch.empty_like(result) if with_scale else None
     pin = device.type == "cuda"
-    batches = range(0, len(slice_ids), batch_size)
-    for start in tqdm(batches, desc="slices", unit="batch", disable=None if progress else True, leave=False):
-        chunk = slice_ids[start : start + batch_size]
-        stacks = {m: image[neighbours[chunk]] for m, image in cropped.items()}  # (B, context, H, W)
-        host = torch.from_numpy(layout.assemble(stacks, target))
-        batch = (host.pin_memory() if pin else host).to(device, non_blocking=True)
-        batch = batch.contiguous(
-            memory_format=torch.channels_last if channels_last else torch.contiguous_format
-        )
-        with autocast(device, precision):
-            prediction = generator(batch)
-            if flip_tta:
-                prediction = 0.5 * (prediction + generator(batch.flip(-2)).flip(-2))
+    backoff = backoff or BatchBackoff(batch_size, what="inference batch", device=device)
+    bar = tqdm(
+        total=len(slice_ids), desc="slices", unit="slice", disable=None if progress else True, leave=False
+    )
+    start = 0
+    while start < len(slice_ids):
+        chunk = slice_ids[start : start + backoff.batch]
+        try:
+            prediction = _predict(
+                generator, layout, cropped, neighbours[chunk], target, device, pin, precision, channels_last,
+                flip_tta,
+            )  # fmt: skip
+        except torch.OutOfMemoryError:
+            prediction = None
+        if prediction is None:  # outside the except block, so the failed attempt's tensors are gone
+            backoff.shrink()
+            continue
+        backoff.settled()
         result[start : start + len(chunk)] = prediction[:, 0, inside[0], inside[1]].float()
         if log_scale is not None:
             log_scale[start : start + len(chunk)] = prediction[:, 1, inside[0], inside[1]].float()
+        start += len(chunk)
+        bar.update(len(chunk))
+    bar.close()
     output[slice_ids[0] : slice_ids[-1] + 1, grid[0], grid[1]] = result.cpu().numpy()
     if log_scale is None:
         return output
     scale[slice_ids[0] : slice_ids[-1] + 1, grid[0], grid[1]] = scale_from_log(log_scale).cpu().numpy()
     return output, scale
+
+
+def _predict(
+    generator: torch.nn.Module,
+    layout: InputLayout,
+    cropped: Mapping[str, np.ndarray],
+    neighbours: np.ndarray,
+    target: str | None,
+    device: torch.device,
+    pin: bool,
+    precision: str,
+    channels_last: bool,
+    flip_tta: bool,
+) -> torch.Tensor:
+    """The generator's output for one batch of slices (``neighbours``: their context slices)."""
+    stacks = {m: image[neighbours] for m, image in cropped.items()}  # (B, context, H, W)
+    host = torch.from_numpy(layout.assemble(stacks, target))
+    batch = (host.pin_memory() if pin else host).to(device, non_blocking=True)
+    batch = batch.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    with autocast(device, precision):
+        prediction = generator(batch)
+        if flip_tta:
+            prediction = 0.5 * (prediction + generator(batch.flip(-2)).flip(-2))
+    return prediction
 
 
 def scale_from_log(log_scale: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from monai.inferers import sliding_window_inference
 
 from ..data.masks import bounding_box
 from .device import autocast
+from .memory import BatchBackoff
 from .slicing import BACKGROUND, scale_from_log
 
 
@@ -31,10 +32,13 @@ def synthesize_patches(
     progress: bool = False,
     margin: int = 4,
     with_scale: bool = False,
+    backoff: BatchBackoff | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Synthesise a canonical ``(I, J, K)`` normalised volume from same-shaped normalised inputs.
 
-    ``with_scale``: also the Laplace scale ``b`` of a generator's channel 1 (0 outside the box).
+    ``with_scale``: also the Laplace scale ``b`` of a generator's channel 1 (0 outside the box). An
+    out-of-memory halves the windows per forward pass and starts the volume again (``backoff``, else a
+    new :class:`~.memory.BatchBackoff` of ``batch_size``).
     """
     output = np.full(images[0].shape, BACKGROUND, dtype=np.float32)
     scale = np.zeros(images[0].shape, dtype=np.float32)
@@ -49,17 +53,26 @@ def synthesize_patches(
     padded = np.pad(stack, pad, constant_values=BACKGROUND)
     generator.eval()
     device = torch.device(device)
-    with autocast(device, precision):
-        result = sliding_window_inference(
-            torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32)).to(device),
-            roi_size=tuple(int(p) for p in patch_size),
-            sw_batch_size=batch_size,
-            predictor=generator,
-            overlap=overlap,
-            mode="gaussian",
-            padding_mode="replicate",
-            progress=progress,
-        )
+    backoff = backoff or BatchBackoff(batch_size, what="inference batch (3D windows)", device=device)
+    result = None
+    while result is None:
+        try:
+            with autocast(device, precision):
+                result = sliding_window_inference(
+                    torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32)).to(device),
+                    roi_size=tuple(int(p) for p in patch_size),
+                    sw_batch_size=backoff.batch,
+                    predictor=generator,
+                    overlap=overlap,
+                    mode="gaussian",
+                    padding_mode="replicate",
+                    progress=progress,
+                )
+        except torch.OutOfMemoryError:
+            result = None
+        if result is None:  # outside the except block, so the failed attempt's tensors are gone
+            backoff.shrink()
+    backoff.settled()
     crop = tuple(slice(0, s) for s in stack.shape[2:])
     output[box] = result[0, 0][crop].float().cpu().numpy()
     if not with_scale:

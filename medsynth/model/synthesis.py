@@ -30,6 +30,7 @@ from ..nets.registry import build_generator
 from ..task import Task
 from .checkpoint import file_digest, load_checkpoint, resolve_checkpoint
 from .device import PrecisionChoice, autocast, check_precision_wish, choose_precision, pick_device, time_call
+from .memory import BatchBackoff
 from .plan import SynthesisPlan
 from .slicing import synthesize_slices
 from .sliding import synthesize_patches
@@ -81,6 +82,8 @@ class SynthesisModel:
         self.source, self.digest, self.epoch = source, digest, epoch
         #: Subject-level splits of the training run, so evaluation scores the held-out subjects.
         self.checkpoint_splits: dict[str, list[str]] = dict(splits or {})
+        #: The largest batch that fitted after an out-of-memory: later volumes start there (one log line).
+        self.batch_limit: int | None = None
 
     @classmethod
     def from_payload(
@@ -136,7 +139,13 @@ class SynthesisModel:
         return self.plan.required_modalities
 
     def describe(self) -> dict[str, Any]:
-        return {"task": str(self.task), "checkpoint": self.source, "sha256": self.digest, "epoch": self.epoch}
+        """The sidecar's ``checkpoint`` block; an exported model adds the SHA-256 of the checkpoint it
+        was exported from (``source_checkpoint_sha256``), so its outputs trace back to the trained run."""
+        described = {"task": str(self.task), "checkpoint": self.source, "sha256": self.digest, "epoch": self.epoch}
+        exported_from = getattr(self, "exported_from", None)  # set by model.export.load_exported
+        if exported_from:
+            described["source_checkpoint_sha256"] = str(exported_from)
+        return described
 
     @property
     def precision(self) -> PrecisionChoice:
@@ -221,12 +230,32 @@ class SynthesisModel:
         scale ``b`` (canonical, normalised units: the expected absolute error) from the same pass."""
         plan, with_scale = self.plan, bool(self.plan.scale_channel)
         target = str(plan.task.target) if target is None else target
+        what = "inference batch" if plan.spatial_dims == 2 else "inference batch (3D windows)"
+        batch_size = min(batch_size, self.batch_limit or batch_size)
+        backoff = BatchBackoff(batch_size, what=what, device=self.device)
+        try:
+            return self._synthesize(images, mask, target, backoff, flip_tta, progress, with_scale)
+        finally:
+            if backoff.shrunk:
+                self.batch_limit = backoff.batch
+
+    def _synthesize(
+        self,
+        images: Mapping[str, np.ndarray],
+        mask: np.ndarray,
+        target: str,
+        backoff: BatchBackoff,
+        flip_tta: bool,
+        progress: bool,
+        with_scale: bool,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        plan, batch_size = self.plan, backoff.batch
         if plan.spatial_dims == 3:
             result = synthesize_patches(
                 self.generator, [images[m] for m in plan.layout.modalities], mask,
                 patch_size=plan.window or (64, 64, 64), overlap=plan.sliding_overlap,
                 batch_size=batch_size, device=self.device, precision=self.precision.precision, progress=progress,
-                with_scale=with_scale,
+                with_scale=with_scale, backoff=backoff,
             )  # fmt: skip
             return result if isinstance(result, tuple) else (result, None)
         axis = plan.axis
@@ -244,6 +273,7 @@ class SynthesisModel:
             flip_tta=flip_tta,
             progress=progress,
             with_scale=with_scale,
+            backoff=backoff,
         )
         if isinstance(result, tuple):
             return np.moveaxis(result[0], 0, axis), np.moveaxis(result[1], 0, axis)

@@ -197,9 +197,21 @@ UNCERTAINTY_SUFFIX = "_uncertainty"
 
 
 def uncertainty_path(out: Path) -> Path:
-    """``<out stem>_uncertainty.nii.gz`` beside the synthetic volume ``out``."""
-    stem = out.name[: -len(".nii.gz")] if out.name.endswith(".nii.gz") else out.stem
-    return out.with_name(f"{stem}{UNCERTAINTY_SUFFIX}.nii.gz")
+    """``<out stem>_uncertainty<out ending>`` beside the synthetic volume ``out``, in its format.
+
+    ``t2.nii.gz`` gets ``t2_uncertainty.nii.gz`` and ``t2.mha`` gets ``t2_uncertainty.mha``, so outputs
+    of one name in two formats never share (and overwrite) one map.
+
+    >>> uncertainty_path(Path("t2.mha")).name
+    't2_uncertainty.mha'
+    """
+    from ..io import formats
+
+    endings = sorted({e for f in formats.registered() for e in f.write_suffixes}, key=len, reverse=True)
+    ending = next((e for e in endings if out.name.lower().endswith(e)), None)
+    if ending is None:
+        return out.with_name(f"{out.stem}{UNCERTAINTY_SUFFIX}.nii.gz")
+    return out.with_name(f"{out.name[: -len(ending)]}{UNCERTAINTY_SUFFIX}{out.name[-len(ending) :]}")
 
 
 def write_uncertainty(
@@ -210,7 +222,7 @@ def write_uncertainty(
     *,
     batch_size: int = 16,
 ) -> dict[str, Any]:
-    """Write ``<out stem>_uncertainty.nii.gz`` on the output's grid; return the sidecar summary."""
+    """Write ``<out stem>_uncertainty<out ending>`` on the output's grid; return the sidecar summary."""
     started = time.perf_counter()
     normalised, mask, reorientation, target = canonical_inputs(
         model, inputs, prediction.target, prediction.mask

@@ -110,10 +110,14 @@ def volume_key(shape: tuple[int, ...], volume_index: int | None, path: Path) -> 
         )
     count = dims[3] if len(dims) == 4 else 1
     if len(dims) == 4 and volume_index is None:
-        raise DataError(f"is 4D with {count} volumes; pass volume_index (0 to {count - 1}) to pick one", path)
+        raise DataError(
+            f"is 4D with {count} volumes; pick one with --volume-index N, N from 0 to {count - 1} "
+            "(data.volume_index in a training config)",
+            path,
+        )
     if volume_index is not None and not 0 <= volume_index < count:
         raise DataError(
-            f"volume_index {volume_index} is out of range; it has {count} volume(s), 0 to {count - 1}", path
+            f"--volume-index {volume_index} is out of range; it has {count} volume(s), 0 to {count - 1}", path
         )
     spatial = (slice(None),) * 3
     return (*spatial, volume_index, *singles) if len(dims) == 4 else (*spatial, *singles)

@@ -73,7 +73,11 @@ def pick_series(folder: Path, series_uid: str | None) -> DicomSeriesInfo:
     if len(images) > 1:
         listing = "; ".join(series.describe() for series in images)
         what = "stacks" if len({s.series_uid for s in images}) == 1 else "image series"
-        raise DataError(f"holds {len(images)} {what}: {listing}; pass series_uid to choose one", here)
+        raise DataError(
+            f"holds {len(images)} {what}: {listing}; choose one with --series-uid UID (a series_uid "
+            "column in a data manifest)",
+            here,
+        )
     return images[0]
 
 
@@ -119,8 +123,17 @@ def read_dicom_folder(
 def _read_classic(info: DicomSeriesInfo, volume_index: int | None, folder: Path, meta: dict) -> Volume:
     import SimpleITK as sitk
 
+    from ..dicom import slice_problem
     from .itk import from_sitk, itk_reason
 
+    for path in info.files:  # SimpleITK reads short pixel data and a slope of 0 without a word
+        problem = slice_problem(path)
+        if problem is not None:
+            raise DataError(
+                f"slice of series {info.series_uid} cannot be read: {problem}; export or copy the series "
+                "again",
+                _real(path),
+            )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(file) for file in info.files])
     reader.SetOutputPixelType(sitk.sitkFloat32)
@@ -139,7 +152,7 @@ def _read_classic(info: DicomSeriesInfo, volume_index: int | None, folder: Path,
             f"series {info.series_uid} cannot be read ({itk_reason(exc)}); copy the export again",
             _where(folder, info.files),
         ) from exc
-    return from_sitk(image, volume_index, folder, meta)
+    return from_sitk(image, volume_index, _where(folder, info.files), meta)
 
 
 def _first_bad_slice(files: Any) -> tuple[Path, str] | None:
@@ -148,23 +161,23 @@ def _first_bad_slice(files: Any) -> tuple[Path, str] | None:
 
     for path in files:
         try:
-            ds = pydicom.dcmread(path)
-            expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
-            expected *= int(ds.BitsAllocated) // 8 * int(ds.get("NumberOfFrames") or 1)
-            have = len(ds.PixelData)
-            if not ds.file_meta.TransferSyntaxUID.is_compressed and have < expected:
-                return path, f"pixel data has {have} of {expected} bytes"
-            ds.pixel_array  # noqa: B018 - decoding is the check
+            pydicom.dcmread(path).pixel_array  # noqa: B018 - decoding is the check
         except Exception as exc:  # pydicom raises many exception types on damaged files
             return path, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     return None
 
 
 def _read_multiframe(info: DicomSeriesInfo, volume_index: int | None, folder: Path, meta: dict) -> Volume:
-    from ..dicom import read_multiframe
+    from ..dicom import multiframe_problem, read_multiframe
     from ..geometry import affine_from_itk
 
     path = info.files[0]
+    problem = multiframe_problem(path, info.frames)
+    if problem is not None:
+        raise DataError(
+            f"multi-frame series {info.selector} cannot be read: {problem}; export or copy the series again",
+            _real(path),
+        )
     try:
         array, spacing, origin, direction = read_multiframe(info)
     except Exception as exc:  # pydicom's decoders raise many exception types on damaged files
@@ -174,7 +187,8 @@ def _read_multiframe(info: DicomSeriesInfo, volume_index: int | None, folder: Pa
             _real(path),
         ) from exc
     affine = affine_from_itk(spacing, origin, direction)
-    return finish(array[volume_key(array.shape, volume_index, folder)], affine, meta, folder)
+    here = _where(folder, info.files)  # a batch's link folder is never named
+    return finish(array[volume_key(array.shape, volume_index, here)], affine, meta, here)
 
 
 DICOM = register(ImageFormat("dicom", (), read_dicom_folder, folder=True))
