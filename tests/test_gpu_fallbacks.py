@@ -119,6 +119,28 @@ def test_an_overflowing_fp16_step_is_skipped_and_the_scale_backs_off(name: str) 
     assert scaler.get_scale() == 2.0**126
 
 
+def test_a_step_that_stopped_half_way_does_not_block_the_scaler() -> None:
+    # Out of memory after the critic's step, before the generator's: the scaler saw one optimiser step
+    # and no update; the next step (at a smaller batch) must go through, at the same scale.
+    objective, _ = _objective("gan", "fp16")
+    optimizer, calls = objective.ctx.optimizer, []
+    step = optimizer.step
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise _oom()
+        return step(*args, **kwargs)
+
+    optimizer.step = fails_once  # type: ignore[method-assign]
+    batches = _images(2)
+    with pytest.raises(torch.OutOfMemoryError):
+        objective.step(*batches[0])
+    losses = objective.step(*batches[1])
+    assert torch.isfinite(losses["loss_l1"]) and len(calls) == 2
+    assert objective.ctx.scaler.get_scale() == 2.0**16
+
+
 def test_a_t4_trains_with_the_scaler_records_fp16_and_resumes_the_scale(
     tiny_cohort: Path, tmp_path: Path, monkeypatch
 ) -> None:

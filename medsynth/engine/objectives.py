@@ -79,17 +79,30 @@ class _Context:
         #: Loss scaling for fp16 (one scaler for every optimiser of a step, updated once per step);
         #: disabled, and then free, for bf16 and fp32.
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        #: Optimisers the scaler stepped since its last update (a step that stopped half-way leaves some).
+        self._stepped: set[int] = set()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.step()`` on unscaled gradients; skipped when fp16 gradients overflowed."""
+        if self.scaler.is_enabled():
+            if id(optimizer) in self._stepped:
+                # The previous step stopped between its optimiser steps (an out-of-memory the loop backed
+                # off from, a failed CUDA-graph capture): the scaler would refuse a second step before an
+                # update. Start its bookkeeping afresh; its scale and growth tracker are kept.
+                fresh = torch.amp.GradScaler(self.device.type, enabled=True)
+                fresh.load_state_dict(self.scaler.state_dict())
+                fresh.scale(torch.zeros((), device=self.device))  # its scale tensor, for this step's loss
+                self.scaler, self._stepped = fresh, set()
+            self._stepped.add(id(optimizer))
         self.scaler.step(optimizer)
 
     def update(self) -> None:
         """End of a training step: the scaler grows or backs off its scale."""
         self.scaler.update()
+        self._stepped.clear()
 
     def scaler_state(self) -> dict[str, Any]:
         """The scaler's state for the checkpoint (nothing when it is disabled)."""

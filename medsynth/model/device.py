@@ -110,7 +110,9 @@ def cpu_matrix_units_from_flags(flags: set[str] | None = None) -> CpuMatrixUnits
     """
     flags = cpu_flags() if flags is None else flags
     onednn = any(needed <= flags for needed in _ONEDNN_BF16_FLAGS)
-    return CpuMatrixUnits(amx_bf16="amx_bf16" in flags, avx512_bf16="avx512_bf16" in flags, onednn_bf16=onednn)
+    return CpuMatrixUnits(
+        amx_bf16="amx_bf16" in flags, avx512_bf16="avx512_bf16" in flags, onednn_bf16=onednn
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -236,11 +238,14 @@ def choose_precision(
         for precision in ("fp32", "bf16")
         for layout in (True, False)
     }
+    given = f"fp32/{'channels_last' if channels_last else 'contiguous'}"
     fp32_key = min((k for k in timings if k.startswith("fp32")), key=timings.__getitem__)
+    if timings[given] < BF16_MIN_GAIN * timings[fp32_key]:
+        fp32_key = given  # the recipe's format unless the other is clearly faster: no flip on noise
     bf16_key = min((k for k in timings if k.startswith("bf16")), key=timings.__getitem__)
     if timings[fp32_key] < MIN_MEASURED_MS:
         reason = f"{unit} present, but a step takes {timings[fp32_key]:.1f} ms in fp32: too short for bf16 to matter"
-        return PrecisionChoice("fp32", fp32_key.endswith("/channels_last"), reason, timings)
+        return PrecisionChoice("fp32", channels_last, reason, timings)
     gain = timings[fp32_key] / timings[bf16_key]
     best = bf16_key if gain >= BF16_MIN_GAIN else fp32_key
     precision, layout = best.split("/")

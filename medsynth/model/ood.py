@@ -249,7 +249,7 @@ class OODChecker:
                 report.reasons.append(
                     f"{name}: intensity histogram inside the head is unlike the training {wanted} images "
                     f"(divergence {own:.3f} > threshold {reference.threshold:.3f})"
-                    + (f" and unlike every other training contrast ({others})" if others else "")
+                    + (f"; no other training contrast matches it clearly ({others})" if others else "")
                     + also
                 )
         return own / reference.threshold, own, reference.threshold
