@@ -42,7 +42,9 @@ def _one_error(capsys: pytest.CaptureFixture[str]) -> str:
 
 
 # ------------------------------------------------------------------------ 3: export --out
-@pytest.mark.parametrize("name", ["checkpoint_latest.pt", "config.yaml", "metrics.csv", "splits.json"])
+@pytest.mark.parametrize(
+    "name", ["checkpoint_latest.pt", "config.yaml", "metrics.csv", "splits.json", "samples/epoch_001.png"]
+)
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_export_never_replaces_a_file_of_a_run_folder(
     run: Path, name: str, overwrite: bool, capsys: pytest.CaptureFixture[str]

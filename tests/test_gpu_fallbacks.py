@@ -236,9 +236,12 @@ def test_a_failed_capture_names_the_op_and_trains_on_eagerly(caplog, second_erro
     assert "runs eagerly from now on" in line
 
 
-def test_an_out_of_memory_during_capture_is_left_to_the_batch_back_off() -> None:
+@pytest.mark.parametrize("second_error", [False, True])
+def test_an_out_of_memory_during_capture_is_left_to_the_batch_back_off(second_error: bool) -> None:
+    # Also when ending the invalidated capture raised a second error on top of the out-of-memory.
     model = _SyncingModel(1e-3)
-    step = GraphedStep(model.step, [model.opt], CPU, warmup=1, backend=_RefusingGraph(model, oom=True))
+    backend = _RefusingGraph(model, oom=True, second_error=second_error)
+    step = GraphedStep(model.step, [model.opt], CPU, warmup=1, backend=backend)
     batches = _batches(2)
     step(*batches[0])
     with pytest.raises(torch.OutOfMemoryError):

@@ -106,13 +106,16 @@ class GraphedStep:
         if not self.captured and self.steps <= self.warmup:
             return self.backend.warm(lambda: self.step(source, target, mask))
         if not self.captured:
+            out_of_memory = ""
             try:
                 self._capture(source, target, mask)
-            except torch.OutOfMemoryError:
-                self._abandon()
-                raise
             except Exception as exc:  # any failure of the capture: say where, then train eagerly
-                self.failure = capture_failure(exc)
+                # Ending a capture that ran out of memory raises again, with the out-of-memory as context.
+                out_of_memory = next((str(e) for e in _chain(exc) if isinstance(e, torch.OutOfMemoryError)), "")
+                self.failure = None if out_of_memory else capture_failure(exc)
+            if out_of_memory:  # the trainer's back-off halves the batch and captures anew
+                self._abandon()
+                raise torch.OutOfMemoryError(out_of_memory)
             if self.failure is not None:
                 self._abandon()
                 log.warning(
@@ -184,12 +187,8 @@ def capture_failure(exc: BaseException) -> str:
     """
     # A failed operation invalidates the capture, and ending it raises again ("operation failed due to a
     # previous error during capture") from inside torch: the first error of the chain names the operation.
-    chain: list[BaseException] = []
-    cause: BaseException | None = exc
-    while cause is not None and cause not in chain:
-        chain.append(cause)
-        cause = cause.__context__
     frames: list[traceback.FrameSummary] = []
+    chain = _chain(exc)
     for exc in reversed(chain):
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.endswith(_CAPTURE_FRAMES)]
         if frames:
@@ -203,6 +202,16 @@ def capture_failure(exc: BaseException) -> str:
     if ours and ours[-1] is not frames[-1]:
         where += f" from {_where(ours[-1])}"
     return f"{where} ({error})"
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised while handling, outermost first."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__context__
+    return chain
 
 
 def _where(frame: traceback.FrameSummary, limit: int = 100) -> str:

@@ -72,9 +72,12 @@ def decide_training_precision(
     config: Config, run_dir: Path, device: torch.device, dist: Dist, measure: Measure | None
 ) -> PrecisionChoice:
     """The run's precision: the recorded one on resume, else a new decision (rank 0's, shared)."""
-    recorded = _read(run_dir / PRECISION_FILE, device)
+    # Rank 0 reads the record for all: another rank reading it itself could find the file rank 0 has
+    # just written for a new decision, skip the broadcast below and leave rank 0 waiting in it.
+    recorded = _read(run_dir / PRECISION_FILE, device) if dist.is_main else None
+    recorded = dist.broadcast_object(recorded) if dist.enabled else recorded
     if recorded is not None:
-        log.info("precision: %s (recorded when the run started)", recorded.describe())
+        log.debug("precision: %s (recorded when the run started)", recorded.describe())
         return recorded
     wish = "fp32" if not config.train.amp else config.train.precision
     choice = None
@@ -84,7 +87,7 @@ def decide_training_precision(
         atomic_write_text(run_dir / PRECISION_FILE, json.dumps(record, indent=2) + "\n")
     choice = dist.broadcast_object(choice) if dist.enabled else choice
     assert choice is not None
-    log.info("precision: %s", choice.describe())
+    log.debug("precision: %s", choice.describe())  # printed with the run's first lines (engine/run.py)
     return choice
 
 

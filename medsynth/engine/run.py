@@ -183,13 +183,15 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, quiet: bool = 
     trainer = Trainer(config, task, data, run_dir, quiet=quiet)
     if resume:
         trainer.resume(run_dir / LATEST)
-        log.info("resuming %s at epoch %d, step %d", run_dir, trainer.epoch + 1, trainer.step_in_epoch)
+        log.info("resuming %s at epoch %d, step %d; precision %s", run_dir, trainer.epoch + 1,
+                 trainer.step_in_epoch, trainer.precision.describe())  # fmt: skip
     elif not trainer.quiet:
         sizes = {k: len(v) for k, v in data.splits.items()}
         print(
             f"training {task.describe()} on {sizes.get('train', 0)} subjects "
             f"({len(trainer.dataset)} slices), validating on {sizes.get('val', 0)}; run folder {run_dir}"
         )
+        print(f"precision: {trainer.precision.describe()}")
     if dist.enabled and not trainer.quiet:
         info = trainer.distributed_info()
         print(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
 import zipfile
 from pathlib import Path
@@ -152,8 +153,8 @@ def check_export_target(path: str | Path, fmt: str, *, overwrite: bool = False) 
     """Refuse an ``--out`` whose existing file is not ours to replace.
 
     A new file is fine, and so is the file of an earlier export in the same format. A file of a run
-    folder (``checkpoint_latest.pt``, ``config.yaml``, ``metrics.csv`` ...) or any medsynth checkpoint is
-    always refused; any other existing file only with ``overwrite`` (``--overwrite``).
+    folder or of its subfolders (``checkpoint_latest.pt``, ``config.yaml``, ``samples/*.png`` ...) and
+    any checkpoint are always refused; any other existing file only with ``overwrite`` (``--overwrite``).
     """
     path = Path(path)
     if not (path.exists() or path.is_symlink()):
@@ -165,7 +166,8 @@ def check_export_target(path: str | Path, fmt: str, *, overwrite: bool = False) 
         return
     if model_file_kind(path) == "checkpoint":
         raise MedsynthError("--out is a model checkpoint; give the export another file name", path)
-    if is_run_folder(path.parent) and previous is None:
+    folder = Path(os.path.realpath(path.parent))
+    if previous is None and any(is_run_folder(p) for p in (folder, *folder.parents)):
         raise MedsynthError(
             "--out is a file of a training run (its resume state, settings or records); "
             "give the export another file name",
