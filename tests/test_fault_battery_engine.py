@@ -67,7 +67,7 @@ def _lock_pid(run: Path) -> int | None:
 # ------------------------------------------------------------------------------ 2: budgets
 #: One epoch of single-slice batches (tens of steps) and a budget of a fraction of a second: the
 #: budget ends the run inside its first epoch. decay_epochs=0: the schedule is constant to the end.
-NO_DECAY = ["train.batch_size=1", "train.epochs=1", "train.decay_epochs=0", "train.max_minutes=0.004"]
+NO_DECAY = ["train.batch_size=1", "train.epochs=1", "train.decay_epochs=0", "train.max_minutes=0.001"]
 
 
 def test_budget_without_decay_stops_mid_epoch_says_so_and_resume_completes_the_epoch(

@@ -212,6 +212,11 @@ class Trainer:
     def _decide_precision(self, in_channels: int) -> PrecisionChoice:
         """The run's precision (engine/precision.py): a CPU with a bf16 unit measures this network."""
         sample = self.dataset[0]
+        # One forward pass of a training-sized input first: a network that cannot take the run's slices
+        # (a ResViT patch larger than its feature map) is refused before anything is measured or saved.
+        with torch.no_grad():
+            self.generator.eval()(torch.as_tensor(sample["source"])[None].to(self.device))
+        self.generator.train()
         measure = training_measure(
             self.config, self.generator, in_channels, tuple(sample["source"].shape),
             tuple(sample["target"].shape), self.device,
