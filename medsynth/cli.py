@@ -19,7 +19,7 @@ from .errors import MedsynthError
 
 log = logging.getLogger("medsynth")
 #: ``medsynth export`` formats (= medsynth.model.export.FORMATS, which imports torch).
-EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_FORMATS = ("onnx", "pt2", "torchscript", "monai-bundle")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--quiet", action="store_true")
     job.set_defaults(handler=_demo_job)
 
-    export = commands.add_parser("export", help="export the generator to ONNX or TorchScript, plan embedded")
+    export = commands.add_parser("export", help="export the generator (ONNX, pt2, TorchScript; plan embedded) or a MONAI bundle")
     export.add_argument("--checkpoint", required=True, type=Path, help="checkpoint .pt or run folder")
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    export.add_argument("--out", required=True, type=Path, help="output file, e.g. model.onnx or model_ts.pt")
+    export.add_argument("--out", required=True, type=Path, help="output file (model.onnx, model.pt2, model_ts.pt) or folder (monai-bundle)")
     export.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out that is not an earlier export in this format")  # fmt: skip
     export.set_defaults(handler=_export)

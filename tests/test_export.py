@@ -1,4 +1,4 @@
-"""``medsynth export``: ONNX and TorchScript reproduce the PyTorch generator on a whole held-out volume."""
+"""``medsynth export``: ONNX, pt2 and TorchScript reproduce the PyTorch generator on a whole held-out volume."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def test_cli_choices_match_the_formats() -> None:
     assert EXPORT_FORMATS == FORMATS
 
 
-@pytest.mark.parametrize(("fmt", "name"), [("onnx", "model.onnx"), ("torchscript", "model_ts.pt")])
+@pytest.mark.parametrize(
+    ("fmt", "name"), [("onnx", "model.onnx"), ("pt2", "model.pt2"), ("torchscript", "model_ts.pt")]
+)
 def test_export_reproduces_the_checkpoint(
     fmt: str, name: str, tiny_run: Path, tiny_cohort: Path, tmp_path: Path
 ) -> None:
@@ -52,10 +54,14 @@ def test_export_reproduces_the_checkpoint(
 
 
 def test_a_file_without_the_plan_is_refused(tmp_path: Path, capsys) -> None:
+    import warnings
+
     import torch
 
     path = tmp_path / "plain.pt"
-    torch.jit.save(torch.jit.trace(torch.nn.Conv2d(1, 1, 1), torch.zeros(1, 1, 4, 4)), str(path))
+    with warnings.catch_warnings():  # torch.jit is deprecated; this test only needs a foreign archive
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.trace(torch.nn.Conv2d(1, 1, 1), torch.zeros(1, 1, 4, 4)), str(path))
     code = main(
         ["infer", "--volume", str(path), "--checkpoint", str(path), "--out", str(tmp_path / "x.nii.gz")]
     )

@@ -166,6 +166,8 @@ class _Foreign(torch.nn.Module):
         return self.conv(x)
 
 
+# The test forges its foreign files with torch.jit and the legacy ONNX exporter, both deprecated.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_a_foreign_network_with_a_copied_plan_is_refused(
     fmt: str, run: Path, tiny_cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -1,4 +1,4 @@
-"""``medsynth export``: a checkpoint's generator as ONNX or TorchScript, its plan embedded."""
+"""``medsynth export``: a checkpoint's generator as ONNX, pt2 or TorchScript (plan embedded), or a MONAI bundle."""
 
 from __future__ import annotations
 
@@ -13,16 +13,33 @@ from ..model.synthesis import SynthesisModel
 
 def export_from_args(args: argparse.Namespace) -> int:
     """The format is checked by the parser (``choices``) and again by :func:`export_model`."""
-    if args.out.is_dir():
+    bundle = args.format == "monai-bundle"
+    overwrite = bool(getattr(args, "overwrite", False))
+    if args.out.is_dir() and not bundle:
         raise MedsynthError("--out is a folder; give a file name such as model.onnx", args.out)
     checkpoint = resolve_checkpoint(args.checkpoint)
     if args.out.exists() and checkpoint.exists() and os.path.samefile(args.out, checkpoint):
         raise MedsynthError("--out is the checkpoint being exported; give another file name", args.out)
-    check_export_target(args.out, args.format, overwrite=bool(getattr(args, "overwrite", False)))
+    if bundle:
+        from ..model.bundle import check_bundle_target, write_bundle
+
+        check_bundle_target(args.out, overwrite=overwrite)
+    else:
+        check_export_target(args.out, args.format, overwrite=overwrite)
     model = SynthesisModel.from_checkpoint(args.checkpoint, device="cpu")
+    if bundle:
+        path = write_bundle(model, checkpoint, args.out, overwrite=overwrite)
+        print(
+            f"{path}: MONAI bundle of the {model.task} model (configs/, models/model.pt and model.ts, "
+            f"docs/README.md); run it with medsynth infer --checkpoint {path} or python -m monai.bundle run "
+            f"--config_file {path}/configs/inference.json --meta_file {path}/configs/metadata.json "
+            f"--bundle_root {path} --dataset_dir NIFTI_FOLDER --output_dir OUT_FOLDER"
+        )
+        return 0
     path = export_model(model, args.out, args.format)
+    channels, *_ = input_shape(model)
     print(
-        f"{path}: {args.format}, {model.task} generator, input (batch, {', '.join(map(str, input_shape(model)))}), "
+        f"{path}: {args.format}, {model.task} generator, input (batch, {channels}, any size), "
         f"plan and fingerprint embedded; run it with medsynth infer --checkpoint {path}"
     )
     return 0

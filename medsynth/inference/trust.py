@@ -1,6 +1,7 @@
 """``medsynth infer``'s trust options, kept apart from the batch loop in :mod:`.run`.
 
-* :func:`load_model`: a medsynth checkpoint or run folder, or an exported ONNX / TorchScript file;
+* :func:`load_model`: a medsynth checkpoint or run folder, an exported ONNX / pt2 / TorchScript file,
+  or a MONAI bundle folder;
 * :func:`screen_inputs`: the out-of-distribution check before synthesis (warn, or refuse with
   ``--strict``); its result is the sidecar's ``ood`` block;
 * :func:`trust_outputs`: ``--uncertainty`` writes ``<out stem>_uncertainty`` (in the output's format) on
@@ -22,11 +23,15 @@ _checkers: weakref.WeakKeyDictionary[SynthesisModel, OODChecker] = weakref.WeakK
 
 
 def load_model(path: str | Path, device: str = "cpu", precision: str = "auto") -> SynthesisModel:
-    """A checkpoint (``.pt`` / run folder) or an exported model (``.onnx``, TorchScript ``.pt``, always fp32)."""
+    """A checkpoint (``.pt`` / run folder), an exported model (``.onnx``, ``.pt2``, TorchScript ``.pt``,
+    always fp32) or a MONAI bundle folder that ``medsynth export --format monai-bundle`` wrote."""
+    from ..model.bundle import is_bundle, load_bundle
     from ..model.export import is_exported, load_exported
 
     if is_exported(path):
         return load_exported(path, device=device)
+    if is_bundle(path):
+        return load_bundle(path, device=device, precision=precision)
     return SynthesisModel.from_checkpoint(path, device=device, precision=precision)
 
 

@@ -26,7 +26,12 @@ FORMAT_VERSION = 2
 BEST = "checkpoint_best.pt"
 LATEST = "checkpoint_latest.pt"
 #: What :func:`model_file_kind` calls a file, and how messages name each kind.
-KIND_NAMES = {"checkpoint": "a torch checkpoint", "torchscript": "a TorchScript export", "onnx": "an ONNX export"}
+KIND_NAMES = {
+    "checkpoint": "a torch checkpoint",
+    "torchscript": "a TorchScript export",
+    "pt2": "a pt2 (torch.export) export",
+    "onnx": "an ONNX export",
+}
 
 
 def resolve_checkpoint(path: str | Path, which: str = BEST) -> Path:
@@ -47,7 +52,8 @@ def model_file_kind(path: str | Path) -> str:
     """What a model file holds, told by its content, never by its ending.
 
     ``"checkpoint"`` (a ``torch.save`` archive or pickle), ``"torchscript"`` (a zip with ``code/``),
-    ``"onnx"`` (a protobuf ``ModelProto``), or ``"unknown"`` (not a file, or none of these).
+    ``"pt2"`` (a ``torch.export.save`` archive: a zip with ``archive_format``), ``"onnx"`` (a protobuf
+    ``ModelProto``), or ``"unknown"`` (not a file, or none of these).
 
     >>> model_file_kind("no/such/file.pt")
     'unknown'
@@ -66,6 +72,8 @@ def model_file_kind(path: str | Path) -> str:
             return "unknown"
         if any("/code/" in name for name in names):
             return "torchscript"
+        if any(name == "archive_format" or name.endswith("/archive_format") for name in names):
+            return "pt2"
         return "checkpoint" if any(name.endswith("data.pkl") for name in names) else "unknown"
     if head[:1] == b"\x80":  # a pickle: the legacy torch.save format
         return "checkpoint"
@@ -128,7 +136,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError("no such checkpoint; pass a .pt file or a run folder", path)
     kind = model_file_kind(path)
-    if kind in ("onnx", "torchscript"):
+    if kind in ("onnx", "torchscript", "pt2"):
         raise CheckpointError(
             f"this is {KIND_NAMES[kind]} of a model (medsynth export), not a medsynth checkpoint: "
             "`medsynth infer` runs it; to export or resume, pass the run folder or its checkpoint_best.pt",

@@ -1,30 +1,37 @@
-"""Portable exports of a trained generator: ONNX and TorchScript, with the plan embedded.
+"""Portable exports of a trained generator: ONNX, pt2 (``torch.export``) and TorchScript, plan embedded.
 
 ``export_model(model, path, fmt)`` writes the generator alone (no critic, no optimiser) with everything
 whole-volume synthesis needs stored inside the file as one JSON document (``medsynth_export``: the
 :class:`~medsynth.model.plan.SynthesisPlan`, the normalisation fingerprint, the splits, the medsynth
-version, the source checkpoint's SHA-256 and the exported input shape):
+version, the source checkpoint's SHA-256, the training window and the size rule of the spatial axes):
 
 * ONNX: a ``metadata_props`` entry (read back with onnxruntime's ``custom_metadata_map``);
-* TorchScript: an ``_extra_files`` entry ``medsynth.json``.
+* pt2: an ``ExportedProgram`` (:func:`torch.export.export`) saved with :func:`torch.export.save`, the
+  metadata in its extra file ``medsynth.json``;
+* TorchScript: an ``_extra_files`` entry ``medsynth.json`` (kept because MONAI bundles and MONAI Deploy
+  load TorchScript; PyTorch deprecates it, so its warnings are silenced here, and pt2 is its successor).
 
 :func:`load_exported` rebuilds a :class:`~medsynth.model.synthesis.SynthesisModel` whose generator is
-an adapter module around the onnxruntime session (or the TorchScript module), so ``medsynth infer``
+an adapter module around the onnxruntime session (or the pt2 / TorchScript module), so ``medsynth infer``
 runs an exported file through exactly the same slicing / sliding-window path as a checkpoint.
 
-The batch axis is dynamic; the spatial size is the training window the plan frames slices (2D) or
-tiles patches (3D) with, because the generators pad to a multiple of their stride in Python code that
-tracing records as constants. A volume whose head needs a larger 2D frame is refused with a message.
-Exports compute in fp32.
+Batch and spatial axes are dynamic (export format 2). The generators pad their input to a multiple of
+their stride (``2**depth`` for the U-Net) in Python; that padding is kept out of the exported graph, which
+only ever sees sizes that are multiples of the stride, and the adapter pads (by edge replication, as the
+network does) before calling it and crops after: the same numbers as the checkpoint, for any frame size.
+Exports of format 1 (fixed to the training window) still load. Exports compute in fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,28 +42,67 @@ from .. import __version__
 from ..data.fingerprint import Fingerprint
 from ..errors import CheckpointError, MedsynthError
 from ..io.atomic import atomic_path
+from ..nets.blocks import crop_to, pad_to_multiple
 from .checkpoint import is_run_folder, model_file_kind
 from .plan import SynthesisPlan
 from .synthesis import SynthesisModel
 
-FORMATS = ("onnx", "torchscript")
+#: What ``medsynth export --format`` accepts; ``monai-bundle`` is a folder (:mod:`medsynth.model.bundle`).
+FORMATS = ("onnx", "pt2", "torchscript", "monai-bundle")
+#: The single-file formats :func:`export_model` writes.
+FILE_FORMATS = ("onnx", "pt2", "torchscript")
 METADATA_KEY = "medsynth_export"
 EXTRA_FILE = "medsynth.json"
 EXPORT_FORMAT = "medsynth-export"
-EXPORT_VERSION = 1
+#: 2: dynamic spatial axes (``dynamic`` block: the stride multiple and the smallest side).
+EXPORT_VERSION = 2
 #: Default ONNX opset (onnxruntime >= 1.16 runs it).
 OPSET = 17
+#: Largest side (voxels) a dynamic export promises to take: 2048 covers 0.1 mm in-plane heads.
+MAX_SIDE = 2048
 
 
 def input_shape(model: SynthesisModel) -> tuple[int, ...]:
-    """``(channels, *window)`` of one generator input: the size the export is traced at."""
+    """``(channels, *window)`` of one generator input at the training window."""
     plan = model.plan
     if not plan.window:
         raise MedsynthError("this checkpoint has no training window (plan.window); it cannot be exported")
     return (plan.layout.channels if plan.spatial_dims == 2 else len(plan.layout.modalities), *plan.window)
 
 
-def export_metadata(model: SynthesisModel) -> dict[str, Any]:
+def size_rule(generator: torch.nn.Module) -> tuple[int, int]:
+    """``(multiple, min_side)``: the exported graph takes sides that are multiples of ``multiple``, at
+    least ``min_side`` voxels; the generator's own padding brings any size there (``pad_to_multiple``)."""
+    from ..nets.resvit import ResViT
+    from ..nets.unet import UNet
+
+    if isinstance(generator, UNet):
+        multiple = 2**generator.depth
+        return multiple, multiple
+    if isinstance(generator, ResViT):
+        multiple = int(generator._multiple)
+        return multiple, math.ceil(generator.min_input_size() / multiple) * multiple
+    raise MedsynthError(
+        f"cannot export a {type(generator).__name__} generator with dynamic sizes: "
+        "medsynth knows the stride of UNet and ResViT only"
+    )
+
+
+def example_shape(model: SynthesisModel, multiple: int) -> tuple[int, ...]:
+    """``(2, channels, *sides)``: the input an export is traced with.
+
+    Batch 2, so the batch axis is not specialised to 1 (torch.export would). Each side is the window
+    rounded up to the multiple, plus one multiple: never the training size itself, so a ResViT's
+    positional embedding is traced through its resize (an identity at the training size) and the
+    graph does not fix the token grid.
+    """
+    channels, *window = input_shape(model)
+    return (2, channels, *(max(math.ceil(w / multiple), 1) * multiple + multiple for w in window))
+
+
+def export_metadata(model: SynthesisModel, *, dynamic: bool = True) -> dict[str, Any]:
+    """The embedded JSON; ``dynamic=False``: the graph takes the training window only (``dynamic`` null)."""
+    multiple, min_side = size_rule(model.generator)
     return {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -68,43 +114,143 @@ def export_metadata(model: SynthesisModel) -> dict[str, Any]:
         "source_sha256": model.digest,
         "epoch": model.epoch,
         "input_shape": list(input_shape(model)),
+        "dynamic": {"multiple": multiple, "min_side": min_side, "max_side": MAX_SIDE} if dynamic else None,
     }
 
 
-def export_model(model: SynthesisModel, path: str | Path, fmt: str, *, opset: int = OPSET) -> Path:
-    """Write ``model``'s generator to ``path`` as ``fmt`` (``onnx`` | ``torchscript``), atomically."""
-    if fmt not in FORMATS:
-        raise MedsynthError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    generator = model.generator.float().eval().to("cpu", memory_format=torch.contiguous_format)
-    example = torch.zeros((2, *input_shape(model)), dtype=torch.float32)
-    metadata = json.dumps(export_metadata(model))
-    path = Path(path)
+@contextlib.contextmanager
+def plain_attention() -> Iterator[None]:
+    """Transformer layers (ResViT) on their plain path: their fused inference kernel has no ONNX form."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with atomic_path(path) as temp, torch.no_grad():
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+@contextlib.contextmanager
+def padding_outside_graph() -> Iterator[None]:
+    """Trace the generators without their pad-to-stride / crop steps (see the module docstring).
+
+    The exported graph is then free of shape arithmetic (no sizes baked in by tracing, no guards for
+    ``torch.export``); the loader's adapter pads and crops with the same functions instead. The
+    output layers' ``full_precision`` (leave autocast) is a no-op too: an export computes in fp32.
+    """
+    from ..nets import resvit, unet
+
+    names = ("pad_to_multiple", "crop_to", "full_precision")
+    saved = [(module, {name: getattr(module, name) for name in names}) for module in (unet, resvit)]
+
+    def no_pad(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+        return x, tuple(x.shape[2:])
+
+    def no_crop(x: torch.Tensor, size: Any) -> torch.Tensor:
+        return x
+
+    def fp32(tensor: torch.Tensor) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
+
+    try:
+        for module, _ in saved:
+            module.pad_to_multiple, module.crop_to, module.full_precision = no_pad, no_crop, fp32  # type: ignore[assignment]
+        yield
+    finally:
+        for module, originals in saved:
+            for name, value in originals.items():
+                setattr(module, name, value)
+
+
+def export_model(model: SynthesisModel, path: str | Path, fmt: str, *, opset: int = OPSET) -> Path:
+    """Write ``model``'s generator to ``path`` as ``fmt`` (``onnx`` | ``pt2`` | ``torchscript``), atomically."""
+    if fmt not in FILE_FORMATS:
+        raise MedsynthError(f"unknown export file format {fmt!r}; choose one of {', '.join(FILE_FORMATS)}")
+    generator = model.generator.float().eval().to("cpu", memory_format=torch.contiguous_format)
+    # The TorchScript-based ONNX exporter bakes attention's token count into its reshapes: a
+    # transformer generator (ResViT) goes to ONNX at the training window only, padding inside the graph.
+    static = fmt == "onnx" and any(isinstance(m, torch.nn.MultiheadAttention) for m in generator.modules())
+    metadata = export_metadata(model, dynamic=not static)
+    if static:
+        example = torch.zeros((2, *input_shape(model)), dtype=torch.float32)
+    else:
+        example = torch.zeros(example_shape(model, metadata["dynamic"]["multiple"]), dtype=torch.float32)
+    text = json.dumps(metadata)
+    path = Path(path)
+    graph = contextlib.nullcontext() if static else padding_outside_graph()
+    try:
+        with atomic_path(path) as temp, torch.no_grad(), graph, plain_attention():
             if fmt == "torchscript":
-                with warnings.catch_warnings():  # TorchScript is deprecated but still the portable format
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    traced = torch.jit.trace(generator, example, check_trace=False)
-                    torch.jit.save(traced, str(temp), _extra_files={EXTRA_FILE: metadata})
+                _export_torchscript(generator, example, Path(temp), text)
+            elif fmt == "pt2":
+                _export_pt2(generator, example, Path(temp), text, metadata["dynamic"])
             else:
-                _export_onnx(generator, example, Path(temp), metadata, opset)
+                _export_onnx(generator, example, Path(temp), text, opset, dynamic_sides=not static)
     finally:
         model.generator.to(model.device)
     return path
 
 
+def _export_torchscript(generator: torch.nn.Module, example: torch.Tensor, path: Path, metadata: str) -> None:
+    # torch.jit is deprecated (pt2 replaces it) but MONAI bundles and MONAI Deploy load TorchScript;
+    # its DeprecationWarnings and the tracer's notes are not the user's business.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(generator, example, check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: metadata})
+
+
+def _export_pt2(
+    generator: torch.nn.Module, example: torch.Tensor, path: Path, metadata: str, rule: dict[str, int]
+) -> None:
+    from torch.export import Dim
+
+    multiple, min_side = rule["multiple"], rule["min_side"]
+    sides = {
+        axis: multiple * Dim(f"side{axis}", min=min_side // multiple, max=rule["max_side"] // multiple)
+        for axis in range(2, example.dim())
+    }
+    shapes = {"x": {0: Dim("batch", min=1, max=1024), **sides}}
+    try:
+        program = torch.export.export(generator, (example,), dynamic_shapes=shapes)
+    except Exception as exc:  # torch.export raises many types for what it cannot trace
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise MedsynthError(
+            f"torch.export could not export this generator ({exc.__class__.__name__}: {first}); "
+            "use --format onnx or torchscript"
+        ) from exc
+    torch.export.save(program, str(path), extra_files={EXTRA_FILE: metadata})
+
+
 def _export_onnx(
-    generator: torch.nn.Module, example: torch.Tensor, path: Path, metadata: str, opset: int
+    generator: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    metadata: str,
+    opset: int,
+    *,
+    dynamic_sides: bool = True,
 ) -> None:
     try:
         import onnx
     except ImportError as exc:
         raise MedsynthError("ONNX export needs the onnx package: pip install 'medsynth[onnx]'") from exc
-    axes = {"input": {0: "batch"}, "output": {0: "batch"}}
-    torch.onnx.export(
-        generator, (example,), str(path), input_names=["input"], output_names=["output"],
-        dynamic_axes=axes, opset_version=opset, dynamo=False,
-    )  # fmt: skip
+    names = ["batch", "channels", *("side0", "side1", "side2")[: example.dim() - 2]]
+    dynamic = {i: names[i] for i in range(example.dim()) if i == 0 or (i > 1 and dynamic_sides)}
+    # The TorchScript-based exporter (dynamo=False): torch.onnx.export(dynamo=True) translates through
+    # the onnxscript package, which neither medsynth's onnx extra nor onnxruntime brings, so it fails
+    # where only onnx + onnxruntime are installed. With the padding kept out of the graph the traced
+    # graph has no baked sizes, and dynamic_axes make batch and sides free.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Constant folding")  # the exporter's own notes
+        torch.onnx.export(
+            generator, (example,), str(path), input_names=["input"], output_names=["output"],
+            dynamic_axes={"input": dynamic, "output": dynamic}, opset_version=opset, dynamo=False,
+        )  # fmt: skip
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, metadata
@@ -112,6 +258,9 @@ def _export_onnx(
 
 
 # ---------------------------------------------------------------------------------- loading
+EXPORT_KINDS = ("onnx", "pt2", "torchscript")
+
+
 def is_torchscript(path: str | Path) -> bool:
     """A TorchScript archive (a zip with ``code/``), as opposed to a ``torch.save`` checkpoint."""
     return model_file_kind(path) == "torchscript"
@@ -120,23 +269,23 @@ def is_torchscript(path: str | Path) -> bool:
 def is_exported(path: str | Path) -> bool:
     """An exported model, told by its content (an ONNX export named ``x.pt`` is one too).
 
-    A file whose content is none of medsynth's kinds but whose name ends in ``.onnx`` counts, so the
-    ONNX loader names what is wrong with it.
+    A file whose content is none of medsynth's kinds but whose name ends in ``.onnx`` or ``.pt2``
+    counts, so the loader of that format names what is wrong with it (a truncated file, say).
     """
     path = Path(path)
     if path.is_dir():
         return False
     kind = model_file_kind(path)
-    return kind in ("onnx", "torchscript") or (kind == "unknown" and path.suffix.lower() == ".onnx")
+    return kind in EXPORT_KINDS or (kind == "unknown" and path.suffix.lower() in (".onnx", ".pt2"))
 
 
 def medsynth_export_kind(path: str | Path) -> str | None:
-    """``"onnx"`` / ``"torchscript"`` for a file ``medsynth export`` wrote (its metadata present), else None."""
+    """The format of a file ``medsynth export`` wrote (its metadata present), else None."""
     path = Path(path)
     kind = model_file_kind(path)
-    if kind == "torchscript":
+    if kind in ("torchscript", "pt2"):
         with zipfile.ZipFile(path) as archive:
-            found = any(name.split("/", 1)[-1] == f"extra/{EXTRA_FILE}" for name in archive.namelist())
+            found = any(name.endswith(f"extra/{EXTRA_FILE}") for name in archive.namelist())
         return kind if found else None
     if kind == "onnx":
         try:
@@ -181,23 +330,59 @@ def check_export_target(path: str | Path, fmt: str, *, overwrite: bool = False) 
 
 
 class _ExportedGenerator(torch.nn.Module):
-    """Checks the input size an export was traced at, calls it, and checks its output against the plan."""
+    """Pads an input to the export's size rule, calls the exported graph, checks and crops its output.
 
-    def __init__(self, shape: tuple[int, ...], source: str, out_channels: int = 1) -> None:
+    ``shape`` is ``(channels, *window)``; ``rule`` the ``dynamic`` block of a format-2 export, or None
+    for a format-1 export, which takes the training window only.
+    """
+
+    def __init__(
+        self, shape: tuple[int, ...], source: str, out_channels: int = 1, rule: dict[str, int] | None = None
+    ) -> None:
         super().__init__()
         self.shape, self.source, self.out_channels = tuple(shape), source, int(out_channels)
+        self.rule = dict(rule) if rule else None
 
     def _check(self, x: torch.Tensor) -> None:
-        if tuple(x.shape[1:]) != self.shape:
+        sides = tuple(x.shape[2:])
+        if self.rule is None:
+            if tuple(x.shape[1:]) != self.shape:
+                raise MedsynthError(
+                    f"this exported model takes inputs of shape {list(self.shape)} only, got "
+                    f"{list(x.shape[1:])} (the head is larger than the training window); run the checkpoint "
+                    "or a pt2 / TorchScript export (this ONNX file is of a transformer network, or older "
+                    "than dynamic sizes: fixed to the window)",
+                    self.source,
+                )
+            return
+        if x.shape[1] != self.shape[0] or len(sides) != len(self.shape) - 1:
             raise MedsynthError(
-                f"this exported model takes inputs of shape {list(self.shape)}, got {list(x.shape[1:])} "
-                "(the head is larger than the training window); run the medsynth checkpoint instead",
+                f"this exported model takes {self.shape[0]} channels of {len(self.shape) - 1}D input, "
+                f"got shape {list(x.shape[1:])}",
                 self.source,
             )
+        low, high, multiple = self.rule["min_side"], self.rule["max_side"], self.rule["multiple"]
+        padded = [math.ceil(side / multiple) * multiple for side in sides]  # what the graph will see
+        if min(padded) < low or max(padded) > high:
+            raise MedsynthError(
+                f"this exported model takes sides of {low} to {high} voxels, got {list(sides)}", self.source
+            )
 
-    def _checked(self, x: torch.Tensor, y: Any) -> torch.Tensor:
-        """The output must be ``(batch, out_channels, *window)``, as the embedded plan says."""
-        want = (int(x.shape[0]), self.out_channels, *self.shape[1:])
+    def _run(self, x: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        multiple = self.rule["multiple"] if self.rule else 1
+        padded, size = pad_to_multiple(x.float().contiguous(), multiple)
+        output = self._checked(padded, self._run(padded))
+        if isinstance(output, np.ndarray):
+            output = torch.from_numpy(output)
+        return crop_to(output.to(x.device), size)
+
+    def _checked(self, x: torch.Tensor, y: Any) -> Any:
+        """The output must be ``(batch, out_channels, *input sides)``, as the embedded plan says."""
+        want = (int(x.shape[0]), self.out_channels, *(int(s) for s in x.shape[2:]))
         got = tuple(y.shape) if isinstance(y, (torch.Tensor, np.ndarray)) else None
         if got != want:
             raise CheckpointError(
@@ -211,35 +396,60 @@ class _ExportedGenerator(torch.nn.Module):
 class OnnxGenerator(_ExportedGenerator):
     """An onnxruntime session behind a ``torch.nn.Module`` interface (CPU or CUDA provider)."""
 
-    def __init__(self, session: Any, shape: tuple[int, ...], source: str, out_channels: int = 1) -> None:
-        super().__init__(shape, source, out_channels)
+    def __init__(self, session: Any, shape: tuple[int, ...], source: str, out_channels: int = 1,
+                 rule: dict[str, int] | None = None) -> None:  # fmt: skip
+        super().__init__(shape, source, out_channels, rule)
         self.session = session
         self.input_name = session.get_inputs()[0].name
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        array = np.ascontiguousarray(x.detach().float().cpu().numpy())
-        output = self.session.run(None, {self.input_name: array})[0]
-        return torch.from_numpy(self._checked(x, output)).to(x.device)
+    def _run(self, x: torch.Tensor) -> Any:
+        array = np.ascontiguousarray(x.detach().cpu().numpy())
+        return self.session.run(None, {self.input_name: array})[0]
 
 
 class TorchScriptGenerator(_ExportedGenerator):
-    def __init__(
-        self, module: torch.nn.Module, shape: tuple[int, ...], source: str, out_channels: int = 1
-    ) -> None:
-        super().__init__(shape, source, out_channels)
+    """A TorchScript module, or a pt2 ``ExportedProgram``'s module (both are called the same way)."""
+
+    def __init__(self, module: torch.nn.Module, shape: tuple[int, ...], source: str, out_channels: int = 1,
+                 rule: dict[str, int] | None = None) -> None:  # fmt: skip
+        super().__init__(shape, source, out_channels, rule)
         self.module = module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        return self._checked(x, self.module(x.float().contiguous()))
+    def _run(self, x: torch.Tensor) -> Any:
+        return self.module(x)
+
+
+class Pt2Generator(TorchScriptGenerator):
+    """An ``ExportedProgram``'s module: held outside the module tree, because its mode was fixed at
+    export (eval) and ``train()`` / ``eval()`` on it raise; :meth:`SynthesisModel` calls ``eval()``."""
+
+    def __init__(self, module: torch.nn.Module, shape: tuple[int, ...], source: str, out_channels: int = 1,
+                 rule: dict[str, int] | None = None) -> None:  # fmt: skip
+        _ExportedGenerator.__init__(self, shape, source, out_channels, rule)
+        self.__dict__["module"] = module  # not a submodule: see the class docstring
+
+    def _run(self, x: torch.Tensor) -> Any:
+        if x.shape[0] > 1:
+            return self.module(x)
+        # torch.export traces attention (ResViT) at batch 2 and keeps a guard that the batch is not 1;
+        # samples are independent (instance norm, or batch norm in eval), so run a pair and keep one.
+        return self.module(torch.cat([x, x]))[:1]
+
+
+def export_kind(path: str | Path) -> str:
+    """Which loader reads ``path``: by content, then (for a damaged file) by its ending."""
+    path = Path(path)
+    kind = model_file_kind(path)
+    if kind in EXPORT_KINDS:
+        return kind
+    return "pt2" if path.suffix.lower() == ".pt2" else "onnx"
 
 
 def load_exported(path: str | Path, device: str = "cpu") -> SynthesisModel:
-    """A :class:`SynthesisModel` running an exported ONNX or TorchScript file (told apart by content).
+    """A :class:`SynthesisModel` running an exported ONNX, pt2 or TorchScript file (told apart by content).
 
     The embedded metadata is checked before use (a forged or damaged one is a one-line
-    :class:`CheckpointError`), and the network is run once on a blank input of the exported shape: its
+    :class:`CheckpointError`), and the network is run once on a blank input of the training window: its
     output must have the shape the embedded plan promises, so a foreign network carrying a copied plan
     is refused before it sees a volume.
     """
@@ -250,37 +460,23 @@ def load_exported(path: str | Path, device: str = "cpu") -> SynthesisModel:
     if not path.is_file():
         raise CheckpointError("no such exported model", path)
     torch_device = pick_device(device)
-    if model_file_kind(path) != "torchscript":  # ONNX, or a file that claims to be one by its name
-        try:
-            import onnxruntime
-        except ImportError as exc:
-            raise CheckpointError(
-                "running an ONNX model needs onnxruntime: pip install 'medsynth[onnx]'", path
-            ) from exc
-        providers = ["CPUExecutionProvider"]
-        if torch_device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        try:
-            session = onnxruntime.InferenceSession(str(path), providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise CheckpointError(f"not a readable ONNX model ({exc.__class__.__name__})", path) from exc
+    kind = export_kind(path)
+    if kind == "onnx":
+        session = _onnx_session(path, torch_device)
         text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         meta, plan, fingerprint = _parse_metadata(text, path)
         generator: _ExportedGenerator = OnnxGenerator(
-            session, meta["input_shape"], str(path), _out_channels(plan)
+            session, meta["input_shape"], str(path), _out_channels(plan), meta.get("dynamic")
         )
     else:
-        extra = {EXTRA_FILE: ""}
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                module = torch.jit.load(str(path), map_location=torch_device, _extra_files=extra)
-        except Exception as exc:  # torch raises RuntimeError and others for bad archives
-            raise CheckpointError(
-                f"not a readable TorchScript model ({exc.__class__.__name__})", path
-            ) from exc
-        meta, plan, fingerprint = _parse_metadata(extra[EXTRA_FILE] or None, path)
-        generator = TorchScriptGenerator(module, meta["input_shape"], str(path), _out_channels(plan))
+        module, text = (
+            _load_pt2(path, torch_device) if kind == "pt2" else _load_torchscript(path, torch_device)
+        )
+        meta, plan, fingerprint = _parse_metadata(text, path)
+        kind_class = Pt2Generator if kind == "pt2" else TorchScriptGenerator
+        generator = kind_class(
+            module, meta["input_shape"], str(path), _out_channels(plan), meta.get("dynamic")
+        )
     _probe(generator, torch_device, path)
     model = SynthesisModel(
         plan, generator.eval(), fingerprint, device=device, source=str(path), digest=file_digest(path),
@@ -291,6 +487,52 @@ def load_exported(path: str | Path, device: str = "cpu") -> SynthesisModel:
     return model
 
 
+def _onnx_session(path: Path, device: torch.device) -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise CheckpointError(
+            "running an ONNX model needs onnxruntime: pip install 'medsynth[onnx]'", path
+        ) from exc
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        return onnxruntime.InferenceSession(str(path), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        raise CheckpointError(
+            f"not a readable ONNX model ({exc.__class__.__name__}); is the file complete?", path
+        ) from exc
+
+
+def _load_torchscript(path: Path, device: torch.device) -> tuple[torch.nn.Module, str | None]:
+    extra = {EXTRA_FILE: ""}
+    try:
+        with warnings.catch_warnings():  # torch.jit is deprecated; see _export_torchscript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except Exception as exc:  # torch raises RuntimeError and others for bad archives
+        raise CheckpointError(
+            f"not a readable TorchScript model ({exc.__class__.__name__}); is the file complete?", path
+        ) from exc
+    return module, extra[EXTRA_FILE] or None
+
+
+def _load_pt2(path: Path, device: torch.device) -> tuple[torch.nn.Module, str | None]:
+    extra = {EXTRA_FILE: ""}
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+        module = program.module()
+        if device.type != "cpu":
+            module = module.to(device)
+    except Exception as exc:  # torch raises many types for a damaged or foreign archive
+        raise CheckpointError(
+            f"not a readable pt2 (torch.export) model ({exc.__class__.__name__}); is the file complete?", path
+        ) from exc
+    return module, extra[EXTRA_FILE] or None
+
+
 def _out_channels(plan: SynthesisPlan) -> int:
     """Channels the plan's generator outputs: the image, and ``log b`` with a scale channel."""
     default = 2 if plan.scale_channel else 1
@@ -299,14 +541,14 @@ def _out_channels(plan: SynthesisPlan) -> int:
 
 
 def _probe(generator: _ExportedGenerator, device: torch.device, path: Path) -> None:
-    """One blank batch through the network: it must accept the exported shape and answer the plan's."""
+    """One blank batch through the network: it must accept the training window and answer the plan's."""
     blank = torch.full((1, *generator.shape), -1.0, dtype=torch.float32, device=device)
     try:
         with torch.no_grad():
             generator(blank)
     except MedsynthError:
         raise
-    except Exception as exc:  # onnxruntime / TorchScript raise their own types for a wrong input
+    except Exception as exc:  # onnxruntime / TorchScript / pt2 raise their own types for a wrong input
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         raise CheckpointError(
             f"the exported network does not run on the input shape its plan records "
@@ -341,16 +583,13 @@ def _parse_metadata(
     if version > EXPORT_VERSION:
         raise CheckpointError(f"exported by a newer medsynth ({meta.get('medsynth_version')}); upgrade", path)
     shape = meta.get("input_shape")
-    if not (
-        isinstance(shape, list)
-        and len(shape) in (3, 4)
-        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
-    ):
+    if not (isinstance(shape, list) and len(shape) in (3, 4) and all(_positive_int(s) for s in shape)):
         raise CheckpointError(
             f"damaged medsynth export metadata: input_shape {shape!r} is not a list of positive sizes", path
         )
     if not isinstance(meta.get("splits") or {}, dict) or not isinstance(meta.get("epoch"), (int, type(None))):
         raise CheckpointError("damaged medsynth export metadata: splits or epoch of the wrong type", path)
+    meta["dynamic"] = _parse_rule(meta.get("dynamic"), version, path)
     try:
         plan = dataclasses.replace(SynthesisPlan.from_dict(meta["plan"]), precision="fp32")
         fingerprint = Fingerprint.from_dict(meta["fingerprint"])
@@ -365,3 +604,23 @@ def _parse_metadata(
             path,
         )
     return meta, plan, fingerprint
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _parse_rule(rule: Any, version: int, path: Path) -> dict[str, int] | None:
+    """The ``dynamic`` block of a format-2 export (None for format 1, which has none)."""
+    if version < 2 or rule is None:  # format 1, or an ONNX export of a transformer: the window only
+        return None
+    keys = ("multiple", "min_side", "max_side")
+    if not (isinstance(rule, dict) and all(_positive_int(rule.get(key)) for key in keys)) or not (
+        rule["min_side"] % rule["multiple"] == 0 and rule["min_side"] <= rule["max_side"]
+    ):
+        raise CheckpointError(
+            f"damaged medsynth export metadata: dynamic {rule!r} is not a size rule "
+            "(positive multiple, min_side, max_side)",
+            path,
+        )
+    return {key: int(rule[key]) for key in keys}

@@ -83,10 +83,16 @@ class PatchTransformer(nn.Module):
         tokens = self.embed(x)
         batch, width, *grid = tokens.shape
         position = self.position
-        if list(position.shape[2:]) != grid:
+        if _exporting() or list(position.shape[2:]) != grid:  # an export follows the input's grid
             position = F.interpolate(position, size=grid, mode=self._interpolation, align_corners=False)
         tokens = self.encoder((tokens + position).flatten(2).transpose(1, 2))
         return self.unembed(tokens.transpose(1, 2).reshape(batch, width, *grid))
+
+
+def _exporting() -> bool:
+    """Traced or exported (medsynth export): the token grid is then symbolic, so always resize the
+    positional embedding (an identity at the training grid) instead of branching on the size."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 def _transformer_layers(embed_dim: int, n_heads: int, mlp_ratio: float, n_layers: int) -> nn.Module:
@@ -177,7 +183,7 @@ class TokenPath(nn.Module):
         tokens = self.embed(self.down(x))
         batch, width, *grid = tokens.shape
         position = self.position
-        if list(position.shape[2:]) != grid:
+        if _exporting() or list(position.shape[2:]) != grid:  # an export follows the input's grid
             position = F.interpolate(position, size=grid, mode=self._interpolation, align_corners=False)
         tokens = layers((tokens + position).flatten(2).transpose(1, 2))
         return self.up(tokens.transpose(1, 2).reshape(batch, width, *grid))

@@ -1,0 +1,404 @@
+"""A trained model as a MONAI bundle: ``medsynth export --format monai-bundle --out DIR``.
+
+The folder follows MONAI's bundle layout, so the Model Zoo's tools, MONAI Deploy and MONAI Label find
+what they look for::
+
+    DIR/configs/metadata.json    MONAI's metadata fields + a ``medsynth`` block (task, modalities,
+                                 training spacing and intensity scale, file digests)
+    DIR/configs/inference.json   runs medsynth's whole-volume synthesis on a folder of NIfTI files
+    DIR/models/model.pt          the medsynth checkpoint (plan, fingerprint, generator weights)
+    DIR/models/model.ts          the generator as TorchScript (plan embedded, any input size)
+    DIR/docs/README.md           the run's model card
+
+Run it with MONAI alone (medsynth installed)::
+
+    python -m monai.bundle run --config_file DIR/configs/inference.json --meta_file DIR/configs/metadata.json \\
+        --bundle_root DIR --dataset_dir NIFTI_FOLDER --output_dir OUT_FOLDER
+
+or with ``medsynth infer --checkpoint DIR``. Either way :func:`load_bundle` first checks that the
+metadata still describes the model files (their SHA-256, the task, the window): an edited metadata file
+is refused with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..errors import CheckpointError, MedsynthError
+from .checkpoint import BEST, file_digest, is_run_folder
+from .synthesis import SynthesisModel
+
+MODEL_FILE = "models/model.pt"
+EXPORT_FILE = "models/model.ts"
+METADATA = "configs/metadata.json"
+INFERENCE = "configs/inference.json"
+README = "docs/README.md"
+#: The JSON schema MONAI's ``verify_metadata`` would download (not reachable offline; recorded as zoo bundles do).
+SCHEMA = (
+    "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+)
+#: Fields MONAI's bundle specification (docs/source/mb_specification.rst) requires in metadata.json.
+REQUIRED_FIELDS = (
+    "version",
+    "monai_version",
+    "pytorch_version",
+    "numpy_version",
+    "optional_packages_version",
+    "task",
+    "description",
+    "authors",
+    "copyright",
+    "network_data_format",
+)
+#: Fields each ``network_data_format`` input / output entry carries in the specification.
+TENSOR_FIELDS = (
+    "type", "format", "modality", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data",
+    "channel_def",
+)  # fmt: skip
+CT_MODALITIES = ("ct",)
+
+
+def is_bundle(path: str | Path) -> bool:
+    """A folder with a bundle's metadata and medsynth's model file (what :func:`load_bundle` reads)."""
+    path = Path(path)
+    return path.is_dir() and (path / METADATA).is_file() and (path / MODEL_FILE).is_file()
+
+
+# ---------------------------------------------------------------------------------- writing
+def check_bundle_target(out: Path, *, overwrite: bool = False) -> None:
+    """A new or empty folder, or an earlier medsynth bundle (replaced whole); nothing else."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise MedsynthError(
+            "--out exists and is a file; a MONAI bundle is a folder: give a new folder name", out
+        )
+    if is_run_folder(out) or any(is_run_folder(p) for p in Path(os.path.realpath(out)).parents):
+        raise MedsynthError("--out is inside a training run folder; give the bundle a folder elsewhere", out)
+    if not any(out.iterdir()):
+        return
+    if _medsynth_block(out) is None and not overwrite:
+        raise MedsynthError(
+            "--out is a folder that is not a medsynth bundle; give a new folder name, or --overwrite to replace it",
+            out,
+        )
+
+
+def _medsynth_block(folder: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((folder / METADATA).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    block = meta.get("medsynth") if isinstance(meta, dict) else None
+    return block if isinstance(block, dict) else None
+
+
+def write_bundle(
+    model: SynthesisModel, checkpoint: str | Path, out: str | Path, *, overwrite: bool = False
+) -> Path:
+    """Write the bundle of ``model`` (loaded from ``checkpoint``) to the folder ``out``.
+
+    The folder is built beside ``out`` and renamed into place, so ``out`` is a complete bundle or
+    untouched (an earlier bundle there is replaced whole).
+    """
+    from .export import export_model
+
+    out, checkpoint = Path(out), Path(checkpoint)
+    check_bundle_target(out, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        for sub in ("configs", "models", "docs"):
+            (temp / sub).mkdir(parents=True)
+        shutil.copyfile(checkpoint, temp / MODEL_FILE)
+        export_model(model, temp / EXPORT_FILE, "torchscript")
+        card_md, card = _model_card(checkpoint)
+        metadata = bundle_metadata(
+            model, card, {name: file_digest(temp / name) for name in (MODEL_FILE, EXPORT_FILE)}
+        )
+        (temp / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        (temp / INFERENCE).write_text(json.dumps(inference_config(), indent=2) + "\n", encoding="utf-8")
+        (temp / README).write_text(card_md or _minimal_card(model), encoding="utf-8")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(temp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return out
+
+
+def _model_card(checkpoint: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """The run's model card (Markdown, JSON) when the checkpoint sits in a run folder that has one."""
+    run_dir = checkpoint.parent
+    try:
+        markdown = (run_dir / "model_card.md").read_text(encoding="utf-8")
+        card = json.loads((run_dir / "model_card.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, None
+    if checkpoint.name != BEST or not isinstance(card, dict):
+        return None, None  # the card describes checkpoint_best.pt, not another checkpoint
+    return markdown, card
+
+
+def _minimal_card(model: SynthesisModel) -> str:
+    return (
+        f"# medsynth model: {model.task}\n\n"
+        f"Exported by medsynth {__version__} from `{Path(model.source).name}` (epoch {model.epoch}). "
+        "No model card was found beside the checkpoint (a run folder's `model_card.md`); the training "
+        "data and evaluation are summarised in `configs/metadata.json`.\n"
+    )
+
+
+def _modality_kind(name: str) -> str:
+    return "CT" if name.lower() in CT_MODALITIES else "MR"
+
+
+def bundle_metadata(
+    model: SynthesisModel, card: dict[str, Any] | None, digests: dict[str, str]
+) -> dict[str, Any]:
+    """``configs/metadata.json``: MONAI's fields and the ``medsynth`` block :func:`load_bundle` checks."""
+    import monai
+    import nibabel
+    import torch
+
+    from ..metrics import json_safe
+    from ..model_card import INTENDED_USE, _data_summary
+    from .export import size_rule
+
+    plan, task = model.plan, model.task
+    target = str(task.target) if task.target else "any missing modality"
+    channels = plan.layout.channels if plan.spatial_dims == 2 else len(plan.layout.modalities)
+    patch = plan.spatial_dims == 3
+    # 2D: whole slices framed by medsynth, any side that is a multiple of the stride; 3D: training patches.
+    multiple = size_rule(model.generator)[0]
+    sides = [w for w in plan.window or ()] if patch else [f"{multiple}*n"] * 2
+    channel_def = _channel_def(plan)
+    data = _data_summary(model.fingerprint.to_dict(), model.checkpoint_splits)
+    evaluation = (card or {}).get("evaluation")
+    return json_safe({
+        "schema": SCHEMA,
+        "version": "0.1.0",
+        "changelog": {"0.1.0": f"exported by medsynth {__version__} (epoch {model.epoch})"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "optional_packages_version": {"nibabel": nibabel.__version__},
+        "required_packages_version": {"medsynth": __version__},
+        "name": f"medsynth {task} synthesis",
+        "task": f"Contrast synthesis {task}",
+        "description": (
+            f"A {plan.generator.name} generator ({plan.spatial_dims}D"
+            f"{', slice axis ' + str(plan.axis) if plan.spatial_dims == 2 else ''}) trained with medsynth to "
+            f"synthesise {target} from {', '.join(plan.layout.modalities)}. configs/inference.json runs "
+            "medsynth's whole-volume synthesis (normalisation, slices or sliding windows, inverse "
+            "normalisation, the input's grid) on every NIfTI file of dataset_dir."
+        ),
+        "authors": "the authors of the training run (medsynth export)",
+        "copyright": "Copyright (c) the authors of the training run",
+        "data_source": "the training run's data set (see medsynth.training_data)",
+        "data_type": "nibabel",
+        "image_classes": f"{channels} channels: {', '.join(channel_def.values())}, normalised to [-1, 1]",
+        "pred_classes": f"1 channel: synthetic {target}, normalised to [-1, 1] (medsynth rescales it)",
+        # Held-out metrics of `medsynth evaluate` (eval/summary.json via the model card): per method/target
+        # group, with the split, the intensity space and the mask they were computed in.
+        "eval_metrics": {
+            key: evaluation[key] for key in ("split", "space", "mask", "groups") if key in evaluation
+        }
+        if isinstance(evaluation, dict)
+        else {},
+        "intended_use": INTENDED_USE,
+        "references": ["Isola et al., Image-to-Image Translation with Conditional Adversarial Networks, CVPR 2017"],
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image", "format": "magnitude",
+                    "modality": "/".join(sorted({_modality_kind(m) for m in plan.layout.modalities})),
+                    "num_channels": channels, "spatial_shape": sides, "dtype": "float32",
+                    "value_range": [-1, 1], "is_patch_data": patch, "channel_def": channel_def,
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "image", "format": "magnitude",
+                    "modality": _modality_kind(target), "num_channels": 2 if plan.scale_channel else 1,
+                    "spatial_shape": sides, "dtype": "float32", "value_range": [-1, 1],
+                    "is_patch_data": patch,
+                    "channel_def": {"0": target, **({"1": "log Laplace scale"} if plan.scale_channel else {})},
+                }
+            },
+        },
+        "medsynth": {
+            "task": str(task),
+            "sources": list(plan.layout.modalities),
+            "target": task.target,
+            "spatial_dims": plan.spatial_dims,
+            "window": list(plan.window) if plan.window else None,
+            "generator": plan.generator.name,
+            "epoch": model.epoch,
+            "medsynth_version": __version__,
+            "training_data": data["modalities"],
+            "splits": data["splits"],
+            "intensity": model.fingerprint.cohort,
+            "fingerprint_sha256": model.fingerprint.digest(),
+            "held_out_evaluation": evaluation,
+            "files": digests,
+        },
+    })  # fmt: skip
+
+
+def _channel_def(plan: Any) -> dict[str, str]:
+    layout = plan.layout
+    names: list[str] = []
+    if plan.spatial_dims == 3:
+        names = list(layout.modalities)
+    else:
+        half = layout.context // 2
+        for modality in layout.modalities:
+            names += [modality if k == 0 else f"{modality} slice {k:+d}" for k in range(-half, half + 1)]
+        if layout.unified:
+            names += [f"{m} given" for m in layout.modalities] + [f"{m} wanted" for m in layout.modalities]
+    return {str(i): name for i, name in enumerate(names)}
+
+
+def inference_config() -> dict[str, Any]:
+    """``configs/inference.json``: one expression, run by ``monai.bundle`` (``run`` id)."""
+    return {
+        "imports": ["$import glob", "$import os"],
+        "bundle_root": ".",
+        "device": "cpu",
+        "precision": "auto",
+        "dataset_dir": "$os.path.join(@bundle_root, 'data')",
+        "output_dir": "$os.path.join(@bundle_root, 'eval')",
+        "datalist": "$sorted(glob.glob(os.path.join(@dataset_dir, '*.nii.gz')) + glob.glob(os.path.join(@dataset_dir, '*.nii')))",
+        "synthesis": {
+            "_target_": "medsynth.model.bundle.BundleInference",
+            "bundle_root": "@bundle_root",
+            "device": "@device",
+            "precision": "@precision",
+        },
+        "run": ["$@synthesis(@datalist, @output_dir)"],
+    }
+
+
+# ---------------------------------------------------------------------------------- reading
+def load_bundle(folder: str | Path, device: str = "cpu", precision: str = "auto") -> SynthesisModel:
+    """The bundle's model, after checking that ``configs/metadata.json`` still describes it."""
+    folder = Path(folder)
+    meta_path = folder / METADATA
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError("no configs/metadata.json: not a MONAI bundle", folder) from exc
+    except ValueError as exc:
+        raise CheckpointError("the bundle's metadata is not valid JSON", meta_path) from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError("the bundle's metadata is not a JSON object", meta_path)
+    missing = [name for name in REQUIRED_FIELDS if name not in meta]
+    if missing:
+        raise CheckpointError(
+            f"the bundle's metadata lacks MONAI's required field(s) {', '.join(missing)}", meta_path
+        )
+    block = meta.get("medsynth")
+    if not isinstance(block, dict) or not isinstance(block.get("files"), dict):
+        raise CheckpointError("not a medsynth bundle (no medsynth block in its metadata)", meta_path)
+    for name in (MODEL_FILE, EXPORT_FILE):
+        if (
+            name in block["files"]
+            and (folder / name).is_file()
+            and file_digest(folder / name) != block["files"][name]
+        ):
+            raise CheckpointError(
+                f"{name} is not the file the metadata describes (SHA-256 differs): the bundle was altered; "
+                "export it again",
+                meta_path,
+            )
+    model = SynthesisModel.from_checkpoint(folder / MODEL_FILE, device=device, precision=precision)
+    plan = model.plan
+    found = {
+        "task": str(model.task),
+        "sources": list(plan.layout.modalities),
+        "target": model.task.target,
+        "spatial_dims": plan.spatial_dims,
+        "window": list(plan.window) if plan.window else None,
+        "fingerprint_sha256": model.fingerprint.digest(),
+    }
+    for key, value in found.items():
+        if block.get(key) != value:
+            raise CheckpointError(
+                f"the bundle's metadata was edited: medsynth.{key} is {block.get(key)!r} but the model's is "
+                f"{value!r}; export the bundle again",
+                meta_path,
+            )
+    model.source = str(folder)
+    return model
+
+
+class BundleInference:
+    """What ``configs/inference.json`` calls: each NIfTI file of a list -> ``<output_dir>/<name>_<target>``.
+
+    One file is one case for a single-source model; a multi-source model takes files named
+    ``<case>_<modality>.nii[.gz]`` and groups them by case. Outputs are those of ``medsynth infer``
+    (same model, same whole-volume path, float32 on the input's grid).
+    """
+
+    def __init__(self, bundle_root: str | Path, device: str = "cpu", precision: str = "auto") -> None:
+        from .ood import OODChecker
+
+        self.model = load_bundle(bundle_root, device=str(device), precision=str(precision))
+        self.checker = OODChecker(self.model.fingerprint)
+
+    def cases(self, files: list[str]) -> dict[str, dict[str, Path]]:
+        """Files -> ``{case: {modality: path}}`` (``sub-01_T1w.nii.gz`` is case ``sub-01``, ``t1``)."""
+        from ..modalities import canonical_modality, is_modality
+
+        sources = self.model.required_modalities
+        if len(sources) == 1:
+            return {_stem(Path(f)): {sources[0]: Path(f)} for f in files}
+        grouped: dict[str, dict[str, Path]] = {}
+        for name in files:
+            case, _, modality = _stem(Path(name)).rpartition("_")
+            if case and is_modality(modality) and canonical_modality(modality) in sources:
+                grouped.setdefault(case, {})[canonical_modality(modality)] = Path(name)
+        return grouped
+
+    def __call__(self, files: list[str], output_dir: str | Path) -> list[Path]:
+        from ..io.readers import read_volume
+        from ..io.writers import write_volume
+        from .ood import enforce
+
+        if not files:
+            raise MedsynthError("no NIfTI files to synthesise from (dataset_dir holds no *.nii / *.nii.gz)")
+        out_dir = Path(output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for case, paths in sorted(self.cases(list(files)).items()):
+            missing = [m for m in self.model.required_modalities if m not in paths]
+            if missing:
+                raise MedsynthError(
+                    f"case {case!r} has no {', '.join(missing)} file (<case>_<modality>.nii.gz)"
+                )
+            inputs = {m: read_volume(p) for m, p in paths.items()}
+            enforce(self.checker.check(inputs), strict=False)  # warns, as medsynth infer does
+            prediction = self.model.predict(inputs)
+            out = out_dir / f"{case}_{prediction.target}.nii.gz"
+            write_volume(prediction.volume.array, prediction.volume, out)
+            written.append(out)
+        return written
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
