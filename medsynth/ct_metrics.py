@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from .data.masks import fill_holes_in_slices, largest_component
+
 #: SynthRAD's fixed HU window: both images are clipped to it for PSNR and MS-SSIM.
 HU_RANGE: tuple[float, float] = (-1024.0, 3071.0)
 #: ``HU_RANGE[1] - HU_RANGE[0]``: the data range of PSNR and MS-SSIM.
@@ -130,23 +132,6 @@ def band_masks(real: np.ndarray) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- masks
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return np.zeros(mask.shape, dtype=bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
-
-
-def _fill_axial(mask: np.ndarray) -> np.ndarray:
-    out = mask.copy()
-    for k in range(mask.shape[2]):
-        if out[:, :, k].any():
-            out[:, :, k] = ndimage.binary_fill_holes(out[:, :, k])
-    return out
-
-
 def body_mask(ct: np.ndarray, threshold: float = -500.0) -> np.ndarray:
     """The patient in a CT: voxels above ``threshold`` HU, largest component, holes filled.
 
@@ -156,8 +141,8 @@ def body_mask(ct: np.ndarray, threshold: float = -500.0) -> np.ndarray:
     right too. Returns an all-False mask when no voxel is above the threshold.
     """
     volume = _volume(ct, "ct")
-    largest = _largest_component(volume > threshold)
-    return np.asarray(ndimage.binary_fill_holes(_fill_axial(largest)), dtype=bool)
+    largest = largest_component(volume > threshold)
+    return np.asarray(ndimage.binary_fill_holes(fill_holes_in_slices(largest, axes=(2,))), dtype=bool)
 
 
 def intracranial_mask(ct: np.ndarray) -> np.ndarray:
@@ -171,8 +156,8 @@ def intracranial_mask(ct: np.ndarray) -> np.ndarray:
     """
     volume = _volume(ct, "ct")
     bone = volume > BONE_THRESHOLD_HU
-    enclosed = _fill_axial(bone) & ~ndimage.binary_dilation(bone)
-    return _largest_component(enclosed & band_masks(volume)["soft"])
+    enclosed = fill_holes_in_slices(bone, axes=(2,)) & ~ndimage.binary_dilation(bone)
+    return largest_component(enclosed & band_masks(volume)["soft"])
 
 
 # --------------------------------------------------------------------------- HU metrics
@@ -462,34 +447,77 @@ def water_equivalent_depth(rsp: np.ndarray, spacing: Sequence[float], angle_deg:
     return _oblique_wepl(values, sx, sy, angle)
 
 
-def _range_differences(
-    synthetic: np.ndarray,
-    real: np.ndarray,
-    region: np.ndarray,
-    spacing: Sequence[float],
-    angles: Sequence[float],
-) -> tuple[np.ndarray, np.ndarray]:
-    """WEPL(synthetic) - WEPL(real) and WEPL(real), shape (angles, region voxels)."""
-    syn, ref = _pair(synthetic, real)
-    inside = _mask(region, ref.shape, "region", allow_empty=True)
-    step = _spacing(spacing)
-    if len(angles) == 0:
-        raise ValueError("range errors need at least one beam angle")
-    if not inside.any():
-        empty = np.zeros((len(angles), 0))
-        return empty, empty
-    # Axial beams never leave their slice: only the slices that hold the region are needed.
-    slices = np.flatnonzero(inside.any(axis=(0, 1)))
-    block = slice(int(slices[0]), int(slices[-1]) + 1)
-    inside = inside[:, :, block]
-    rsp_syn, rsp_ref = hu_to_rsp(syn[:, :, block]), hu_to_rsp(ref[:, :, block])
-    differences, depths = [], []
-    for angle in angles:
-        wepl_ref = water_equivalent_depth(rsp_ref, step, angle)[inside]
-        wepl_syn = water_equivalent_depth(rsp_syn, step, angle)[inside]
-        differences.append(wepl_syn - wepl_ref)
-        depths.append(wepl_ref)
-    return np.stack(differences), np.stack(depths)
+class RangeReference:
+    """The real CT's WEPL for every beam, computed once; any number of synthetic CTs are compared with it.
+
+    Evaluation scores several candidates (the model, each baseline) against one real CT and draws the
+    model's error map: the real CT's path lengths, half of the work, are the same every time.
+    Axial beams never leave their slice, so only the slices that hold ``region`` are integrated.
+    """
+
+    def __init__(
+        self,
+        real: np.ndarray,
+        region: np.ndarray,
+        spacing: Sequence[float],
+        angles: Sequence[float] = DEFAULT_ANGLES,
+    ) -> None:
+        self.real = _volume(real, "real")
+        self.region = _mask(region, self.real.shape, "region", allow_empty=True)
+        self.spacing = _spacing(spacing)
+        if len(angles) == 0:
+            raise ValueError("range errors need at least one beam angle")
+        self.angles = tuple(float(a) for a in angles)
+        slices = np.flatnonzero(self.region.any(axis=(0, 1)))
+        self._block = slice(int(slices[0]), int(slices[-1]) + 1) if slices.size else slice(0, 0)
+        self._inside = self.region[:, :, self._block]
+        rsp = hu_to_rsp(self.real[:, :, self._block])
+        #: WEPL of the real CT at the region's voxels, shape (angles, region voxels).
+        self.depths = (
+            np.stack([water_equivalent_depth(rsp, self.spacing, a)[self._inside] for a in self.angles])
+            if slices.size
+            else np.zeros((len(self.angles), 0))
+        )
+
+    def differences(self, synthetic: np.ndarray) -> np.ndarray:
+        """WEPL(synthetic) - WEPL(real) at the region's voxels, shape (angles, region voxels)."""
+        syn, _ = _pair(synthetic, self.real)
+        if not self.depths.size:
+            return np.zeros_like(self.depths)
+        rsp = hu_to_rsp(syn[:, :, self._block])
+        wepl = np.stack([water_equivalent_depth(rsp, self.spacing, a)[self._inside] for a in self.angles])
+        return wepl - self.depths
+
+    def errors(self, differences: np.ndarray) -> dict[str, Any]:
+        """The figures of :func:`range_errors` from :meth:`differences`."""
+        result: dict[str, Any] = {
+            "range_error_mean_mm": math.nan,
+            "range_error_p95_mm": math.nan,
+            "range_error_signed_mm": math.nan,
+            "range_error_mean_pct": math.nan,
+            "range_error_p95_pct": math.nan,
+            "range_angles": list(self.angles),
+            "region_voxels": int(differences.shape[1]),
+        }
+        if differences.size == 0:
+            return result
+        absolute = np.abs(differences)
+        result["range_error_mean_mm"] = float(np.mean(absolute))
+        result["range_error_p95_mm"] = float(np.percentile(absolute, 95))
+        result["range_error_signed_mm"] = float(np.mean(differences))
+        deep = self.depths >= MIN_WEPL_FOR_PERCENT_MM
+        if deep.any():
+            percent = absolute[deep] / self.depths[deep] * 100.0
+            result["range_error_mean_pct"] = float(np.mean(percent))
+            result["range_error_p95_pct"] = float(np.percentile(percent, 95))
+        return result
+
+    def error_map(self, differences: np.ndarray) -> np.ndarray:
+        """Per voxel, the mean |dWEPL| (mm) over the angles inside the region, 0 outside: for figures."""
+        out = np.zeros(self.real.shape, dtype=np.float64)
+        if differences.size:
+            out[self.region] = np.mean(np.abs(differences), axis=0)
+        return out
 
 
 def range_errors(
@@ -508,29 +536,10 @@ def range_errors(
     protons too early), ``range_error_mean_pct`` and ``range_error_p95_pct`` (|dWEPL| / WEPL_real *
     100 over the voxel-angle pairs with WEPL_real >= 10 mm), ``range_angles`` and ``region_voxels``.
     All figures are NaN when the region is empty (the % ones also when no pair is 10 mm deep).
+    Scoring several CTs against one real CT: :class:`RangeReference`.
     """
-    differences, depths = _range_differences(synthetic, real, region, spacing, angles)
-    result: dict[str, Any] = {
-        "range_error_mean_mm": math.nan,
-        "range_error_p95_mm": math.nan,
-        "range_error_signed_mm": math.nan,
-        "range_error_mean_pct": math.nan,
-        "range_error_p95_pct": math.nan,
-        "range_angles": [float(a) for a in angles],
-        "region_voxels": int(differences.shape[1]),
-    }
-    if differences.size == 0:
-        return result
-    absolute = np.abs(differences)
-    result["range_error_mean_mm"] = float(np.mean(absolute))
-    result["range_error_p95_mm"] = float(np.percentile(absolute, 95))
-    result["range_error_signed_mm"] = float(np.mean(differences))
-    deep = depths >= MIN_WEPL_FOR_PERCENT_MM
-    if deep.any():
-        percent = absolute[deep] / depths[deep] * 100.0
-        result["range_error_mean_pct"] = float(np.mean(percent))
-        result["range_error_p95_pct"] = float(np.percentile(percent, 95))
-    return result
+    reference = RangeReference(real, region, spacing, angles)
+    return reference.errors(reference.differences(synthetic))
 
 
 def range_error_map(
@@ -541,10 +550,8 @@ def range_error_map(
     angles: Sequence[float] = DEFAULT_ANGLES,
 ) -> np.ndarray:
     """Per voxel, the mean |dWEPL| (mm) over ``angles`` inside ``region``, 0 outside: for figures."""
-    differences, _ = _range_differences(synthetic, real, region, spacing, angles)
-    out = np.zeros(np.shape(real), dtype=np.float64)
-    out[np.asarray(region, dtype=bool)] = np.mean(np.abs(differences), axis=0) if differences.size else 0.0
-    return out
+    reference = RangeReference(real, region, spacing, angles)
+    return reference.error_map(reference.differences(synthetic))
 
 
 # --------------------------------------------------------------------------- all together
@@ -557,21 +564,24 @@ def ct_metrics(
     mask: np.ndarray,
     spacing: Sequence[float],
     region: np.ndarray | None = None,
+    reference: RangeReference | None = None,
 ) -> dict[str, Any]:
     """Every CT figure in one dict: :func:`hu_metrics`, :func:`bone_agreement`, :func:`range_errors`.
 
     ``mask`` is the body (:func:`body_mask` of the real CT is the usual choice); bone agreement is
     restricted to it so the couch does not count. ``region`` is where range errors are measured,
     :func:`intracranial_mask` of the real CT by default (its range figures are NaN when it is empty).
-    ``hu_space`` says in which space and range the numbers are.
+    ``reference`` (a :class:`RangeReference` of this real CT) stands for ``region`` and reuses its path
+    lengths. ``hu_space`` says in which space and range the numbers are.
     """
     syn, ref = _pair(synthetic, real)
     inside = _mask(mask, ref.shape)
     step = _spacing(spacing)
-    brain = intracranial_mask(ref) if region is None else region
+    if reference is None:
+        reference = RangeReference(ref, intracranial_mask(ref) if region is None else region, step)
     result: dict[str, Any] = {}
     result.update(hu_metrics(syn, ref, inside, step))
     result.update(bone_agreement(syn, ref, step, mask=inside))
-    result.update(range_errors(syn, ref, brain, step))
+    result.update(reference.errors(reference.differences(syn)))
     result["hu_space"] = HU_SPACE
     return result

@@ -209,11 +209,8 @@ def evaluate_subject(
                 metrics.update(calibrated)
             if hounsfield is not None:  # a CT target is also scored in HU, the way radiotherapy reads it
                 hu = model.fingerprint.output_normalizer(target).inverse(normalised)
-                metrics.update(hounsfield.score(hu))
-                if method == "model":
-                    hounsfield.figure(
-                        (first, sources_normalised[first]), hu, out / f"{record.id}_{label}.png"
-                    )
+                figure = ((first, sources_normalised[first]), out / f"{record.id}_{label}.png")
+                metrics.update(hounsfield.score(hu, figure if method == "model" else None))
             yield Case(record.id, method, target, inputs, metrics)
         # A unified model is scored from every input subset; one figure per target (all others given)
         # shows it without writing 2**(M-1) near-identical PNGs per target.

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .ct_metrics import body_mask, ct_metrics, intracranial_mask, range_error_map
+from .ct_metrics import RangeReference, body_mask, ct_metrics, intracranial_mask
 from .viz import ct_figure
 
 #: The columns of the printed HU table, in order, with their headers and formats.
@@ -44,8 +44,9 @@ class _Case(Protocol):
 class CTScoring:
     """The HU metrics of one subject's real CT, computed for as many candidate CTs as there are methods.
 
-    The body and brain masks depend only on the real CT and the inputs, so they are found once per
-    subject; ``score`` then takes a candidate in HU (canonical RAS, the real CT's grid).
+    The body and brain masks and the real CT's proton path lengths depend only on the real CT and the
+    inputs, so they are found once per subject; ``score`` then takes a candidate in HU (canonical RAS,
+    the real CT's grid) and, with ``figure``, draws it from the same path lengths.
     """
 
     def __init__(self, real_hu: np.ndarray, input_mask: np.ndarray, spacing: tuple[float, ...]) -> None:
@@ -53,16 +54,22 @@ class CTScoring:
         self.body = np.asarray(input_mask, dtype=bool) | body_mask(self.real)
         self.brain = intracranial_mask(self.real)
         self.spacing = tuple(float(s) for s in spacing)
+        self.range = RangeReference(self.real, self.brain, self.spacing)
 
-    def score(self, synthetic_hu: np.ndarray) -> dict[str, Any]:
-        metrics = ct_metrics(synthetic_hu, self.real, mask=self.body, spacing=self.spacing, region=self.brain)
+    def score(
+        self, synthetic_hu: np.ndarray, figure: tuple[tuple[str, np.ndarray], Path] | None = None
+    ) -> dict[str, Any]:
+        """The metrics of one candidate; ``figure=((name, MR), path)`` also writes its PNG."""
+        metrics = ct_metrics(
+            synthetic_hu, self.real, mask=self.body, spacing=self.spacing, reference=self.range
+        )
         metrics["body_voxels"] = int(self.body.sum())
         metrics["brain_voxels"] = int(self.brain.sum())
+        if figure is not None:
+            source, path = figure
+            errors = self.range.error_map(self.range.differences(synthetic_hu))
+            ct_figure(source, synthetic_hu, self.real, errors, path, mask=self.body, spacing=self.spacing)
         return metrics
-
-    def figure(self, source: tuple[str, np.ndarray], synthetic_hu: np.ndarray, path: Path) -> Path:
-        errors = range_error_map(synthetic_hu, self.real, self.brain, self.spacing)
-        return ct_figure(source, synthetic_hu, self.real, errors, path, mask=self.body, spacing=self.spacing)
 
 
 def render_ct_table(cases: list[Any]) -> str:

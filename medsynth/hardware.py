@@ -21,16 +21,20 @@ def cpu_model() -> str:
 
 def simd() -> str:
     """The widest vector extension the CPU reports: ``AVX-512``, ``AVX2, no AVX-512`` or ``no AVX2``."""
-    flags: set[str] = set()
-    for line in _cpuinfo().splitlines():
-        if line.lower().startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
+    flags = cpu_flags()
     if not flags:
         return "vector extensions unknown"
     if "avx512f" in flags:
         return "AVX-512"
     return "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
+
+
+def cpu_flags() -> set[str]:
+    """The kernel's CPU flags (``/proc/cpuinfo``; empty where there is none)."""
+    for line in _cpuinfo().splitlines():
+        if line.lower().startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
 def cpu_summary() -> str:

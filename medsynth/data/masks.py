@@ -50,12 +50,7 @@ def foreground_mask(arrays: Sequence[np.ndarray]) -> np.ndarray:
     # On the demo cohort, single-contrast masks then differ from the all-contrast one by <= 2 % of
     # voxels (plain Otsu: up to 45 %, when it cut between brain and scalp).
     log_intensity = np.log1p(100.0 * combined)
-    mask = _fill_holes_in_slices(log_intensity > threshold_otsu(log_intensity))
-    labels, count = ndimage.label(mask)
-    if count > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        mask = labels == int(sizes.argmax())
+    mask = largest_component(fill_holes_in_slices(log_intensity > threshold_otsu(log_intensity)))
     # Pad before closing: scipy erodes against a zero border, which would strip voxels on the grid edge.
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
     closed = ndimage.binary_closing(np.pad(mask, 1), structure=structure)
@@ -63,13 +58,25 @@ def foreground_mask(arrays: Sequence[np.ndarray]) -> np.ndarray:
     return ndimage.binary_fill_holes(mask)
 
 
-def _fill_holes_in_slices(mask: np.ndarray) -> np.ndarray:
-    """Fill holes in every 2D slice along every axis: closes dark shells a 3D fill cannot (open necks)."""
+def fill_holes_in_slices(mask: np.ndarray, axes: Sequence[int] | None = None) -> np.ndarray:
+    """Fill holes in every 2D slice along ``axes`` (default: every axis): closes dark shells a 3D fill
+    cannot (open necks); ``axes=(2,)`` fills axial slices only (a skull ring around the brain)."""
+    mask = np.asarray(mask, dtype=bool)
     filled = mask.copy()
-    for axis in range(mask.ndim):
+    for axis in range(mask.ndim) if axes is None else axes:
         planes = np.moveaxis(mask, axis, 0)
         filled |= np.moveaxis(np.stack([ndimage.binary_fill_holes(plane) for plane in planes]), 0, axis)
     return filled
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest face-connected component of ``mask`` (all False when the mask is empty)."""
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return labels > 0
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
 
 
 def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:

@@ -27,10 +27,10 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, MedsynthError
+from ..hardware import cpu_flags
 
 if TYPE_CHECKING:
     import torch
@@ -86,15 +86,6 @@ class CpuMatrixUnits:
             "onednn_bf16": self.onednn_bf16,
             "bf16_unit": self.bf16_unit,
         }
-
-
-def cpu_flags() -> set[str]:
-    """The kernel's CPU flags (``/proc/cpuinfo``; empty where there is none)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.lower().startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
 
 
 #: oneDNN computes bf16 at all from AVX-512 "core" (F, BW, VL, DQ) or AVX-NE-CONVERT on.
