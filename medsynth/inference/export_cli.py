@@ -6,6 +6,7 @@ import argparse
 import os
 
 from ..errors import MedsynthError
+from ..io.atomic import remove_stale_partials
 from ..model.checkpoint import resolve_checkpoint
 from ..model.export import check_export_target, export_model, input_shape
 from ..model.synthesis import SynthesisModel
@@ -26,6 +27,7 @@ def export_from_args(args: argparse.Namespace) -> int:
         check_bundle_target(args.out, overwrite=overwrite)
     else:
         check_export_target(args.out, args.format, overwrite=overwrite)
+    remove_stale_partials(args.out.parent)  # what a killed export left beside its output
     model = SynthesisModel.from_checkpoint(args.checkpoint, device="cpu")
     if bundle:
         path = write_bundle(model, checkpoint, args.out, overwrite=overwrite)

@@ -32,6 +32,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import CheckpointError, MedsynthError
+from ..io.atomic import partial_name, remove_stale_partials
 from .checkpoint import BEST, file_digest, is_run_folder
 from .synthesis import SynthesisModel
 
@@ -113,8 +114,8 @@ def write_bundle(
     out, checkpoint = Path(out), Path(checkpoint)
     check_bundle_target(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    temp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
+    remove_stale_partials(out.parent)  # what killed exports left (partial_name folders, like this one)
+    temp = out.parent / partial_name(out.name, keep_suffixes=False)
     try:
         for sub in ("configs", "models", "docs"):
             (temp / sub).mkdir(parents=True)
@@ -127,7 +128,7 @@ def write_bundle(
         (temp / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         (temp / INFERENCE).write_text(json.dumps(inference_config(), indent=2) + "\n", encoding="utf-8")
         (temp / README).write_text(card_md or _minimal_card(model), encoding="utf-8")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = out.parent / partial_name(out.name, keep_suffixes=False)
         if out.exists():
             os.replace(out, old)
         os.replace(temp, out)
