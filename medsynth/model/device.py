@@ -190,12 +190,15 @@ def choose_precision(
     measure: Measure | None = None,
     units: CpuMatrixUnits | None = None,
     cuda: CudaCapability | None = None,
+    formats: tuple[bool, ...] = (True, False),
 ) -> PrecisionChoice:
     """Decide the precision (and, on a CPU under ``auto``, the memory format) for ``device``.
 
     ``channels_last`` is the recipe's memory format, kept unless a CPU measurement picks the other one.
     ``units`` / ``cuda`` describe the hardware (detected when None; tests pass a T4, an A100, an AMX CPU).
     ``device`` may be a device type (``"cuda"``, ``"cpu"``) when both are given (``medsynth info``).
+    ``formats``: the channels_last settings worth measuring (``(True,)`` where the memory format plays no
+    part, e.g. 3D sliding-window synthesis); the recipe's ``channels_last`` must be among them.
     """
     check_precision_wish(wish)
     kind = device if isinstance(device, str) else device.type
@@ -227,7 +230,7 @@ def choose_precision(
     timings = {
         f"{precision}/{'channels_last' if layout else 'contiguous'}": 1000.0 * measure(precision, layout)
         for precision in ("fp32", "bf16")
-        for layout in (True, False)
+        for layout in formats
     }
     given = f"fp32/{'channels_last' if channels_last else 'contiguous'}"
     fp32_key = min((k for k in timings if k.startswith("fp32")), key=timings.__getitem__)

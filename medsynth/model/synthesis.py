@@ -159,7 +159,10 @@ class SynthesisModel:
             if wish == "auto" and self.device.type == "cuda":
                 wish = self.plan.precision
             measure = self._measure if self.plan.window else None
-            self._precision = choose_precision(self.device, wish, channels_last=True, measure=measure)
+            formats = (True, False) if self.plan.spatial_dims == 2 else (True,)  # 3D windows ignore it
+            self._precision = choose_precision(
+                self.device, wish, channels_last=True, measure=measure, formats=formats
+            )
             self._apply_memory_format()
             log.debug("synthesis precision: %s", self._precision.describe())  # in every sidecar
         return self._precision
