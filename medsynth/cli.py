@@ -55,11 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--spacing", type=float, default=1.0, help="voxel size in mm (2 for the fast demo)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--dicom", action="store_true", help="also write DICOM series under OUT/dicom")
+    demo.add_argument(
+        "--misregister",
+        metavar="MM,DEG",
+        help="move every modality but the reference per subject by a random rigid transform of MM * U(0.5, 1) "
+        "translation and DEG * U(0.5, 1) rotation, keeping the shared header (unaligned pairs, e.g. 4,4)",
+    )
+    demo.add_argument(
+        "--misregister-reference",
+        metavar="MODALITY",
+        help="with --misregister: the modality left in place (t1, t2, pd, flair or ct; default t1)",
+    )
     demo.set_defaults(handler=_data_demo)
     check = data_commands.add_parser("check", help="list subjects, modalities, geometry and problems")
     check.add_argument("root", type=Path)
     check.add_argument("--manifest", type=Path, help="CSV manifest subject,modality,path")
     check.add_argument("--modalities", help="modalities training will need, e.g. t1,t2")
+    check.add_argument("--pairing", default="paired", choices=["paired", "unpaired"],
+                       help="unpaired: --modalities SOURCE,TARGET, and say what each subject serves (data.pairing)")  # fmt: skip
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(handler=_data_check)
 
@@ -91,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--checkpoint", required=True, type=Path, help="checkpoint .pt or run folder")
     infer.add_argument("--out", required=True, type=Path, help="output file (.nii.gz, .mha, .nrrd) or folder")
     infer.add_argument(
-        "--target", help="modality to synthesise (unified models; 'missing' = all absent ones)"
+        "--target",
+        help="modality to synthesise (unified models, 'missing' = all absent ones; of a model trained in both directions, the direction)",
     )
     infer.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     infer.add_argument("--out-dtype", default="float32", choices=["float32", "int16"],
@@ -122,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also measure how well the uncertainty map tracks the error (calibration columns, figures)",
     )
+    evaluate.add_argument(
+        "--target", help="of a model trained in both directions: the one to score (default: the run's own)"
+    )
     evaluate.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     evaluate.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                           help='"auto" (default): bf16 where the device computes it faster (measured on a CPU with a bf16 unit), else fp32')  # fmt: skip
@@ -140,10 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--quiet", action="store_true")
     job.set_defaults(handler=_demo_job)
 
-    export = commands.add_parser("export", help="export the generator (ONNX, pt2, TorchScript; plan embedded) or a MONAI bundle")
+    export = commands.add_parser(
+        "export", help="export the generator (ONNX, pt2, TorchScript; plan embedded) or a MONAI bundle"
+    )
     export.add_argument("--checkpoint", required=True, type=Path, help="checkpoint .pt or run folder")
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    export.add_argument("--out", required=True, type=Path, help="output file (model.onnx, model.pt2, model_ts.pt) or folder (monai-bundle)")
+    export.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output file (model.onnx, model.pt2, model_ts.pt) or folder (monai-bundle)",
+    )
+    export.add_argument(
+        "--target", help="of a model trained in both directions: the one to export (default: the run's own)"
+    )
     export.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out that is not an earlier export in this format")  # fmt: skip
     export.set_defaults(handler=_export)
@@ -152,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_arguments(convert)
     convert.set_defaults(handler=convert_command)
 
-    info = commands.add_parser("info", help="versions, devices and what medsynth chooses on them (bug reports)")
+    info = commands.add_parser(
+        "info", help="versions, devices and what medsynth chooses on them (bug reports)"
+    )
     info.add_argument("--json", action="store_true", help="print the report as JSON, for a bug report")
     info.add_argument("--runs-dir", type=Path, default=Path("runs"),
                       help="the folder whose free space is reported (default: runs)")  # fmt: skip
@@ -178,13 +207,28 @@ def _configure_logging(debug: bool) -> None:
 
 # ------------------------------------------------------------------------------------- data
 def _data_demo(args: argparse.Namespace) -> int:
-    from .data.demo import make_demo_cohort
+    from .data.demo import make_demo_cohort, parse_misregister
+    from .errors import ConfigError
 
+    if args.misregister is None and args.misregister_reference is not None:
+        raise ConfigError("--misregister-reference needs --misregister MM,DEG")
+    misregister = None if args.misregister is None else parse_misregister(args.misregister)
+    reference = args.misregister_reference or "t1"
     make_demo_cohort(
-        args.out, n_subjects=args.subjects, spacing_mm=args.spacing, seed=args.seed, dicom=args.dicom
+        args.out,
+        n_subjects=args.subjects,
+        spacing_mm=args.spacing,
+        seed=args.seed,
+        dicom=args.dicom,
+        misregister=misregister,
+        reference=reference,
     )
+    moved = ""
+    if misregister is not None:
+        moved = f", misregistered against {reference} (up to {misregister[0]:g} mm, {misregister[1]:g} deg)"
     print(
         f"demo cohort: {args.subjects} subjects x T1w, T2w, PDw, FLAIR, CT at {args.spacing:g} mm in {args.out}"
+        + moved
     )
     return 0
 
@@ -194,7 +238,7 @@ def _data_check(args: argparse.Namespace) -> int:
     from .modalities import canonical_modality
 
     modalities = [canonical_modality(m) for m in args.modalities.split(",")] if args.modalities else None
-    report = check_dataset(args.root, args.manifest, modalities=modalities)
+    report = check_dataset(args.root, args.manifest, modalities=modalities, pairing=args.pairing)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
     return 1 if report.blocking else 0
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .engine.objectives import OBJECTIVES, UNPAIRED
 from .errors import ConfigError
 from .io.atomic import atomic_write_text
 from .task import Task
@@ -25,8 +26,10 @@ from .task import Task
 #: Recipes ship inside the package (``medsynth/configs``; the repository's ``configs/`` links there),
 #: so an installed wheel finds ``--config demo_cpu`` wherever it runs.
 CONFIG_DIR = Path(str(importlib.resources.files("medsynth") / "configs"))
-#: ``train.objective`` values; :data:`medsynth.engine.objectives.OBJECTIVES` implements them.
-OBJECTIVES = ("gan", "l1")
+#: ``data.pairing``: ``paired`` samples are aligned source/target slices of one subject; ``unpaired``
+#: draws source and target slices independently (other subjects, other positions) and accepts subjects
+#: that have only one of them, for objectives that learn without pairs (:data:`UNPAIRED`).
+PAIRINGS = ("paired", "unpaired")
 
 
 @dataclass
@@ -65,8 +68,12 @@ class DataConfig:
     #: Unified mode: how each sample's available inputs are drawn, ``uniform`` (every non-empty subset
     #: of the other modalities alike) or ``emphasis`` (a third all, a third one, a third uniform).
     unified_subsets: str = "uniform"
+    #: ``paired`` (aligned source and target of one subject per sample) or ``unpaired`` (see PAIRINGS).
+    pairing: str = "paired"
 
     def validate(self) -> None:
+        if self.pairing not in PAIRINGS:
+            raise ConfigError(f"data.pairing must be {' or '.join(PAIRINGS)}, got {self.pairing!r}")
         if self.axis not in (0, 1, 2):
             raise ConfigError(f"data.axis must be 0, 1 or 2, got {self.axis}")
         if self.context < 1 or self.context % 2 == 0:
@@ -124,8 +131,12 @@ class TrainConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     lambda_l1: float = 100.0
-    #: ``gan`` (pix2pix: PatchGAN critic, LSGAN + lambda_l1 * L1) or ``l1`` (no critic: the ablation).
+    #: ``gan`` (pix2pix: PatchGAN critic, LSGAN + lambda_l1 * L1), ``l1`` (no critic: the ablation), or an
+    #: objective for unpaired data; medsynth/engine/objectives/ lists them.
     objective: str = "gan"
+    #: Settings of the objective beyond the shared ones above, checked by the objective itself (e.g. its
+    #: loss weights); empty means its defaults.
+    objective_args: dict[str, Any] = field(default_factory=dict)
     #: Weight of the adversarial term of the ``gan`` objective.
     adversarial_weight: float = 1.0
     #: With ``model.predict_scale``: the Laplace NLL's per-voxel weight ``b.detach() ** laplace_beta``.
@@ -233,6 +244,11 @@ class Config:
         self.data.validate()
         self.model.validate()
         self.train.validate()
+        if self.data.pairing == "unpaired" and self.train.objective not in UNPAIRED:
+            raise ConfigError(
+                f"data.pairing=unpaired needs an objective that learns without pairs ({', '.join(UNPAIRED)}); "
+                f"train.objective={self.train.objective} needs aligned pairs"
+            )
         return self
 
     def parsed_task(self) -> Task:

@@ -90,9 +90,14 @@ def evaluate_from_args(args: argparse.Namespace) -> int:
     if not data_root:
         raise MedsynthError("the run does not say where its data is; pass --data DIR", args.run)
     model = SynthesisModel.from_checkpoint(
-        checkpoint, device=args.device, precision=getattr(args, "precision", "auto")
-    )
-    out = args.out or ((run or Path(checkpoint).parent) / "eval")
+        checkpoint, device=args.device, precision=getattr(args, "precision", "auto"),
+        target=getattr(args, "target", None),
+    )  # fmt: skip
+    # The run's own direction is scored into RUN/eval (the model card reads it); another direction of a
+    # checkpoint that holds several gets its own folder, so neither overwrites the other.
+    own = model.directions[0] == str(model.task)
+    folder = "eval" if own else f"eval_{'-'.join(model.sources)}_to_{model.target}"
+    out = args.out or ((run or Path(checkpoint).parent) / folder)
     cases = evaluate(
         model, data_root, out, split=args.split, space=args.space, manifest=manifest,
         baselines=args.baselines, progress=not args.quiet,
@@ -146,7 +151,7 @@ def evaluate(
     """
     records = scan_dataset(data_root, manifest)
     splits = model.checkpoint_splits
-    subjects = select_subjects(records, splits, split)
+    subjects = scorable_subjects(model, select_subjects(records, splits, split), split)
     fitted = fit_baselines(model, records, splits.get("train", [])) if baselines else {}
     cases: list[Case] = []
     for record in tqdm(subjects, desc="subjects", disable=None if progress else True):
@@ -256,6 +261,25 @@ def input_sets(model: SynthesisModel, available: tuple[str, ...]) -> Iterator[tu
                 yield target, subset
 
 
+def scorable_subjects(model: SynthesisModel, records: list[SubjectRecord], split: str) -> list[SubjectRecord]:
+    """The records that hold the model's inputs and its target (unpaired runs have subjects with one
+    side only: they are left out, said in one line); a unified model takes what each subject has."""
+    if model.task.is_unified:
+        return records
+    needed = {*model.sources, str(model.target)}
+    kept = [r for r in records if needed <= set(r.paths)]
+    left = sorted(r.id for r in records if r not in kept)
+    if not kept:
+        raise MedsynthError(
+            f"no {split} subject has both {', '.join(model.sources)} and {model.target} to score against; "
+            "use --split all, or give --data a folder with complete subjects"
+        )
+    if left:
+        log.warning("%d %s subject(s) lack %s and are not scored: %s", len(left), split,
+                    " or ".join(sorted(needed)), ", ".join(left))  # fmt: skip
+    return kept
+
+
 def fit_baselines(
     model: SynthesisModel, records: list[SubjectRecord], train_ids: list[str]
 ) -> dict[str, Any]:
@@ -264,9 +288,10 @@ def fit_baselines(
         return {}
     source, target = model.sources[0], str(model.target)
     fingerprint: Fingerprint = model.fingerprint
-    train = [r for r in records if r.id in set(train_ids)]
+    train = [r for r in records if r.id in set(train_ids) and {source, target} <= set(r.paths)]
     if not train:
-        log.warning("no training subjects of the run in this data folder; baselines skipped")
+        log.warning("no training subject of the run with both %s and %s in this data folder; baselines skipped",
+                    source, target)  # fmt: skip
         return {}
     fitted: dict[str, Any] = {}
     if target == "ct":

@@ -143,6 +143,7 @@ def build_model_card(run_dir: str | Path) -> dict[str, Any]:
 
     from .model.checkpoint import BEST, file_digest, load_checkpoint
     from .model.plan import SynthesisPlan
+    from .model.synthesis import checkpoint_directions
 
     run_dir = Path(run_dir)
     checkpoint = run_dir / BEST
@@ -157,6 +158,9 @@ def build_model_card(run_dir: str | Path) -> dict[str, Any]:
     return {
         "name": run_dir.name,
         "task": str(plan.task),
+        # Every direction the checkpoint serves (``infer --target`` picks) and how its data was paired.
+        "directions": checkpoint_directions(payload),
+        "pairing": str(payload.get("data", {}).get("pairing", "paired")),
         "recipe": {
             "generator": plan.generator.to_dict(),
             "spatial_dims": plan.spatial_dims,
@@ -182,6 +186,28 @@ def build_model_card(run_dir: str | Path) -> dict[str, Any]:
         "card_written_by": __version__,
         "checkpoint": {"path": BEST, "sha256": file_digest(checkpoint), "epoch": payload.get("epoch")},
     }
+
+
+def _directions_lines(card: dict[str, Any]) -> list[str]:
+    """What a model trained on unpaired data, or holding several directions, must say up front."""
+    directions, pairing = card.get("directions") or [card["task"]], card.get("pairing", "paired")
+    if len(directions) < 2 and pairing == "paired":
+        return []
+    lines = []
+    if len(directions) > 1:
+        lines.append(
+            f"**Directions**: {', '.join(f'`{d}`' for d in directions)}; the first is the run's own, the "
+            "others are chosen with `--target` (infer, evaluate, convert, export). Scores below are the first's "
+            "unless the evaluation names another target."
+        )
+    if pairing == "unpaired":
+        lines.append(
+            "**Trained on unpaired data** (`data.pairing: unpaired`): source and target images were drawn "
+            "independently, so nothing in training tied a synthetic image to its subject's real one. Unpaired "
+            "methods can add or remove anatomy; check structure agreement (head and bone outlines) as well as "
+            "intensity scores."
+        )
+    return [part for line in lines for part in (line, "")]
 
 
 def _range(low: list[Any], high: list[Any]) -> str:
@@ -210,6 +236,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"**medsynth** {card['medsynth_version']} · **checkpoint** `{card['checkpoint']['path']}` "
         f"(epoch {card['checkpoint']['epoch']}, SHA-256 `{card['checkpoint']['sha256']}`)",
         "",
+        *_directions_lines(card),
         "## Intended use",
         card["intended_use"],
         "",

@@ -59,7 +59,7 @@ def test_budget_stops_the_run_complete_and_resume_extends_it(
         ("train.lr_generator=nan", "lr_generator"),
         ("train.lr_generator=-1", "lr_generator"),
         ("train.beta1=2", "beta1"),
-        ("train.objective=cyclegan", "objective"),
+        ("train.objective=diffusion", "objective"),
         ("train.val_every=0", "val_every"),
     ],
 )

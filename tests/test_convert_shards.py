@@ -170,7 +170,7 @@ def test_worker_devices_refuses_bad_requests() -> None:
 def test_the_batch_records_its_devices(export: Path, tmp_path: Path, monkeypatch) -> None:
     loaded: list[str] = []
 
-    def load(checkpoint: object, device: str = "cpu") -> FakePredictor:
+    def load(checkpoint: object, device: str = "cpu", target: str | None = None) -> FakePredictor:
         loaded.append(device)
         return FakePredictor()
 

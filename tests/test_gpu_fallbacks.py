@@ -26,7 +26,8 @@ from medsynth.cli import main
 from medsynth.data.datasets import SliceDataset, place_on_device
 from medsynth.engine import precision as run_precision
 from medsynth.engine.graphs import GraphedStep
-from medsynth.engine.objectives import GANObjective, build_objective
+from medsynth.engine.objectives import build_objective
+from medsynth.engine.objectives.pix2pix import GANObjective
 from medsynth.engine.run import claim_run_dir
 from medsynth.engine.setup import prepare_run_data
 from medsynth.engine.trainer import Trainer

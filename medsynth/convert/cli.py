@@ -39,7 +39,10 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "--format", dest="fmt", choices=FORMATS, default="nifti", help="what to write per study"
     )
     parser.add_argument("--map", dest="mapping", help="YAML of 'regex on SeriesDescription: modality' rules")
-    parser.add_argument("--target", help="modality to synthesise (unified checkpoints only)")
+    parser.add_argument(
+        "--target",
+        help="modality to synthesise (unified checkpoints; the direction of a checkpoint trained both ways)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="studies converted in parallel (processes)")
     parser.add_argument(
         "--device",

@@ -313,7 +313,13 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _init_worker(predictor: PredictorLike | str | Path, threads: int, devices: Any, parent_pid: int) -> None:
+def _init_worker(
+    predictor: PredictorLike | str | Path,
+    threads: int,
+    devices: Any,
+    parent_pid: int,
+    target: str | None = None,
+) -> None:
     """Pool initializer: die with the parent, bound torch's threads, load the model on this worker's device.
 
     ``devices`` is a queue holding one device name per worker (:func:`worker_devices`); each worker
@@ -323,7 +329,7 @@ def _init_worker(predictor: PredictorLike | str | Path, threads: int, devices: A
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
-    _worker_predictor = _load_predictor(predictor, devices.get())
+    _worker_predictor = _load_predictor(predictor, devices.get(), target)
 
 
 def _run_in_worker(plan: Plan, out: Path, options: dict[str, Any]) -> StudyResult:
@@ -332,12 +338,13 @@ def _run_in_worker(plan: Plan, out: Path, options: dict[str, Any]) -> StudyResul
 
 
 def _load_predictor(
-    checkpoint_or_predictor: PredictorLike | str | Path, device: str = "cpu"
+    checkpoint_or_predictor: PredictorLike | str | Path, device: str = "cpu", target: str | None = None
 ) -> PredictorLike:
+    """The model of a checkpoint (of its direction that makes ``target``, when it holds several)."""
     if isinstance(checkpoint_or_predictor, (str, Path)):
         from ..model.synthesis import SynthesisModel  # the model stack is only needed to convert
 
-        return SynthesisModel.from_checkpoint(checkpoint_or_predictor, device=device)
+        return SynthesisModel.from_checkpoint(checkpoint_or_predictor, device=device, target=target)
     return checkpoint_or_predictor
 
 
@@ -428,7 +435,8 @@ def run_convert(
         report = run_convert("export/", "run/checkpoint_best.pt", "synth/", fmt="both", workers=4)
         print(report.summary())
 
-    ``target`` is needed only for unified checkpoints. ``device`` is where a checkpoint is loaded:
+    ``target`` is needed for unified checkpoints, and picks the direction of a checkpoint that holds
+    several (``--target t1`` converts T2w studies with a t1->t2 run's reverse generator). ``device`` is where a checkpoint is loaded:
     with several workers on a node with several GPUs, worker ``i`` uses GPU ``i % n_gpus``
     (:func:`worker_devices`). With ``dry_run`` nothing is read beyond DICOM headers and nothing is
     written; the report's rows say ``planned`` or ``skipped``. Problems found before any study is
@@ -449,7 +457,7 @@ def run_convert(
     from_checkpoint = isinstance(checkpoint_or_predictor, (str, Path))
     devices = worker_devices(workers, device, _gpu_count(device)) if from_checkpoint else ["cpu"] * workers
     # With a pool the workers hold the models; the parent's copy only answers what the model needs.
-    predictor = _load_predictor(checkpoint_or_predictor, devices[0] if workers == 1 else "cpu")
+    predictor = _load_predictor(checkpoint_or_predictor, devices[0] if workers == 1 else "cpu", target)
     target, fixed = _resolve_target(predictor, target)
 
     export = discover(input, mapping)
@@ -583,7 +591,7 @@ def _run_plans(
         if workers == 1 or len(plans) <= 1:
             if workers > 1 and isinstance(checkpoint_or_predictor, (str, Path)) and devices[0] != "cpu":
                 predictor = _load_predictor(
-                    checkpoint_or_predictor, devices[0]
+                    checkpoint_or_predictor, devices[0], options["target"]
                 )  # the parent's copy is on CPU
             for plan in plans:
                 results.append(convert_study(plan, predictor, out, **options))
@@ -599,7 +607,7 @@ def _run_plans(
             max_workers=workers,
             mp_context=context,
             initializer=_init_worker,
-            initargs=(shipped, worker_threads(workers), slots, os.getpid()),
+            initargs=(shipped, worker_threads(workers), slots, os.getpid(), options["target"]),
         )
         try:
             futures = {pool.submit(_run_in_worker, plan, out, options): plan for plan in plans}

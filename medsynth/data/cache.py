@@ -212,8 +212,13 @@ def prepare_cohort(
     cache_dir: str | Path,
     *,
     progress: bool = True,
+    partial: bool = False,
 ) -> Cohort:
-    """Bring every record's ``modalities`` into the cache, rebuilding only subjects whose key changed."""
+    """Bring every record's ``modalities`` into the cache, rebuilding only subjects whose key changed.
+
+    ``partial``: a subject may lack some of them and caches those it has (unpaired training,
+    :mod:`.pairing`); its foreground mask is then that of its own images.
+    """
     cache_dir = Path(cache_dir)
     modalities = list(modalities)
     if not modalities:
@@ -221,13 +226,14 @@ def prepare_cohort(
     keys = {}
     for record in tqdm(records, desc="preparing cache", unit="subject", disable=None if progress else True):
         missing = [m for m in modalities if m not in record.paths]
-        if missing:
+        own = [m for m in modalities if m in record.paths] if partial else modalities
+        if (missing and not partial) or not own:
             raise DataError(
                 f"subject {record.id} has no {', '.join(missing)} image; add it or leave the subject out"
             )
-        key = subject_key(record, modalities, fingerprint)
+        key = subject_key(record, own, fingerprint)
         folder = _subject_folder(cache_dir, record.id) / key
-        if not _is_current(folder, key, modalities):
-            _build_subject(record, modalities, fingerprint, folder, key)
+        if not _is_current(folder, key, own):
+            _build_subject(record, own, fingerprint, folder, key)
         keys[record.id] = key
     return Cohort(cache_dir, keys, modalities)

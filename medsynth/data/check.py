@@ -19,6 +19,7 @@ from ..io.readers import read_volume
 from ..io.volume import Volume
 from ..modalities import MODALITIES, canonical_modality
 from .layouts import SubjectRecord, constant_problem, ct_grid_problem, ct_problem, scan_dataset
+from .pairing import subject_role
 
 #: Fewer subjects than this cannot be split into train / validation / test by subject.
 MIN_SUBJECTS = 3
@@ -52,6 +53,9 @@ class Problem:
 class SubjectCheck:
     id: str
     files: list[FileCheck] = field(default_factory=list)
+    #: With ``pairing="unpaired"``: what the subject can serve (:func:`medsynth.data.pairing.subject_role`):
+    #: ``both`` (either side of training, validation, evaluation), ``source``/``target`` only, or ``none``.
+    serves: str | None = None
 
 
 @dataclass
@@ -63,6 +67,7 @@ class DatasetReport:
     modalities: tuple[str, ...]
     subjects: list[SubjectCheck]
     problems: list[Problem]
+    pairing: str = "paired"
 
     @property
     def blocking(self) -> bool:
@@ -72,18 +77,31 @@ class DatasetReport:
     def summary(self) -> str:
         """One line, e.g. ``12 subjects x 4 modalities (t1, t2, pd, flair); all paired``."""
         head = f"{len(self.subjects)} subjects x {len(self.modalities)} modalities ({', '.join(self.modalities)})"
+        if self.pairing == "unpaired":
+            source, target = self.modalities
+            counts = {
+                role: sum(s.serves == role for s in self.subjects) for role in ("both", "source", "target")
+            }
+            head += (
+                f"; unpaired {source} -> {target}: {counts['both']} with both (validation, evaluation), "
+                f"{counts['source']} {source} only, {counts['target']} {target} only"
+            )
         if not self.problems:
-            return f"{head}; all paired"
+            return f"{head}; all paired" if self.pairing == "paired" else head
         n_blocking = sum(p.blocking for p in self.problems)
         verdict = f"{n_blocking} blocking training" if n_blocking else "none blocking training"
         return f"{head}; {len(self.problems)} problem{'s' * (len(self.problems) != 1)} ({verdict})"
 
     def render(self) -> str:
         """A fixed-width table (one row per file), the problems, then the summary line."""
-        header = ("subject", "modality", "shape", "spacing (mm)", "orient", "status")
+        unpaired = self.pairing == "unpaired"
+        header = ("subject", "modality", "shape", "spacing (mm)", "orient", "status") + (
+            ("serves",) if unpaired else ()
+        )
         rows = [header]
         for subject in self.subjects:
             for n, item in enumerate(subject.files):
+                serves = (SERVES[subject.serves or "none"] if n == 0 else "",) if unpaired else ()
                 rows.append(
                     (
                         subject.id if n == 0 else "",
@@ -92,6 +110,7 @@ class DatasetReport:
                         "x".join(f"{s:.2f}" for s in item.spacing) if item.spacing else "-",
                         item.orientation or "-",
                         item.status,
+                        *serves,
                     )
                 )
         widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
@@ -120,8 +139,21 @@ class DatasetReport:
         return data
 
 
+#: How ``data check --pairing unpaired`` says what a subject serves.
+SERVES = {
+    "both": "both: training, validation, evaluation",
+    "source": "source only: unpaired training",
+    "target": "target only: unpaired training",
+    "none": "neither: not used",
+}
+
+
 def check_dataset(
-    root: str | Path, manifest: str | Path | None = None, modalities: Sequence[str] | None = None
+    root: str | Path,
+    manifest: str | Path | None = None,
+    modalities: Sequence[str] | None = None,
+    *,
+    pairing: str = "paired",
 ) -> DatasetReport:
     """Scan ``root`` and read every file of every subject, collecting all problems.
 
@@ -129,16 +161,27 @@ def check_dataset(
     union of what subjects have is reported and gaps are warnings. Grids are compared with each
     subject's first modality (the first requested one it has), the grid training aligns to.
 
+    ``pairing="unpaired"`` (``modalities`` = source, target): a subject with one of the two serves one
+    side of unpaired training (:mod:`medsynth.data.pairing`), so a missing one is no problem; the report
+    says what each subject serves, and it is blocking only when no subject has the source, or none the
+    target.
+
     Raises:
         DataError: only when no dataset can be found at all (see :func:`scan_dataset`).
     """
     records = scan_dataset(root, manifest)
     wanted = tuple(canonical_modality(m) for m in modalities) if modalities else ()
+    if pairing == "unpaired" and len(wanted) != 2:
+        raise MedsynthError(
+            "--pairing unpaired checks one source and one target: give --modalities SOURCE,TARGET"
+        )
     shown = wanted or tuple(m for m in MODALITIES if any(m in r.paths for r in records))
     layout = records[0].layout if records else "none"
     problems: list[Problem] = []
     subjects = [_check_subject(record, wanted, problems) for record in records]
-    for record in records:
+    if pairing == "unpaired":
+        _unpaired_roles(records, subjects, wanted, problems)
+    for record in records if pairing == "paired" else []:
         missing = [m for m in shown if m not in record.paths]
         if missing:
             problems.append(Problem(record.id, f"no {', '.join(missing)} image", blocking=bool(wanted)))
@@ -151,7 +194,39 @@ def check_dataset(
                 blocking=True,
             )
         )
-    return DatasetReport(Path(root), layout, shown, subjects, problems)
+    return DatasetReport(Path(root), layout, shown, subjects, problems, pairing)
+
+
+def _unpaired_roles(
+    records: list[SubjectRecord],
+    subjects: list[SubjectCheck],
+    wanted: tuple[str, ...],
+    problems: list[Problem],
+) -> None:
+    """Say what each subject serves; blocking only when one side has no subject at all."""
+    source, target = wanted
+    for record, subject in zip(records, subjects, strict=True):
+        subject.serves = subject_role(record.paths, source, target) or "none"
+        if subject.serves == "none":
+            problems.append(
+                Problem(record.id, f"has neither {source} nor {target}: not used", blocking=False)
+            )
+    for side, name in (("source", source), ("target", target)):
+        if not any(s.serves in ("both", side) for s in subjects):
+            problems.append(
+                Problem(
+                    "dataset", f"no subject has {name}: unpaired training needs both sides", blocking=True
+                )
+            )
+    if not any(s.serves == "both" for s in subjects):
+        problems.append(
+            Problem(
+                "dataset",
+                f"no subject has both {source} and {target}: synthetic images cannot be scored (validation falls "
+                "back to the round-trip error; add a few complete subjects to evaluate)",
+                blocking=False,
+            )
+        )
 
 
 def _check_subject(record: SubjectRecord, wanted: tuple[str, ...], problems: list[Problem]) -> SubjectCheck:

@@ -134,6 +134,13 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def foreground_crop_size(subjects: Sequence[CachedSubject], axis: int, multiple: int = 16) -> tuple[int, int]:
+    """The in-plane crop that holds every subject's foreground box, each side rounded up to ``multiple``."""
+    in_plane = [a for a in (0, 1, 2) if a != axis]
+    extents = np.array([[s.bbox[a].stop - s.bbox[a].start for a in in_plane] for s in subjects])
+    return round_up(int(extents[:, 0].max()), multiple), round_up(int(extents[:, 1].max()), multiple)
+
+
 class SliceDataset(Dataset):
     """2D (``context=1``) or 2.5D (``context`` odd > 1) slices of cached subjects.
 
@@ -165,6 +172,7 @@ class SliceDataset(Dataset):
         axis: int = 2,
         seed: int = 0,
         unified_subsets: str = "uniform",
+        target_stack: bool = False,
     ) -> None:
         if context < 1 or context % 2 == 0:
             raise ConfigError(f"context must be an odd number of slices (1, 3, 5, ...), got {context}")
@@ -192,6 +200,9 @@ class SliceDataset(Dataset):
             self.sources, self.target = tuple(sources), target
             self.modalities = self.sources + ((target,) if target is not None else ())
         self.context, self.axis, self.seed, self.epoch = context, axis, seed, 0
+        #: Also return ``target_stack`` (B, context, H, W): the target's own 2.5D neighbourhood, for
+        #: objectives that run a generator on target images (a cycle through a reverse generator).
+        self.target_stack = bool(target_stack) and self.target is not None and context > 1
         subjects = [cohort.subject(s) for s in subject_ids]
         self.crop_size = self._crop_size(subjects, crop_size, size_multiple)
         self._load(subjects)
@@ -221,8 +232,7 @@ class SliceDataset(Dataset):
             if len(crop_size) != 2 or min(crop_size) < 1:
                 raise ConfigError(f"crop_size must be two positive sizes (H, W), got {crop_size}")
             return int(crop_size[0]), int(crop_size[1])
-        extents = np.array([[s.bbox[a].stop - s.bbox[a].start for a in in_plane] for s in subjects])
-        return round_up(int(extents[:, 0].max()), multiple), round_up(int(extents[:, 1].max()), multiple)
+        return foreground_crop_size(subjects, self.axis, multiple)
 
     def _load(self, subjects: list[CachedSubject]) -> None:
         images, masks, ids, index = [], [], [], []
@@ -318,6 +328,8 @@ class SliceDataset(Dataset):
             batch["source"] = stack.reshape(size, count * self.context, height, width).contiguous()
             if self.target is not None:
                 batch["target"] = images[centre_d, count][:, None]
+            if self.target_stack:
+                batch["target_stack"] = images[neighbours_d, count].contiguous()
         batch["mask"] = masks[centre_d][:, None].to(torch.float32)
         return batch
 
@@ -352,6 +364,8 @@ class SliceDataset(Dataset):
         batch["source"] = torch.from_numpy(assemble_fixed(source))
         if self.target is not None:
             batch["target"] = torch.from_numpy(self._images[centre, count][:, None])
+        if self.target_stack:
+            batch["target_stack"] = torch.from_numpy(np.ascontiguousarray(self._images[neighbours, count]))
         return batch
 
     def _draw_unified(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -487,7 +501,7 @@ def place_on_device(
     """
     if device.type != "cuda":
         return "training batches gathered on the host"
-    if resident and isinstance(dataset, SliceDataset):
+    if resident and hasattr(dataset, "to_device"):
         free, total = memory or device_memory(device) or (0, 0)
         size = dataset.resident_bytes
         card = f"{free / GIB:.1f} of {total / GIB:.1f} GiB free on {device}"

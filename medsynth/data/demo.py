@@ -21,6 +21,9 @@ The model, at a field strength of 3 T (details and sources in ``docs/demo_cohort
   co-registered), relaxation-time jitter, and per contrast a smooth multiplicative bias field, Rician
   noise at a fixed SNR and an arbitrary intensity scale. The CT's HU jitter and noise come from a second
   Generator, ``(seed, subject index, 1)``, so adding the CT left every MR volume bit-identical.
+* **Misregistration (optional).** ``misregister=(mm, deg)`` moves every modality but a reference one by a
+  rigid transform drawn from a third Generator, ``(seed, subject index, 2)``, and keeps the shared header:
+  pairs that claim to be registered and are not, as after a failed registration of scans from different days.
 
 Everything per subject runs on the output grid: the 1 mm tissue maps are reduced to ``spacing_mm`` once
 (and cached), so a 2 mm cohort costs about a second per subject.
@@ -47,10 +50,10 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from .. import __version__
-from ..errors import MedsynthError
+from ..errors import ConfigError, MedsynthError
 from ..io.atomic import atomic_path, atomic_write_text
 from ..io.volume import Volume, to_canonical
-from ..modalities import DISPLAY_NAMES
+from ..modalities import DISPLAY_NAMES, canonical_modality
 
 FIELD_STRENGTH_T = 3.0
 #: Mean brain signal over the noise standard deviation (before the bias field and scaling).
@@ -447,6 +450,173 @@ def simulate_subject(
     return volumes, draw
 
 
+#: The modalities a demo subject has, in file order.
+DEMO_MODALITIES: tuple[str, ...] = (*(seq.modality for seq in SEQUENCES), CT_PROTOCOL.modality)
+
+
+@dataclass(frozen=True)
+class Misregistration:
+    """A rigid motion in world (RAS) mm, ``x' = R (x - centre) + centre + t``.
+
+    ``R`` turns by ``angle_deg`` (right-hand rule, signed) about the unit ``axis`` through ``centre_mm``;
+    then everything moves by ``translation_mm``. What sat at ``x`` in the unmoved volume sits at ``x'``.
+    """
+
+    translation_mm: tuple[float, float, float]
+    axis: tuple[float, float, float]
+    angle_deg: float
+    centre_mm: tuple[float, float, float]
+
+    @property
+    def shift_mm(self) -> float:
+        """Length of the translation."""
+        return float(np.linalg.norm(self.translation_mm))
+
+    def matrix(self) -> np.ndarray:
+        """The 4 x 4 world transform (Rodrigues' formula for ``R``)."""
+        k = np.asarray(self.axis, dtype=np.float64)
+        cross = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+        angle = math.radians(self.angle_deg)
+        rotation = np.eye(3) + math.sin(angle) * cross + (1.0 - math.cos(angle)) * cross @ cross
+        centre = np.asarray(self.centre_mm, dtype=np.float64)
+        transform = np.eye(4)
+        transform[:3, :3] = rotation
+        transform[:3, 3] = centre - rotation @ centre + np.asarray(self.translation_mm)
+        return transform
+
+
+def head_centre_mm(spacing_mm: float) -> tuple[float, float, float]:
+    """World position of the template head's centre of mass (all tissue fractions) on the demo grid."""
+    base = anatomy(spacing_mm)
+    centre = np.asarray(ndimage.center_of_mass(base.fractions.sum(axis=0)))
+    return tuple(float(v) for v in base.affine[:3, :3] @ centre + base.affine[:3, 3])  # type: ignore[return-value]
+
+
+def draw_misregistration(
+    index: int, seed: int, max_mm: float, max_deg: float, centre_mm: tuple[float, float, float]
+) -> Misregistration:
+    """Subject ``index``'s rigid motion, from its own ``np.random.default_rng((seed, index, 2))``.
+
+    Translation: a uniform random direction, length ``max_mm * U(0.5, 1)``; rotation: a uniform random
+    axis through ``centre_mm``, angle ``+-max_deg * U(0.5, 1)``. The lower half of the range is left out
+    so every subject is noticeably off. The MR and CT Generators are not touched.
+    """
+    rng = np.random.default_rng((seed, index, 2))
+    direction = rng.standard_normal(3)
+    translation = direction / np.linalg.norm(direction) * max_mm * rng.uniform(0.5, 1.0)
+    axis = rng.standard_normal(3)
+    axis /= np.linalg.norm(axis)
+    angle = max_deg * rng.uniform(0.5, 1.0) * rng.choice((-1.0, 1.0))
+    return Misregistration(
+        tuple(float(v) for v in translation),  # type: ignore[arg-type]
+        tuple(float(v) for v in axis),  # type: ignore[arg-type]
+        float(angle),
+        centre_mm,
+    )
+
+
+def misregister_volume(volume: Volume, motion: Misregistration, fill: float = 0.0) -> Volume:
+    """``volume`` moved by ``motion`` and resampled (linear) on its own grid; the affine is kept.
+
+    Output voxel ``v`` samples the input at ``A^-1 T^-1 A v`` (``A`` the affine, ``T`` the motion), so
+    any affine, oblique or flipped, is handled. Voxels moved in from outside the field of view get ``fill``.
+    """
+    pull = np.linalg.inv(volume.affine) @ np.linalg.inv(motion.matrix()) @ volume.affine
+    moved = ndimage.affine_transform(
+        volume.array, pull[:3, :3], pull[:3, 3], order=1, mode="constant", cval=fill
+    )
+    return Volume(moved, volume.affine.copy(), dict(volume.meta))
+
+
+def misregister_subject(
+    volumes: Mapping[str, Volume], motion: Misregistration, reference: str
+) -> dict[str, Volume]:
+    """Move every modality but ``reference`` by one ``motion``: they stay registered to each other.
+
+    The background fill is air as each modality stores it: 0 in MR, ``CT_RANGE_HU[0]`` (-1024 HU) in the
+    CT, whose values are rounded back to integer HU.
+    """
+    moved = {}
+    for modality, volume in volumes.items():
+        if modality == reference:
+            moved[modality] = volume
+        elif modality == CT_PROTOCOL.modality:
+            ct = misregister_volume(volume, motion, fill=CT_RANGE_HU[0])
+            ct.array = np.clip(np.round(ct.array), *CT_RANGE_HU).astype(np.float32)
+            moved[modality] = ct
+        else:
+            moved[modality] = misregister_volume(volume, motion)
+    return moved
+
+
+def parse_misregister(text: str) -> tuple[float, float]:
+    """``"MM,DEG"`` (the CLI's ``--misregister``) as two floats; range checks are the cohort's.
+
+    >>> parse_misregister("4,2.5")
+    (4.0, 2.5)
+    """
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise ConfigError(
+            f"--misregister wants MM,DEG (maximum translation in mm, rotation in degrees), e.g. 4,4; got {text!r}"
+        ) from None
+
+
+def _check_misregister(
+    misregister: tuple[float, float] | None, reference: str
+) -> tuple[tuple[float, float] | None, str]:
+    """Validated ``(max_mm, max_deg)`` (or None) and the canonical reference modality."""
+    known = ", ".join(DEMO_MODALITIES)
+    try:
+        canonical = canonical_modality(reference) if isinstance(reference, str) else None
+    except MedsynthError:
+        canonical = None
+    if canonical not in DEMO_MODALITIES:
+        raise ConfigError(
+            f"misregistration reference {reference!r} is not a demo modality; choose one of {known}"
+        )
+    if misregister is None:
+        return None, canonical
+    values = tuple(misregister) if isinstance(misregister, (tuple, list)) else ()
+    if len(values) != 2 or not all(
+        isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values
+    ):
+        raise ConfigError(f"misregister must be (max_mm, max_deg), two numbers; got {misregister!r}")
+    max_mm, max_deg = (float(v) for v in values)
+    if not (math.isfinite(max_mm) and math.isfinite(max_deg) and max_mm >= 0 and 0 <= max_deg <= 180):
+        raise ConfigError(
+            f"misregister ({max_mm:g} mm, {max_deg:g} deg) out of range; translation >= 0 mm, rotation 0 to 180 deg"
+        )
+    return (max_mm, max_deg), canonical
+
+
+#: participants.tsv columns added by ``misregister``: translation vector (RAS mm) and its length, signed
+#: rotation angle and its unit axis.
+MISREGISTER_COLUMNS = (
+    "misregister_tx_mm",
+    "misregister_ty_mm",
+    "misregister_tz_mm",
+    "misregister_translation_mm",
+    "misregister_rotation_deg",
+    "misregister_axis_x",
+    "misregister_axis_y",
+    "misregister_axis_z",
+)
+
+
+def _misregister_fields(motion: Misregistration) -> list[str]:
+    return [
+        *(f"{v:.4f}" for v in motion.translation_mm),
+        f"{motion.shift_mm:.4f}",
+        f"{motion.angle_deg:.4f}",
+        *(f"{v:.6f}" for v in motion.axis),
+    ]
+
+
 def _write_nifti(volume: Volume, path: Path, dtype: type = np.float32) -> None:
     image = nib.Nifti1Image(volume.array.astype(dtype), volume.affine)
     image.set_qform(volume.affine, code=1)
@@ -497,6 +667,8 @@ def make_demo_cohort(
     seed: int = 0,
     dicom: bool = False,
     progress: bool = True,
+    misregister: tuple[float, float] | None = None,
+    reference: str = "t1",
 ) -> list[Path]:
     """Write a paired T1w/T2w/PDw/FLAIR + CT cohort in a BIDS-like layout and return the subject folders.
 
@@ -506,14 +678,28 @@ def make_demo_cohort(
     ``OUT/overview.png`` (subject 1) and, with ``dicom=True``, ``OUT/dicom/sub-01/<NN_contrast>/`` one
     DICOM series per contrast and a CT series, sharing one StudyInstanceUID. Same ``seed`` -> identical
     files.
+
+    ``misregister=(max_mm, max_deg)`` moves every modality but ``reference`` of each subject by one rigid
+    transform (:func:`draw_misregistration`: ``max_mm * U(0.5, 1)`` translation, ``max_deg * U(0.5, 1)``
+    rotation about the head centre) while the files keep the shared header: unaligned pairs that claim to
+    be aligned, for comparing paired with unpaired training. The draws go to ``participants.tsv`` and
+    ``dataset_description.json``; without it the files are those of the plain cohort.
+
+    Example:
+        >>> make_demo_cohort("demo_off", n_subjects=2, spacing_mm=4.0, misregister=(4.0, 4.0))  # doctest: +SKIP
     """
     if isinstance(n_subjects, bool) or not isinstance(n_subjects, int) or n_subjects < 1:
         raise MedsynthError(f"n_subjects must be a positive integer, got {n_subjects!r}")
     _check_spacing(spacing_mm)
+    misregister, reference = _check_misregister(misregister, reference)
     out = Path(out)
     _prepare_output(out)
     width = max(2, len(str(n_subjects)))
-    rows = ["participant_id\thead_scale\trotation_deg\tmax_displacement_mm"]
+    header = "participant_id\thead_scale\trotation_deg\tmax_displacement_mm"
+    if misregister is not None:
+        centre_mm = head_centre_mm(spacing_mm)
+        header += "\t" + "\t".join(MISREGISTER_COLUMNS)
+    rows = [header]
     subject_dirs = []
     first: dict[str, Volume] = {}
     for index in tqdm(
@@ -521,6 +707,11 @@ def make_demo_cohort(
     ):
         subject_id = f"{index + 1:0{width}d}"
         volumes, draw = simulate_subject(index, spacing_mm, seed)
+        row = f"sub-{subject_id}\t{draw.head_scale:.4f}\t{draw.rotation_deg:.2f}\t{draw.max_displacement_mm:.2f}"
+        if misregister is not None:
+            motion = draw_misregistration(index, seed, *misregister, centre_mm)
+            volumes = misregister_subject(volumes, motion, reference)
+            row += "\t" + "\t".join(_misregister_fields(motion))
         anat = out / f"sub-{subject_id}" / "anat"
         for volume in volumes.values():
             protocol: Sequence | CTProtocol = volume.meta["protocol"]
@@ -530,25 +721,37 @@ def make_demo_cohort(
             atomic_write_text(anat / f"{stem}.json", json.dumps(protocol.sidecar(), indent=2) + "\n")
         if dicom:
             _write_dicom(volumes, out / "dicom" / f"sub-{subject_id}", subject_id)
-        rows.append(
-            f"sub-{subject_id}\t{draw.head_scale:.4f}\t{draw.rotation_deg:.2f}\t{draw.max_displacement_mm:.2f}"
-        )
+        rows.append(row)
         subject_dirs.append(anat.parent)
         first = first or volumes
+    info: dict[str, object] = {
+        "n_subjects": n_subjects,
+        "spacing_mm": spacing_mm,
+        "seed": seed,
+        "snr": SNR,
+        "ct": "sub-*_CT.nii.gz: int16 Hounsfield units on the MR grid, simulated from the same tissue "
+        f"fractions, noise sd {CT_NOISE_HU:g} HU",
+    }
+    if misregister is not None:
+        info["misregistration"] = {
+            "max_mm": misregister[0],
+            "max_deg": misregister[1],
+            "reference": reference,
+            "centre_mm": [round(v, 3) + 0.0 for v in centre_mm],  # + 0.0: no "-0.0"
+            "note": f"every modality but {reference} is moved, per subject, by one rigid transform "
+            "x' = R (x - centre_mm) + centre_mm + t (world RAS mm) and resampled (linear) on the unchanged "
+            "grid, so the headers still claim the pairs are registered; |t| = max_mm U(0.5, 1) in a random "
+            "direction, R turns by +-max_deg U(0.5, 1) about a random unit axis (right-hand rule), drawn from "
+            "numpy default_rng((seed, subject index, 2)); per-subject values in participants.tsv "
+            "(misregister_*); fill: 0 in MR, -1024 HU in CT",
+        }
     description = {
         "Name": DATASET_NAME,
         "BIDSVersion": "1.9.0",
         "DatasetType": "raw",
         "License": "CC0 (simulated from the MNI ICBM152 2009a templates; see their copyright notice)",
         "GeneratedBy": [{"Name": "medsynth", "Version": __version__, "Description": "make_demo_cohort"}],
-        "MedsynthDemo": {
-            "n_subjects": n_subjects,
-            "spacing_mm": spacing_mm,
-            "seed": seed,
-            "snr": SNR,
-            "ct": "sub-*_CT.nii.gz: int16 Hounsfield units on the MR grid, simulated from the same tissue "
-            f"fractions, noise sd {CT_NOISE_HU:g} HU",
-        },
+        "MedsynthDemo": info,
     }
     atomic_write_text(out / "dataset_description.json", json.dumps(description, indent=2) + "\n")
     atomic_write_text(out / "participants.tsv", "\n".join(rows) + "\n")

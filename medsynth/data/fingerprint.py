@@ -105,24 +105,32 @@ class Fingerprint:
 
     @classmethod
     def compute(
-        cls, subjects: Iterable[tuple[str, dict[str, Volume]]], specs: dict[str, NormalizationSpec]
+        cls,
+        subjects: Iterable[tuple[str, dict[str, Volume]]],
+        specs: dict[str, NormalizationSpec],
+        *,
+        partial: bool = False,
     ) -> Fingerprint:
         """Fit per-subject parameters on **training** subjects and take their medians.
 
         ``subjects`` yields ``(subject_id, {modality: Volume})``; it is consumed once, so a generator
         that loads one subject at a time keeps memory flat. Modalities not in ``specs`` are ignored.
+        ``partial`` (unpaired data): a subject may lack some modalities; each modality's medians are
+        taken over the subjects that have it, and every modality needs at least one.
         """
         if not specs:
             raise ConfigError("a fingerprint needs at least one modality's normalisation spec")
         per_subject: dict[str, dict[str, dict[str, Any]]] = {}
         for subject_id, volumes in subjects:
             missing = sorted(set(specs) - set(volumes))
-            if missing:
+            if missing and not partial:
                 raise DataError(
                     f"subject {subject_id!r} has no {', '.join(missing)} image; add it or drop the subject"
                 )
             entry = {}
             for modality, spec in specs.items():
+                if modality not in volumes:
+                    continue
                 volume = volumes[modality]
                 mask = foreground_mask([volume.array])
                 normalizer = spec.make().fit(volume.array, mask)
@@ -136,8 +144,15 @@ class Fingerprint:
             per_subject[subject_id] = entry
         if not per_subject:
             raise DataError("no training subjects to compute the normalisation fingerprint from")
+        absent = [m for m in specs if not any(m in entry for entry in per_subject.values())]
+        if absent:
+            raise DataError(
+                f"no training subject has {', '.join(absent)}; the fingerprint needs at least one each"
+            )
         cohort = {
-            modality: _cohort_normalizer([entry[modality]["normalizer"] for entry in per_subject.values()])
+            modality: _cohort_normalizer(
+                [entry[modality]["normalizer"] for entry in per_subject.values() if modality in entry]
+            )
             for modality in specs
         }
         return cls(specs=dict(specs), cohort=cohort, subjects=per_subject)

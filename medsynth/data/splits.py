@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,9 +41,19 @@ def _count(share: float, total: int, name: str) -> int:
 
 
 def make_splits(
-    ids: Iterable[str], *, val: float = 0.15, test: float = 0.15, seed: int = 0
+    ids: Iterable[str],
+    *,
+    val: float = 0.15,
+    test: float = 0.15,
+    seed: int = 0,
+    prefer_held_out: Collection[str] | None = None,
 ) -> dict[str, list[str]]:
-    """Draw a seeded ``{"train", "val", "test"}`` split with at least one subject in each."""
+    """Draw a seeded ``{"train", "val", "test"}`` split with at least one subject in each.
+
+    ``prefer_held_out``: ids that val and test are drawn from first, while they last (unpaired training
+    names the subjects that have both images, the only ones a synthetic image can be scored against:
+    :func:`medsynth.data.pairing.complete_subjects`). Without it every subject is equally likely.
+    """
     ordered = sorted(ids)
     duplicates = sorted(i for i, n in Counter(ordered).items() if n > 1)
     if duplicates:
@@ -56,6 +67,9 @@ def make_splits(
         )
     order = np.random.default_rng(seed).permutation(len(ordered))
     shuffled = [ordered[i] for i in order]
+    if prefer_held_out is not None:  # a stable sort keeps the seeded order within each group
+        preferred = set(prefer_held_out)
+        shuffled.sort(key=lambda subject: subject not in preferred)
     return {
         "train": sorted(shuffled[n_val + n_test :]),
         "val": sorted(shuffled[:n_val]),
@@ -94,7 +108,7 @@ def validate_splits(
     return sorted(known - set(seen))
 
 
-def load_or_create_splits(path: str | Path, ids: Iterable[str], **kwargs: float) -> dict[str, list[str]]:
+def load_or_create_splits(path: str | Path, ids: Iterable[str], **kwargs: Any) -> dict[str, list[str]]:
     """Reuse ``path`` if it exists (validated), otherwise draw a split and write it there atomically.
 
     ``kwargs`` go to :func:`make_splits` and only matter the first time. Subjects the file does not

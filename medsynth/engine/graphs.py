@@ -111,7 +111,9 @@ class GraphedStep:
                 self._capture(source, target, mask)
             except Exception as exc:  # any failure of the capture: say where, then train eagerly
                 # Ending a capture that ran out of memory raises again, with the out-of-memory as context.
-                out_of_memory = next((str(e) for e in _chain(exc) if isinstance(e, torch.OutOfMemoryError)), "")
+                out_of_memory = next(
+                    (str(e) for e in _chain(exc) if isinstance(e, torch.OutOfMemoryError)), ""
+                )
                 self.failure = None if out_of_memory else capture_failure(exc)
             if out_of_memory:  # the trainer's back-off halves the batch and captures anew
                 self._abandon()
@@ -190,7 +192,9 @@ def capture_failure(exc: BaseException) -> str:
     frames: list[traceback.FrameSummary] = []
     chain = _chain(exc)
     for exc in reversed(chain):
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.endswith(_CAPTURE_FRAMES)]
+        frames = [
+            f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.endswith(_CAPTURE_FRAMES)
+        ]
         if frames:
             break
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -14,6 +14,7 @@ from ..config import Config
 from ..data.cache import Cohort, prepare_cohort
 from ..data.fingerprint import Fingerprint, NormalizationSpec
 from ..data.layouts import SubjectRecord, load_subject, scan_dataset
+from ..data.pairing import complete_subjects, subject_role
 from ..data.splits import load_or_create_splits
 from ..errors import MedsynthError
 from ..io.atomic import atomic_write_text
@@ -34,10 +35,17 @@ class RunData:
     modalities: tuple[str, ...]
 
 
-def usable_records(records: list[SubjectRecord], task: Task, root: str | Path) -> list[SubjectRecord]:
-    """Subjects that hold every modality the task names; the rest are left out with a warning."""
+def usable_records(
+    records: list[SubjectRecord], task: Task, root: str | Path, *, pairing: str = "paired"
+) -> list[SubjectRecord]:
+    """Subjects that hold every modality the task names; the rest are left out with a warning.
+
+    Unpaired (:mod:`medsynth.data.pairing`): subjects with the source, the target or both.
+    """
     wanted = set(task.required_modalities)
     present = set().union(*(r.paths for r in records)) if records else set()
+    if pairing == "unpaired":
+        return _unpaired_records(records, task, root, present)
     absent = [m for m in task.required_modalities if m not in present]
     if absent:
         found = ", ".join(sorted(present)) or "none"
@@ -51,6 +59,24 @@ def usable_records(records: list[SubjectRecord], task: Task, root: str | Path) -
         if record not in kept:
             missing = ", ".join(sorted(wanted - set(record.paths)))
             log.warning("subject %s left out: it lacks %s", record.id, missing)
+    return kept
+
+
+def _unpaired_records(
+    records: list[SubjectRecord], task: Task, root: str | Path, present: set[str]
+) -> list[SubjectRecord]:
+    source, target = task.sources[0], str(task.target)
+    absent = [m for m in (source, target) if m not in present]
+    if absent:
+        raise MedsynthError(
+            f"no subject has {', '.join(DISPLAY_NAMES[m] for m in absent)}; unpaired training needs subjects "
+            f"with {DISPLAY_NAMES[source]} and subjects with {DISPLAY_NAMES[target]}",
+            root,
+        )
+    kept = [r for r in records if subject_role(r.paths, source, target)]
+    for record in records:
+        if record not in kept:
+            log.warning("subject %s left out: it has neither %s nor %s", record.id, source, target)
     return kept
 
 
@@ -75,12 +101,21 @@ def prepare_run_data(
     """Scan the data, fix the splits (once), fit the fingerprint on training subjects, fill the cache."""
     if not config.data.root:
         raise MedsynthError("no data folder: pass --data DIR (or set data.root in the recipe)")
-    records = usable_records(scan_dataset(config.data.root, config.data.manifest), task, config.data.root)
+    unpaired = config.data.pairing == "unpaired"
+    records = usable_records(
+        scan_dataset(config.data.root, config.data.manifest),
+        task,
+        config.data.root,
+        pairing=config.data.pairing,
+    )
     by_id = {r.id: r for r in records}
     splits_path = Path(config.data.splits_file) if config.data.splits_file else run_dir / "splits.json"
+    # Unpaired: held-out subjects come from those with both images, which alone can be scored.
+    preferred = complete_subjects(records, task.sources[0], str(task.target)) if unpaired else None
     splits = load_or_create_splits(
-        splits_path, sorted(by_id), val=config.data.val, test=config.data.test, seed=config.data.split_seed
-    )
+        splits_path, sorted(by_id), val=config.data.val, test=config.data.test, seed=config.data.split_seed,
+        prefer_held_out=preferred,
+    )  # fmt: skip
     if config.data.splits_file:
         atomic_write_text(run_dir / "splits.json", json.dumps(splits, indent=2))
     modalities = tuple(task.required_modalities)
@@ -96,10 +131,10 @@ def prepare_run_data(
                 available = [m for m in modalities if m in record.paths]
                 yield subject_id, load_subject(record, available, volume_index=config.data.volume_index)
 
-        fingerprint = Fingerprint.compute(training_subjects(), specs)
+        fingerprint = Fingerprint.compute(training_subjects(), specs, partial=unpaired)
         fingerprint.save(fingerprint_path)
     used = [by_id[i] for part in ("train", "val", "test") for i in splits.get(part, []) if i in by_id]
-    cohort = prepare_cohort(used, modalities, fingerprint, cache_dir, progress=progress)
+    cohort = prepare_cohort(used, modalities, fingerprint, cache_dir, progress=progress, partial=unpaired)
     return RunData(
         records=by_id, splits=splits, fingerprint=fingerprint, cohort=cohort, modalities=modalities
     )

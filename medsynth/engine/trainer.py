@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data.datasets import PatchDataset, SliceDataset, make_loader, place_on_device
+from ..data.pairing import UnpairedSamples, unpaired_slices
 from ..errors import ConfigError, MedsynthError
 from ..io.atomic import atomic_path, disk_full_error, disk_full_is_one_line, is_disk_full
 from ..metrics import mae, psnr, ssim_3d
@@ -51,7 +52,8 @@ from ..task import Task
 from ..viz import comparison_grid, plot_curves
 from . import distributed
 from .graphs import graphed_step
-from .objectives import build_objective
+from .objectives import build_objective, objective_class
+from .objectives.base import MASK_ENTRIES
 from .precision import decide_training_precision, training_measure
 from .setup import RunData
 
@@ -60,9 +62,14 @@ log = logging.getLogger("medsynth")
 METRICS_FIELDS = [
     "epoch", "steps", "seconds", "val_seconds", "io_seconds", "slices_per_s", "lr",
     "loss_critic", "loss_adv", "loss_l1", "val_psnr", "val_ssim", "val_mae",
-    "loss_nll",  # model.predict_scale: the Laplace likelihood (engine/objectives.py)
+    "loss_nll",  # model.predict_scale: the Laplace likelihood (engine/objectives/pix2pix.py)
     "partial",  # "k/n": an epoch the time budget ended after k of its n steps (empty for whole epochs)
 ]  # fmt: skip
+
+
+def metrics_fields(loss_names: tuple[str, ...]) -> list[str]:
+    """metrics.csv's columns: :data:`METRICS_FIELDS`, then any loss of the run's objective not among them."""
+    return METRICS_FIELDS + [name for name in loss_names if name not in METRICS_FIELDS]
 
 
 @dataclass
@@ -100,6 +107,7 @@ class Trainer:
         if train.num_threads:  # the machine's threads, shared by the processes torchrun put on it
             torch.set_num_threads(max(1, train.num_threads // self.dist.local_world_size))
         torch.manual_seed(train.seed)
+        objective_class(train.objective).check_config(config)  # before any data or network is built
         self.device = self.dist.device(pick_device(train.device))
         self.spatial_dims = config.model.spatial_dims
 
@@ -143,8 +151,15 @@ class Trainer:
         self.objective = build_objective(
             train.objective, config=config, generator=forward, in_channels=layout.channels,
             optimizer=self.opt_g, device=self.device, memory_format=self.memory_format,
-            precision=self.plan.precision, distributed=self.dist,
+            precision=self.plan.precision, distributed=self.dist, plan=self.plan,
         )  # fmt: skip
+        #: metrics.csv's columns: the shared ones and this objective's losses.
+        self.metrics_fields = metrics_fields(self.objective.loss_names)
+        #: Inference models of the other directions the objective trains (a reverse generator).
+        self.direction_models = [
+            SynthesisModel(plan, module, data.fingerprint, device=self.device, precision=self.precision)
+            for plan, module in self.objective.directions()
+        ]
         self._seed_rank(0)
         #: Steps between agreements on the clock and on signals (a CUDA all-reduce waits for the GPU).
         self._sync_every = 8 if self.dist.backend == "nccl" else 1
@@ -158,9 +173,7 @@ class Trainer:
             # DDP's gradient all-reduce inside a captured graph is not supported here (yet).
             raise ConfigError("train.cuda_graphs does not combine with torchrun; set train.cuda_graphs=false")
         #: The objective's step, captured in a CUDA graph with train.cuda_graphs on CUDA (engine/graphs.py).
-        self._step = graphed_step(
-            self.objective.step, self.optimizers, self.device, enabled=train.cuda_graphs
-        )
+        self._step = graphed_step(self.objective.step, self.optimizers, self.device, enabled=self._graphs)
         self.loader = make_loader(
             self.dataset, train.batch_size, shuffle=True, seed=train.seed, drop_last=True,
             rank=self.dist.rank, world_size=self.dist.world_size,
@@ -185,10 +198,22 @@ class Trainer:
         self._val_seconds = 0.0
         self.samples: list[Any] = []
 
-    def _make_dataset(self) -> SliceDataset | PatchDataset:
-        """2D/2.5D slices, or foreground-weighted random 3D patches."""
+    def _make_dataset(self) -> SliceDataset | PatchDataset | UnpairedSamples:
+        """2D/2.5D slices, or foreground-weighted random 3D patches; paired, or drawn without pairs."""
         data, task = self.config.data, self.task
         crop = tuple(data.crop_size) if data.crop_size else None
+        if data.pairing == "unpaired":
+            if task.is_unified or len(task.sources) != 1:
+                raise ConfigError(f"data.pairing=unpaired draws one source and one target; {task} has more")
+            if self.spatial_dims == 3:
+                raise ConfigError(
+                    "data.pairing=unpaired draws 2D/2.5D slices; set model.spatial_dims=2 (or train 3D on pairs)"
+                )
+            return unpaired_slices(
+                self.data.cohort, self.data.splits["train"], task.sources[0], str(task.target),
+                context=data.context, crop_size=crop, axis=data.axis, min_foreground=data.min_foreground,
+                seed=self.config.train.seed,
+            )  # fmt: skip
         if self.spatial_dims == 3:
             if task.is_unified:
                 raise MedsynthError("unified synthesis is 2D/2.5D only; set model.spatial_dims=2")
@@ -207,7 +232,20 @@ class Trainer:
             context=data.context, crop_size=crop, unified_modalities=task.modalities or None, axis=data.axis,
             min_foreground=data.min_foreground, seed=self.config.train.seed,
             unified_subsets=data.unified_subsets,
+            target_stack="target_stack" in objective_class(self.config.train.objective).inputs,
         )  # fmt: skip
+
+    @property
+    def _graphs(self) -> bool:
+        """``train.cuda_graphs``, where the objective's step can be captured (said once when not)."""
+        wanted = self.config.train.cuda_graphs
+        if wanted and not self.objective.capturable and not getattr(self, "_graphs_refused", False):
+            self._graphs_refused = True
+            log.warning(
+                "train.cuda_graphs: the %s objective's step cannot be captured in a CUDA graph; it runs eagerly",
+                self.config.train.objective,
+            )
+        return bool(wanted) and self.objective.capturable
 
     def _decide_precision(self, in_channels: int) -> PrecisionChoice:
         """The run's precision (engine/precision.py): a CPU with a bf16 unit measures this network."""
@@ -237,7 +275,16 @@ class Trainer:
             "generator_state": self.generator.state_dict(),
             "fingerprint": self.data.fingerprint.to_dict(),
             "objective": self.objective.describe(),
-            "data": {"fingerprint_digest": self.data.fingerprint.digest(), "splits": self.data.splits},
+            # Further directions the objective trains (a reverse generator), each served by --target.
+            "directions": [
+                {"plan": plan.to_dict(), "generator_state": module.state_dict()}
+                for plan, module in self.objective.directions()
+            ],
+            "data": {
+                "fingerprint_digest": self.data.fingerprint.digest(),
+                "splits": self.data.splits,
+                "pairing": self.config.data.pairing,
+            },  # fmt: skip
             "config": self.config.to_dict(),
             "distributed": self.distributed_info(),
             "epoch": self.epoch,
@@ -267,6 +314,10 @@ class Trainer:
             raise MedsynthError(f"the run in {path.parent} trains {saved.task}, not {self.task}")
         try:
             self.generator.load_state_dict(state["generator_state"])
+            for (_plan, module), saved in zip(
+                self.objective.directions(), state.get("directions", []), strict=True
+            ):
+                module.load_state_dict(saved["generator_state"])
             self.objective.load_state_dict(state["objective_state"])
             self.opt_g.load_state_dict(state["optimizer_generator"])
         except (KeyError, RuntimeError, ValueError) as exc:
@@ -348,7 +399,9 @@ class Trainer:
         already_spent = self._budget_spent()
         resume_hint = f"free some space and continue with: medsynth train --resume {self.run_dir}"
         if self._resumed_epoch is not None and not already_spent and self.dist.is_main:
-            _truncate_metrics(self.run_dir / "metrics.csv", self._resumed_epoch)  # they are trained again
+            _truncate_metrics(
+                self.run_dir / "metrics.csv", self._resumed_epoch, self.metrics_fields
+            )  # they are trained again
         try:
             if not already_spent and self.dist.is_main and not (self.run_dir / LATEST).exists():
                 # A first checkpoint before the first step: a run stopped by a full disk (or a kill) in
@@ -391,9 +444,7 @@ class Trainer:
                 with disk_full_is_one_line(self.run_dir / "tensorboard", resume_hint):
                     writer.close()
         if self.stopped_by_budget and not self.quiet:
-            extend = (
-                f"extend it with: medsynth train --resume {self.run_dir} --set train.max_minutes=<more>"
-            )
+            extend = f"extend it with: medsynth train --resume {self.run_dir} --set train.max_minutes=<more>"
             if already_spent:
                 print(
                     f"the time budget (train.max_minutes={self.config.train.max_minutes}) was already "
@@ -566,7 +617,7 @@ class Trainer:
         # Samples of this epoch already trained stay trained: the loader's order does not depend on the batch.
         self.step_in_epoch = self.step_in_epoch * old // new
         self.loader.batch_size = new
-        step = graphed_step(self.objective.step, self.optimizers, self.device, enabled=train.cuda_graphs)
+        step = graphed_step(self.objective.step, self.optimizers, self.device, enabled=self._graphs)
 
         def step_then_report(*batch: Any) -> dict[str, torch.Tensor]:
             losses = step(*batch)
@@ -600,8 +651,7 @@ class Trainer:
         """Every rank must hold the same weights after an epoch; a difference is a bug, said at once."""
         if not self.dist.enabled:
             return
-        critic = getattr(self.objective, "critic", None)
-        modules = [self.generator] + ([critic] if critic is not None else [])
+        modules = [self.generator, *self.objective.modules]
         checksum = (
             torch.stack([p.detach().double().sum() for m in modules for p in m.parameters()]).sum().item()
         )
@@ -612,15 +662,20 @@ class Trainer:
             )
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One step of the objective; returns its losses as detached device tensors."""
-        source = (
-            batch["source"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        )
-        target = (
-            batch["target"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        )
-        mask = batch["mask"].to(self.device, non_blocking=True) if self.config.train.masked_l1 else None
-        return self._step(source, target, mask)
+        """One step of the objective on the batch entries it takes; returns its losses (detached, on the device)."""
+        masked = self.config.train.masked_l1
+        inputs: list[torch.Tensor | None] = []
+        for name in self.objective.inputs:
+            value = batch.get(name)
+            if value is None or (name in MASK_ENTRIES and not masked):
+                inputs.append(None)
+            elif name in MASK_ENTRIES:
+                inputs.append(value.to(self.device, non_blocking=True))
+            else:
+                inputs.append(
+                    value.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+                )
+        return self._step(*inputs)
 
     def _accumulate(self, losses: dict[str, torch.Tensor]) -> None:
         for key, value in losses.items():
@@ -656,22 +711,89 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Whole-volume synthesis of the validation subjects; PSNR/SSIM/MAE inside the foreground mask.
 
-        Intensity space: normalised [-1, 1] (data range 2), the space the network is trained in.
+        Intensity space: normalised [-1, 1] (data range 2), the space the network is trained in. Subjects
+        that have the target are scored against it; when none has (unpaired data whose held-out subjects
+        have one side only), a model that also holds the reverse direction is scored on the round trip
+        (:meth:`round_trip_subject`), and :attr:`validation_kind` says so.
         """
         started = time.perf_counter()
         subject_ids = self.data.splits["val"][: self.config.train.val_subjects or None]
         scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "mae": []}
         self.samples = []
-        for subject_id in subject_ids:
-            for target, prediction, truth, mask, inputs in self.synthesize_subject(subject_id):
-                scores["psnr"].append(psnr(prediction, truth, mask=mask, data_range=2.0))
-                scores["ssim"].append(ssim_3d(prediction, truth, mask=mask, data_range=2.0))
-                scores["mae"].append(mae(prediction, truth, mask=mask, data_range=2.0))
-                if not self.samples:
-                    self.samples.append((inputs, prediction, truth, mask, target))
+        scorable = [s for s in subject_ids if self._scorable(s)]
+        if scorable:
+            cases = (case for s in scorable for case in self.synthesize_subject(s))
+        else:
+            self._say_round_trip()
+            cases = (case for s in subject_ids for case in self.round_trip_subject(s))
+        for target, prediction, truth, mask, inputs in cases:
+            scores["psnr"].append(psnr(prediction, truth, mask=mask, data_range=2.0))
+            scores["ssim"].append(ssim_3d(prediction, truth, mask=mask, data_range=2.0))
+            scores["mae"].append(mae(prediction, truth, mask=mask, data_range=2.0))
+            if not self.samples:
+                self.samples.append((inputs, prediction, truth, mask, target))
         self.generator.train()
+        for model in self.direction_models:
+            model.generator.train()
         self._val_seconds = time.perf_counter() - started
         return {key: float(np.mean(values)) if values else math.nan for key, values in scores.items()}
+
+    #: What validation scores: ``target`` (synthetic vs real target) or ``round trip``.
+    validation_kind = "target"
+
+    def _scorable(self, subject_id: str) -> bool:
+        """Whether a validation subject has the run's inputs and target (a unified model: any two)."""
+        held = set(self.data.cohort.subject(subject_id).modalities)
+        if self.task.is_unified:
+            return len(held & set(self.task.modalities)) >= 2
+        return {*self.task.sources, str(self.task.target)} <= held
+
+    def _say_round_trip(self) -> None:
+        if self.validation_kind == "round trip":
+            return
+        back = self._reverse_model()
+        if back is None:
+            raise MedsynthError(
+                f"no validation subject has both {' and '.join(self.task.required_modalities)} and "
+                f"{self.task.target}; put subjects with both in the val split (splits.json)"
+            )
+        self.validation_kind = "round trip"
+        if not self.quiet:
+            print(
+                f"no validation subject has both {self.task.sources[0]} and {self.task.target}: validation scores "
+                f"the round trip {self.task.sources[0]} -> {self.task.target} -> {self.task.sources[0]} (and back "
+                "from the target), which checks consistency, not accuracy",
+                flush=True,
+            )
+
+    def _reverse_model(self) -> SynthesisModel | None:
+        """The direction model that maps the run's target back to its single source, if the objective trains one."""
+        if self.task.is_unified or len(self.task.sources) != 1:
+            return None
+        wanted = Task(sources=(str(self.task.target),), target=self.task.sources[0])
+        return next((m for m in self.direction_models if m.task == wanted), None)
+
+    def round_trip_subject(self, subject_id: str):
+        """Yield (modality, round trip, truth, mask, inputs) for one subject: ``x -> G -> F`` for its
+        source, ``y -> F -> G`` for its target (whichever it has), normalised and slice-first."""
+        back = self._reverse_model()
+        assert back is not None
+        cached = self.data.cohort.subject(subject_id)
+        to_volume = lambda a: np.transpose(a, (1, 2, 0))  # noqa: E731
+        to_slices = lambda a: np.transpose(a, (2, 0, 1))  # noqa: E731
+        mask = np.asarray(cached.mask, dtype=bool)
+        batch = self.config.train.inference_batch_size
+        source, target = self.task.sources[0], str(self.task.target)
+        for start, there, back_again in ((source, self.model, back), (target, back, self.model)):
+            if start not in cached.modalities:
+                continue
+            image = to_volume(cached.image(start))
+            middle = there.task.target
+            halfway = there.synthesize_normalised({start: image}, to_volume(mask), middle, batch_size=batch)
+            returned = back_again.synthesize_normalised(
+                {middle: halfway}, to_volume(mask), start, batch_size=batch
+            )
+            yield start, to_slices(returned), np.asarray(cached.image(start)), mask, [to_slices(image)]
 
     def synthesize_subject(self, subject_id: str):
         """Yield (target, synthetic, truth, mask, inputs) slice-first normalised arrays for one subject.
@@ -717,7 +839,8 @@ class Trainer:
         improved = validated and self._is_better(metrics[self.config.train.best_metric])
         if improved:
             self.best = {"metric": self.config.train.best_metric, "value": metrics[self.best["metric"]],
-                         "epoch": self.epoch + 1, **{f"val_{k}": v for k, v in metrics.items()}}  # fmt: skip
+                         "epoch": self.epoch + 1, **{f"val_{k}": v for k, v in metrics.items()},
+                         "validation": self.validation_kind}  # fmt: skip
         if not partial:
             self.epoch += 1
             self.step_in_epoch = 0
@@ -730,7 +853,7 @@ class Trainer:
         # themselves happen in the background while the next epoch trains.
         row["io_seconds"] = round(time.perf_counter() - io_started, 3)
         if self.dist.is_main:
-            _append_metrics(self.run_dir / "metrics.csv", row)
+            _append_metrics(self.run_dir / "metrics.csv", row, self.metrics_fields)
         if writer is not None:
             for key, value in row.items():
                 if key not in ("epoch", "partial"):
@@ -738,9 +861,10 @@ class Trainer:
         if validated:
             self._submit(self._save_figures, self.samples, row["epoch"])
         if not self.quiet:
+            kind = ", round trip" if self.validation_kind == "round trip" else ""
             val = (
                 f"val PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.3f}  MAE {metrics['mae']:.4f} "
-                "([-1,1] space, in mask)  "
+                f"([-1,1] space, in mask{kind})  "
                 if validated
                 else ""
             )
@@ -748,7 +872,8 @@ class Trainer:
             tqdm.write(
                 f"epoch {row['epoch']:>3}/{self.config.train.total_epochs}  {losses}  {val}"
                 f"{row['slices_per_s']:.0f} slices/s  train {row['seconds']:.1f} s / val {row['val_seconds']:.1f} s"
-                f" / io {row['io_seconds']:.1f} s  [{self._job_progress()}]" + ("  *best" if improved else "")
+                f" / io {row['io_seconds']:.1f} s  [{self._job_progress()}]"
+                + ("  *best" if improved else "")
                 + (f"  (partial: {row['partial']} steps, time budget)" if partial else "")
             )
 
@@ -812,13 +937,13 @@ def _cuda_rng_states() -> list[torch.Tensor]:
     return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
 
 
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
+def _append_metrics(path: Path, row: dict[str, Any], fields: list[str] = METRICS_FIELDS) -> None:
     """Append one row; a failed append (a full disk) leaves the file as it was and says so in one line."""
     new = not path.exists()
     size = 0 if new else path.stat().st_size
     try:
         with open(path, "a", newline="", encoding="utf-8") as stream:
-            writer = csv.DictWriter(stream, fieldnames=METRICS_FIELDS)
+            writer = csv.DictWriter(stream, fieldnames=fields)
             if new:
                 writer.writeheader()
             writer.writerow(row)
@@ -832,14 +957,14 @@ def _append_metrics(path: Path, row: dict[str, Any]) -> None:
         raise
 
 
-def _truncate_metrics(path: Path, completed_epochs: int) -> None:
+def _truncate_metrics(path: Path, completed_epochs: int, fields: list[str] = METRICS_FIELDS) -> None:
     """Drop rows of epochs after the resumed checkpoint (they will be trained again)."""
     if not path.exists():
         return
     with open(path, newline="", encoding="utf-8") as stream:
         rows = [r for r in csv.DictReader(stream) if int(r["epoch"]) <= completed_epochs]
     with atomic_path(path) as temp, open(temp, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=METRICS_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 

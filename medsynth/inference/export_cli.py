@@ -28,7 +28,9 @@ def export_from_args(args: argparse.Namespace) -> int:
     else:
         check_export_target(args.out, args.format, overwrite=overwrite)
     remove_stale_partials(args.out.parent)  # what a killed export left beside its output
-    model = SynthesisModel.from_checkpoint(args.checkpoint, device="cpu")
+    model = SynthesisModel.from_checkpoint(
+        args.checkpoint, device="cpu", target=getattr(args, "target", None)
+    )
     if bundle:
         path = write_bundle(model, checkpoint, args.out, overwrite=overwrite)
         print(

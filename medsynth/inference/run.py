@@ -120,7 +120,7 @@ def check_writable(path: Path) -> None:
 def infer_from_args(args: argparse.Namespace) -> int:
     check_out_argument(args.out)
     model = load_model(
-        args.checkpoint, device=args.device, precision=getattr(args, "precision", "auto")
+        args.checkpoint, device=args.device, precision=getattr(args, "precision", "auto"), target=args.target
     )  # a checkpoint, or an ONNX/TorchScript export
     jobs = plan_jobs(args, model)
     refuse_overwriting_inputs(jobs, uncertainty=args.uncertainty)

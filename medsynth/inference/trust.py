@@ -22,9 +22,14 @@ from ..model.synthesis import Prediction, SynthesisModel
 _checkers: weakref.WeakKeyDictionary[SynthesisModel, OODChecker] = weakref.WeakKeyDictionary()
 
 
-def load_model(path: str | Path, device: str = "cpu", precision: str = "auto") -> SynthesisModel:
+def load_model(
+    path: str | Path, device: str = "cpu", precision: str = "auto", target: str | None = None
+) -> SynthesisModel:
     """A checkpoint (``.pt`` / run folder), an exported model (``.onnx``, ``.pt2``, TorchScript ``.pt``,
-    always fp32) or a MONAI bundle folder that ``medsynth export --format monai-bundle`` wrote."""
+    always fp32) or a MONAI bundle folder that ``medsynth export --format monai-bundle`` wrote.
+
+    ``target`` picks the direction of a checkpoint that holds several (a forward and a reverse generator); an export or a
+    bundle holds one direction, and its plan judges the target."""
     from ..model.bundle import is_bundle, load_bundle
     from ..model.export import is_exported, load_exported
 
@@ -32,7 +37,7 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "auto") -
         return load_exported(path, device=device)
     if is_bundle(path):
         return load_bundle(path, device=device, precision=precision)
-    return SynthesisModel.from_checkpoint(path, device=device, precision=precision)
+    return SynthesisModel.from_checkpoint(path, device=device, precision=precision, target=target)
 
 
 def screen_inputs(

@@ -323,7 +323,11 @@ def load_bundle(folder: str | Path, device: str = "cpu", precision: str = "auto"
                 "export it again",
                 meta_path,
             )
-    model = SynthesisModel.from_checkpoint(folder / MODEL_FILE, device=device, precision=precision)
+    # The checkpoint may hold several directions (a forward and a reverse generator): the bundle serves the one it describes.
+    target = block.get("target") if isinstance(block.get("target"), str) else None
+    model = SynthesisModel.from_checkpoint(
+        folder / MODEL_FILE, device=device, precision=precision, target=target
+    )
     plan = model.plan
     found = {
         "task": str(model.task),

@@ -115,6 +115,9 @@ def export_metadata(model: SynthesisModel, *, dynamic: bool = True) -> dict[str,
         "epoch": model.epoch,
         "input_shape": list(input_shape(model)),
         "dynamic": {"multiple": multiple, "min_side": min_side, "max_side": MAX_SIDE} if dynamic else None,
+        # This file's direction among those its checkpoint trained, and how the training data was paired.
+        "directions": list(model.directions),
+        "pairing": model.pairing,
     }
 
 
@@ -484,6 +487,8 @@ def load_exported(path: str | Path, device: str = "cpu") -> SynthesisModel:
         precision="fp32",  # an export is a traced fp32 graph; autocast cannot reach inside it
     )  # fmt: skip
     model.exported_from = meta.get("source_sha256")  # type: ignore[attr-defined]
+    model.directions = [str(d) for d in meta.get("directions") or [str(plan.task)]]
+    model.pairing = str(meta.get("pairing", "paired"))
     return model
 
 

@@ -23,9 +23,10 @@ import torch
 
 from ..data.fingerprint import Fingerprint
 from ..data.masks import foreground_mask
-from ..errors import CheckpointError, GeometryError
+from ..errors import CheckpointError, GeometryError, MedsynthError
 from ..io.geometry import grid_mismatch
 from ..io.volume import Volume, to_canonical
+from ..modalities import canonical_modality
 from ..nets.registry import build_generator
 from ..task import Task
 from .checkpoint import file_digest, load_checkpoint, resolve_checkpoint
@@ -84,6 +85,10 @@ class SynthesisModel:
         self.checkpoint_splits: dict[str, list[str]] = dict(splits or {})
         #: The largest batch that fitted after an out-of-memory: later volumes start there (one log line).
         self.batch_limit: int | None = None
+        #: Every direction its checkpoint holds (``t1->t2``, ``t2->t1``), this model's among them.
+        self.directions: list[str] = [str(plan.task)]
+        #: How its training data was sampled: ``paired`` or ``unpaired`` (``data.pairing``).
+        self.pairing = "paired"
 
     @classmethod
     def from_payload(
@@ -93,8 +98,14 @@ class SynthesisModel:
         device: str = "cpu",
         source: str = "<memory>",
         precision: str = "auto",
+        target: str | None = None,
     ) -> SynthesisModel:
-        """Rebuild the generator from a loaded checkpoint alone."""
+        """Rebuild the generator from a loaded checkpoint alone.
+
+        ``target``: of a checkpoint that holds several directions (an objective's forward and reverse
+        generators), the one that synthesises this modality; the run's own direction when None.
+        """
+        payload = direction_payload(payload, target, source)
         plan = SynthesisPlan.from_checkpoint(payload, source)
         try:
             generator = build_generator(plan.generator.name, **plan.generator.init_args)
@@ -106,6 +117,8 @@ class SynthesisModel:
             plan, generator, fingerprint, device=device, source=source, epoch=payload.get("epoch"),
             splits=payload.get("data", {}).get("splits", {}), precision=precision,
         )  # fmt: skip
+        model.directions = checkpoint_directions(payload)
+        model.pairing = str(payload.get("data", {}).get("pairing", "paired"))
         model.generator.to(model.device).eval()
         if plan.spatial_dims == 2:
             model.generator.to(memory_format=torch.channels_last)
@@ -113,11 +126,13 @@ class SynthesisModel:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str = "cpu", precision: str = "auto"
+        cls, path: str | Path, device: str = "cpu", precision: str = "auto", target: str | None = None
     ) -> SynthesisModel:
-        """Load a checkpoint file, or the best checkpoint of a run folder."""
+        """Load a checkpoint file, or the best checkpoint of a run folder (``target``: see from_payload)."""
         path = resolve_checkpoint(path)
-        model = cls.from_payload(load_checkpoint(path), device=device, source=str(path), precision=precision)
+        model = cls.from_payload(
+            load_checkpoint(path), device=device, source=str(path), precision=precision, target=target
+        )
         model.digest = file_digest(path)
         return model
 
@@ -141,7 +156,14 @@ class SynthesisModel:
     def describe(self) -> dict[str, Any]:
         """The sidecar's ``checkpoint`` block; an exported model adds the SHA-256 of the checkpoint it
         was exported from (``source_checkpoint_sha256``), so its outputs trace back to the trained run."""
-        described = {"task": str(self.task), "checkpoint": self.source, "sha256": self.digest, "epoch": self.epoch}
+        described = {
+            "task": str(self.task),
+            "checkpoint": self.source,
+            "sha256": self.digest,
+            "epoch": self.epoch,
+        }
+        if len(self.directions) > 1 or self.pairing != "paired":
+            described.update(directions=list(self.directions), trained_on=f"{self.pairing} data")
         exported_from = getattr(self, "exported_from", None)  # set by model.export.load_exported
         if exported_from:
             described["source_checkpoint_sha256"] = str(exported_from)
@@ -325,3 +347,53 @@ class SynthesisModel:
         volume = reference.with_array(array, modality=target, synthetic=True, path=None)
         seconds = time.perf_counter() - started
         return Prediction(volume, normalised, mask, target, seconds, canonical_spacing, scale)
+
+
+# ----------------------------------------------------------------------------- directions
+def checkpoint_directions(payload: dict[str, Any]) -> list[str]:
+    """Tasks of every direction a checkpoint holds, the training run's own first."""
+    tasks = [str(SynthesisPlan.from_checkpoint(payload).task)]
+    for entry in payload.get("directions") or []:
+        tasks.append(str(Task.from_dict(entry["plan"]["task"])))
+    own = payload.get("run_direction")
+    if own in tasks:
+        tasks.remove(own)
+        tasks.insert(0, own)
+    return tasks
+
+
+def direction_payload(
+    payload: dict[str, Any], target: str | None, source: str = "<memory>"
+) -> dict[str, Any]:
+    """The checkpoint seen as the model of the direction that synthesises ``target``.
+
+    A checkpoint stores its run's own direction as ``plan`` + ``generator_state`` (what every reader
+    understands) and further directions its objective trained under ``directions``. Asking for one of
+    those swaps it in; the others, the run's own included, stay listed under ``directions``. Without
+    ``target``, or for a checkpoint of one direction, the payload is returned unchanged (its plan then
+    judges the target, as for every model).
+    """
+    directions = payload.get("directions") or []
+    if target is None or not directions or target == "missing":
+        return payload
+    wanted = canonical_modality(target)
+    own = SynthesisPlan.from_checkpoint(payload, source)
+    if own.task.target == wanted:
+        return payload
+    try:
+        plans = [SynthesisPlan.from_dict(entry["plan"]) for entry in directions]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint's further directions are unreadable ({exc})", source) from exc
+    for number, plan in enumerate(plans):
+        if plan.task.target == wanted:
+            others = [d for i, d in enumerate(directions) if i != number]
+            own_entry = {"plan": own.to_dict(), "generator_state": payload["generator_state"]}
+            return {
+                **payload,
+                "plan": directions[number]["plan"],
+                "generator_state": directions[number]["generator_state"],
+                "directions": [own_entry, *others],
+                "run_direction": str(own.task),
+            }
+    offered = ", ".join(str(p.task) for p in [own, *plans])
+    raise MedsynthError(f"this checkpoint synthesises {offered}; none of them makes {target!r}", source)
