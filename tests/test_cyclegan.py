@@ -71,7 +71,7 @@ def unpaired_cohort(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="session")
 def cyclegan_run(unpaired_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("cycleruns") / "cyc"
-    config = tiny_config(unpaired_cohort, extra=[*CYCLE, "train.steps_per_epoch=3"])
+    config = tiny_config(unpaired_cohort, extra=[*CYCLE, "train.steps_per_epoch=3", "train.masked_l1=true"])
     claim_run_dir(run, config)
     train(config, run, quiet=True)
     return run
@@ -122,6 +122,12 @@ def test_unpaired_batches_draw_targets_independently_and_reproducibly(
     assert any(a != b for a, b in pairs)  # source and target of a sample come from other subjects
     samples.set_epoch(3)
     assert not torch.equal(samples.__getitems__(list(range(12)))["target"], whole["target"])
+    # Batches gathered where the slices are resident (a GPU run; "cpu" takes the same torch path) are equal.
+    samples.set_epoch(2)
+    samples.to_device("cpu")
+    resident = samples.__getitems__(list(range(12)))
+    for key in ("source", "mask", "target", "target_stack", "target_mask"):
+        assert torch.equal(resident[key], whole[key]), key
 
 
 # --------------------------------------------------------------------------------- objective
@@ -419,3 +425,29 @@ def test_only_the_objective_the_pairing_and_the_recipes_know_the_method() -> Non
     assert load_config("demo_cpu", CYCLE).train.objective == "cyclegan"
     with pytest.raises(ConfigError):
         load_config("demo_cpu", ["data.pairing=unpaired"])
+
+
+def test_splits_draw_held_out_subjects_from_the_preferred_ones_first() -> None:
+    from medsynth.data.splits import make_splits
+
+    ids = [f"sub-{i:02d}" for i in range(12)]
+    preferred = {"sub-03", "sub-07", "sub-09", "sub-11"}
+    splits = make_splits(ids, val=2, test=2, seed=4, prefer_held_out=preferred)
+    assert set(splits["val"] + splits["test"]) == preferred
+    few = make_splits(ids, val=2, test=2, seed=4, prefer_held_out={"sub-05"})
+    assert "sub-05" in few["val"] + few["test"] and len(few["train"]) == 8
+    assert make_splits(ids, val=2, test=2, seed=4) == make_splits(ids, val=2, test=2, seed=4, prefer_held_out=None)
+
+
+def test_a_partial_fingerprint_takes_each_modality_from_the_subjects_that_have_it(unpaired_cohort: Path) -> None:
+    from medsynth.errors import DataError
+
+    records = scan_dataset(unpaired_cohort)
+    specs = {m: NormalizationSpec() for m in ("t1", "t2")}
+    loaded = [(r.id, load_subject(r, [m for m in ("t1", "t2") if m in r.paths])) for r in records]
+    fingerprint = Fingerprint.compute(loaded, specs, partial=True)
+    assert sum("t2" in entry for entry in fingerprint.subjects.values()) == 3
+    with pytest.raises(DataError, match="has no t2 image"):
+        Fingerprint.compute(loaded, specs)
+    with pytest.raises(DataError, match="no training subject has t2"):
+        Fingerprint.compute([x for x in loaded if "t2" not in x[1]], specs, partial=True)

@@ -42,6 +42,8 @@ import torch
 
 log = logging.getLogger("medsynth")
 
+#: A capturable objective's step (``source, target, mask``: the pix2pix objectives' inputs); an objective
+#: that takes other entries is not capturable and never reaches this module.
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], dict[str, torch.Tensor]]
 
 

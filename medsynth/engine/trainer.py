@@ -235,11 +235,14 @@ class Trainer:
             target_stack="target_stack" in objective_class(self.config.train.objective).inputs,
         )  # fmt: skip
 
+    #: ``train.cuda_graphs`` was asked of an objective whose step cannot be captured (said once).
+    _graphs_refused = False
+
     @property
     def _graphs(self) -> bool:
         """``train.cuda_graphs``, where the objective's step can be captured (said once when not)."""
         wanted = self.config.train.cuda_graphs
-        if wanted and not self.objective.capturable and not getattr(self, "_graphs_refused", False):
+        if wanted and not self.objective.capturable and not self._graphs_refused:
             self._graphs_refused = True
             log.warning(
                 "train.cuda_graphs: the %s objective's step cannot be captured in a CUDA graph; it runs eagerly",

@@ -1,0 +1,389 @@
+"""Paired GAN (pix2pix) vs CycleGAN at equal minutes, on aligned, misregistered and disjoint training data.
+
+The question unpaired training answers: what if the training pairs are not aligned (MR and CT scanned
+on different days, imperfect registration), or not pairs at all (MRs of some patients, CTs of others)?
+Three training cohorts built from one demo cohort (same subjects, same seed):
+
+* ``aligned``: the demo cohort as it is (voxel-aligned pairs);
+* ``misregistered_<mm>mm``: every non-T1w image of every subject rigidly moved against its T1w
+  (``medsynth data demo --misregister MM,DEG``: 0.5-1 x MM millimetres, 0.5-1 x DEG degrees, per subject);
+* ``disjoint``: the training subjects split in two, one half keeping only the source, the other only the
+  target, so no training subject has a pair (held-out subjects keep both).
+
+Every run holds out the same subjects (one ``splits.json``: the demo recipes' 2 validation + 2 test) and
+is scored on the **aligned** test subjects (``medsynth evaluate --run RUN --data ALIGNED``): what a
+user wants is the right image of the patient in front of the model, not agreement with a misaligned
+target. The paired GAN cannot train on the disjoint cohort (no training pair): its cell says so.
+
+Besides intensity scores it measures whether anatomy was added or removed, the known failure of
+unpaired methods, on every test subject: the Dice of the head outline of the synthetic image against the
+real target's, and the correlation of their gradient magnitudes inside the head (edges where the real
+image has none, or none where it has them, lower it); for a CT target also the bone Dice and range error
+``medsynth evaluate`` reports.
+
+Runs are resumable (finished ones skipped, interrupted ones resumed); ``--parallel 2`` trains two runs at
+a time with one thread each, both starting together, so each pair of rows shares the machine alike.
+
+    python benchmarks/unpaired_study.py --work /tmp/study --minutes 10 --parallel 2
+    python benchmarks/unpaired_study.py --work /tmp/study --minutes 10 --misregister 2,2 --misregister 8,8
+    python benchmarks/unpaired_study.py --work /tmp/study --minutes 10 --report-only --docs docs
+
+It writes ``unpaired_study.md`` (tables, commands, machine) and ``unpaired_<task>.png`` (one test
+subject: input, real target, every run's synthetic image and its error) into ``--work`` and, with
+``--docs``, into that folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import machine
+import numpy as np
+
+#: Huge epoch counts (constant half, decay half) so the time budget ends every run at the same minutes.
+OPEN_EPOCHS = ["train.epochs=100000", "train.decay_epochs=100000"]
+#: task -> (paired recipe, unpaired recipe); both share the generator, its context and the split sizes.
+RECIPES = {"t1->t2": ("demo_cpu", "demo_cyclegan"), "t1->ct": ("demo_ct", "demo_ct_cyclegan")}
+NAMES = {"t1": "T1w", "t2": "T2w", "ct": "CT"}
+METHODS = ("gan", "cyclegan")
+METHOD_NAMES = {"gan": "paired GAN (pix2pix)", "cyclegan": "CycleGAN (unpaired)"}
+
+
+@dataclass(frozen=True)
+class Run:
+    task: str
+    cohort: str
+    method: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.task.replace('->', '_to_')}_{self.cohort}_{self.method}"
+
+    @property
+    def source(self) -> str:
+        return self.task.split("->")[0]
+
+    @property
+    def target(self) -> str:
+        return self.task.split("->")[1]
+
+
+# ----------------------------------------------------------------------------------------- cohorts
+def misregistered_name(value: str) -> str:
+    mm, deg = (float(v) for v in value.split(","))
+    return f"misregistered_{mm:g}mm_{deg:g}deg"
+
+
+def build_cohorts(work: Path, subjects: int, misregister: list[str]) -> dict[str, Path]:
+    """The aligned cohort, one misregistered cohort per ``--misregister``, and the disjoint cohort."""
+    from medsynth.data.demo import make_demo_cohort
+    from medsynth.data.splits import make_splits
+
+    cohorts = {"aligned": work / "aligned"}
+    if not (cohorts["aligned"] / "participants.tsv").is_file():
+        make_demo_cohort(cohorts["aligned"], n_subjects=subjects, spacing_mm=2.0, seed=0)
+    for value in misregister:
+        folder = work / misregistered_name(value)
+        mm, deg = (float(v) for v in value.split(","))
+        if not (folder / "participants.tsv").is_file():
+            make_demo_cohort(folder, n_subjects=subjects, spacing_mm=2.0, seed=0, misregister=(mm, deg))
+        cohorts[misregistered_name(value)] = folder
+    ids = sorted(p.name for p in cohorts["aligned"].glob("sub-*"))
+    splits_path = work / "splits.json"
+    if not splits_path.is_file():
+        splits_path.write_text(json.dumps(make_splits(ids, val=2, test=2, seed=0), indent=1) + "\n")
+    splits = json.loads(splits_path.read_text())
+    cohorts["disjoint"] = disjoint_cohort(cohorts["aligned"], work / "disjoint", splits)
+    return cohorts
+
+
+def disjoint_cohort(aligned: Path, folder: Path, splits: dict[str, list[str]]) -> Path:
+    """Links to the aligned files: held-out subjects whole; training subjects alternately without their
+    T1w or without every other image, so no training subject has a source and a target."""
+    for number, subject in enumerate(sorted(splits["train"]) + splits["val"] + splits["test"]):
+        anat = folder / subject / "anat"
+        anat.mkdir(parents=True, exist_ok=True)
+        for path in sorted((aligned / subject / "anat").iterdir()):
+            held_out = subject not in splits["train"]
+            is_t1 = "_T1w." in path.name
+            keep = held_out or (is_t1 if number % 2 == 0 else not is_t1)
+            link = anat / path.name
+            if keep and not link.exists():
+                link.symlink_to(path.resolve())
+    for name in ("dataset_description.json", "participants.tsv"):
+        if not (folder / name).exists():
+            (folder / name).symlink_to((aligned / name).resolve())
+    return folder
+
+
+# ----------------------------------------------------------------------------------------- running
+def medsynth(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "medsynth", *arguments]
+
+
+def run_state(run_dir: Path) -> str:
+    latest = run_dir / "checkpoint_latest.pt"
+    if not latest.is_file():
+        return "missing" if not run_dir.exists() else "partial"
+    import torch
+
+    return "finished" if torch.load(latest, map_location="cpu", weights_only=True).get("finished") else "partial"
+
+
+def train_and_evaluate(run: Run, cohorts: dict[str, Path], args: argparse.Namespace) -> None:
+    run_dir = args.work / "runs" / run.name
+    state = run_state(run_dir)
+    if state != "finished":
+        paired, unpaired = RECIPES[run.task]
+        recipe = paired if run.method == "gan" else unpaired
+        if state == "partial" and (run_dir / "checkpoint_latest.pt").is_file():
+            command = medsynth("train", "--resume", str(run_dir), "--quiet")
+        else:
+            command = medsynth("train", "--data", str(cohorts[run.cohort]), "--config", recipe, "--runs-dir",
+                               str(args.work / "runs"), "--name", run.name, "--quiet")  # fmt: skip
+            for item in [*OPEN_EPOCHS, f"train.max_minutes={args.minutes:g}", f"train.num_threads={args.threads}",
+                         f"data.splits_file={args.work / 'splits.json'}"]:  # fmt: skip
+                command += ["--set", item]
+        print(f"{run.name}: training {args.minutes:g} min", flush=True)
+        started = time.perf_counter()
+        with open(args.work / f"{run.name}.log", "a", encoding="utf-8") as log:
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+        (run_dir / "study.json").write_text(json.dumps({"wall_minutes": (time.perf_counter() - started) / 60,
+                                                        "threads": args.threads}))  # fmt: skip
+    table, best = run_dir / "eval" / "metrics.csv", run_dir / "checkpoint_best.pt"
+    if not table.is_file() or table.stat().st_mtime < best.stat().st_mtime:
+        command = medsynth("evaluate", "--run", str(run_dir), "--data", str(cohorts["aligned"]), "--quiet")
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
+def planned_runs(args: argparse.Namespace, cohorts: dict[str, Path]) -> list[Run]:
+    """Every (task, cohort, method) the study trains; the paired GAN has no pair to train on when disjoint."""
+    return [
+        Run(task, cohort, method)
+        for task in args.tasks
+        for cohort in cohorts
+        for method in METHODS
+        if not (method == "gan" and cohort == "disjoint")
+    ]
+
+
+def run_all(runs: list[Run], cohorts: dict[str, Path], args: argparse.Namespace) -> None:
+    """Two at a time with ``--parallel 2``: each pair starts together and trains for the same minutes."""
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        for start in range(0, len(runs), args.parallel):
+            list(pool.map(lambda run: train_and_evaluate(run, cohorts, args), runs[start : start + args.parallel]))
+
+
+# --------------------------------------------------------------------------------------- measuring
+def subject_scores(run_dir: Path, target: str) -> dict[str, dict[str, float]]:
+    """Per test subject, the model's row of ``medsynth evaluate`` (normalised space; HU columns for CT)."""
+    with open(run_dir / "eval" / "metrics.csv", newline="", encoding="utf-8") as stream:
+        rows = [r for r in csv.DictReader(stream) if r["method"] == "model" and r["target"] == target]
+    return {r["subject"]: {k: float(v) for k, v in r.items() if _is_number(v)} for r in rows}
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def structure_agreement(run_dir: Path, aligned: Path, run: Run) -> Iterator[tuple[str, dict[str, float], Any]]:
+    """Per test subject: head-outline Dice and gradient-magnitude correlation of synthetic vs real target.
+
+    Both read the images only where an anatomy change would show: the outline (a head grown, shrunk or
+    cut) and the edges inside it (structures added or removed move the gradient magnitude away from the
+    real image's). Also yields the mid-slice images for the figure.
+    """
+    from medsynth.data.layouts import load_subject, scan_dataset
+    from medsynth.data.masks import foreground_mask
+    from medsynth.io.volume import to_canonical
+    from medsynth.model.synthesis import SynthesisModel
+
+    model = SynthesisModel.from_checkpoint(run_dir, precision="fp32")
+    records = {r.id: r for r in scan_dataset(aligned)}
+    for subject in model.checkpoint_splits["test"]:
+        volumes = load_subject(records[subject], [run.source, run.target])
+        prediction = model.predict({run.source: volumes[run.source]}, run.target)
+        truth = to_canonical(volumes[run.target])[0].array
+        source = to_canonical(volumes[run.source])[0].array
+        synthetic = model.fingerprint.output_normalizer(run.target).inverse(prediction.normalised)
+        real_normalised = model.normalise({run.target: truth})[run.target]
+        outline = (lambda a: a > -500.0) if run.target == "ct" else (lambda a: foreground_mask([a]))
+        head_real, head_synthetic = outline(truth), outline(synthetic)
+        dice = 2.0 * np.sum(head_real & head_synthetic) / max(np.sum(head_real) + np.sum(head_synthetic), 1)
+        inside = head_real | head_synthetic
+        edges = [np.linalg.norm(np.gradient(a), axis=0)[inside] for a in (prediction.normalised, real_normalised)]
+        correlation = float(np.corrcoef(edges[0], edges[1])[0, 1])
+        middle = truth.shape[2] // 2
+        images = {"input": source[:, :, middle], "target": real_normalised[:, :, middle],
+                  "synthetic": prediction.normalised[:, :, middle]}  # fmt: skip
+        yield subject, {"outline_dice": float(dice), "edge_correlation": correlation}, images
+
+
+def collect(runs: list[Run], cohorts: dict[str, Path], work: Path) -> dict[Run, dict[str, Any]]:
+    """Per evaluated run: per-subject scores merged with the structure measures, and the figure slices."""
+    results = {}
+    for run in runs:
+        run_dir = work / "runs" / run.name
+        if not (run_dir / "eval" / "metrics.csv").is_file():
+            continue
+        scores = subject_scores(run_dir, run.target)
+        images = {}
+        for subject, measures, slices in structure_agreement(run_dir, cohorts["aligned"], run):
+            scores.setdefault(subject, {}).update(measures)
+            images[subject] = slices
+        with open(run_dir / "metrics.csv", newline="", encoding="utf-8") as stream:
+            rows = list(csv.DictReader(stream))
+        record = json.loads((run_dir / "study.json").read_text()) if (run_dir / "study.json").is_file() else {}
+        results[run] = {"scores": scores, "images": images, "epochs": _epochs(rows), "threads": record.get("threads")}
+    return results
+
+
+def _epochs(rows: list[dict[str, str]]) -> str:
+    whole = sum(1 for r in rows if not r.get("partial"))
+    return f"{whole}" + (" + partial" if rows and rows[-1].get("partial") else "")
+
+
+# ---------------------------------------------------------------------------------------- reporting
+#: (column of the per-subject scores, header, format) of each task's table.
+COLUMNS = {
+    "t1->t2": (("psnr_masked", "PSNR dB", "{:.2f}"), ("ssim3d_masked", "SSIM", "{:.3f}"),
+               ("mae_masked", "MAE", "{:.4f}"), ("outline_dice", "outline Dice", "{:.3f}"),
+               ("edge_correlation", "edge r", "{:.3f}")),
+    "t1->ct": (("mae_hu", "MAE HU", "{:.1f}"), ("me_hu", "ME HU", "{:+.1f}"), ("bone_dice", "bone Dice", "{:.3f}"),
+               ("range_error_mean_mm", "range err mm", "{:.2f}"), ("outline_dice", "outline Dice", "{:.3f}"),
+               ("edge_correlation", "edge r", "{:.3f}")),
+}  # fmt: skip
+
+
+def _cell(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    mean, std = float(np.mean(values)), float(np.std(values))
+    return f"{fmt.format(mean)} ± {fmt.format(std).lstrip('+')}"
+
+
+def task_table(task: str, results: dict[Run, dict[str, Any]], cohorts: list[str]) -> str:
+    """One row per (cohort, method): the test subjects' mean ± std of each column, and the epochs trained."""
+    columns = COLUMNS[task]
+    lines = [
+        "| training data | method | epochs | " + " | ".join(c[1] for c in columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    for cohort in cohorts:
+        for method in METHODS:
+            run = Run(task, cohort, method)
+            label = cohort.replace("_", " ")
+            if method == "gan" and cohort == "disjoint":
+                lines.append(f"| {label} | {METHOD_NAMES[method]} | - | cannot train: no training subject has a pair |"
+                             + " |" * (len(columns) - 1))  # fmt: skip
+                continue
+            if run not in results:
+                continue
+            scores = results[run]["scores"].values()
+            cells = [_cell([s[c] for s in scores if c in s], fmt) for c, _, fmt in columns]
+            lines.append(f"| {label} | {METHOD_NAMES[method]} | {results[run]['epochs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def figure(task: str, results: dict[Run, dict[str, Any]], cohorts: list[str], path: Path) -> Path | None:
+    """One test subject's mid axial slice: input, real target, then each run's synthetic image over its error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for c in cohorts for r in (Run(task, c, m) for m in METHODS) if r in results]
+    if not runs:
+        return None
+    subject = sorted(results[runs[0]]["images"])[0]
+    first = results[runs[0]]["images"][subject]
+    columns = 2 + len(runs)
+    fig, axes = plt.subplots(2, columns, figsize=(2.1 * columns, 4.6))
+    show = lambda ax, image, **kw: (ax.imshow(np.rot90(image), cmap=kw.pop("cmap", "gray"), **kw), ax.axis("off"))  # noqa: E731
+    source = first["input"]
+    show(axes[0, 0], source, vmin=np.percentile(source, 1), vmax=np.percentile(source, 99.5))
+    axes[0, 0].set_title(f"{NAMES[task.split('->')[0]]} input", fontsize=8)
+    show(axes[0, 1], first["target"], vmin=-1, vmax=1)
+    axes[0, 1].set_title(f"real {NAMES[task.split('->')[1]]}", fontsize=8)
+    for ax in axes[1, :2]:
+        ax.axis("off")
+    for column, run in enumerate(runs, start=2):
+        images = results[run]["images"][subject]
+        show(axes[0, column], images["synthetic"], vmin=-1, vmax=1)
+        axes[0, column].set_title(f"{run.cohort.split('_')[0]}\n{run.method}", fontsize=8)
+        show(axes[1, column], np.abs(images["synthetic"] - images["target"]), vmin=0, vmax=0.5, cmap="magma")
+    axes[1, 2].set_title("|synthetic - real| (0-0.5)", fontsize=7, loc="left")
+    fig.suptitle(f"{task}: test subject {subject}, equal minutes per run", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def report(args: argparse.Namespace, cohorts: dict[str, Path], results: dict[Run, dict[str, Any]]) -> str:
+    names = list(cohorts)
+    parts = [
+        "# Paired GAN vs CycleGAN on aligned, misregistered and disjoint training data",
+        "",
+        f"Machine: {machine.describe('cpu')}.",
+        f"Every run: {args.minutes:g} minutes of training (`train.max_minutes`), {args.threads} thread(s), "
+        f"{args.parallel} run(s) at a time; scored on the aligned test subjects.",
+        "",
+        "Command: `python benchmarks/unpaired_study.py --work " + str(args.work) + f" --minutes {args.minutes:g} "
+        + f"--parallel {args.parallel} " + " ".join(f"--misregister {m}" for m in args.misregister) + "`",
+    ]
+    for task in args.tasks:
+        parts += ["", f"## {NAMES[task.split('->')[0]]} -> {NAMES[task.split('->')[1]]}", "",
+                  task_table(task, results, names)]  # fmt: skip
+    return "\n".join(parts) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="cohorts, runs, logs and the report")
+    parser.add_argument("--tasks", default="t1->t2,t1->ct", help="comma list of t1->t2, t1->ct")
+    parser.add_argument("--minutes", type=float, default=10.0, help="training minutes of every run")
+    parser.add_argument("--misregister", action="append", default=None, metavar="MM,DEG",
+                        help="a misregistered cohort (repeat for a sweep); default 4,4")  # fmt: skip
+    parser.add_argument("--subjects", type=int, default=12)
+    parser.add_argument("--parallel", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--docs", type=Path, help="also write the report and figures here")
+    args = parser.parse_args()
+    args.tasks = [t.strip() for t in args.tasks.split(",")]
+    args.misregister = args.misregister or ["4,4"]
+    args.threads = 1 if args.parallel > 1 else 2
+    args.work.mkdir(parents=True, exist_ok=True)
+    print(machine.describe("cpu"), flush=True)
+    cohorts = build_cohorts(args.work, args.subjects, args.misregister)
+    runs = planned_runs(args, cohorts)
+    if not args.report_only:
+        run_all(runs, cohorts, args)
+    results = collect(runs, cohorts, args.work)
+    text = report(args, cohorts, results)
+    targets = [args.work] + ([args.docs] if args.docs else [])
+    for folder in targets:
+        (folder / "unpaired_study.md").write_text(text, encoding="utf-8")
+        for task in args.tasks:
+            figure(task, results, list(cohorts), folder / f"unpaired_{task.replace('->', '_to_')}.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
