@@ -273,6 +273,25 @@ def test_reverse_direction_exports_and_runs_like_the_checkpoint(cyclegan_run: Pa
     assert sidecar["task"] == "t2->t1" and sidecar["trained_on"] == "unpaired data"
 
 
+def test_a_bundle_of_the_reverse_direction_serves_that_direction(cyclegan_run: Path, unpaired_cohort: Path,
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--checkpoint", str(cyclegan_run), "--target", "t1", "--format", "monai-bundle",
+                 "--out", str(bundle)]) == 0  # fmt: skip
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert metadata["medsynth"]["task"] == "t2->t1"
+    t2 = unpaired_cohort / "sub-02" / "anat" / "sub-02_T2w.nii.gz"
+    for checkpoint, name, extra in (
+        (str(bundle), "bundle", []),
+        (str(cyclegan_run), "ckpt", ["--target", "t1"]),
+    ):
+        assert main(["infer", "--checkpoint", checkpoint, "--volume", str(t2), *extra, "--precision", "fp32",
+                     "--out", str(tmp_path / f"{name}.nii.gz"), "--quiet"]) == 0  # fmt: skip
+    np.testing.assert_array_equal(
+        read_volume(tmp_path / "bundle.nii.gz").array, read_volume(tmp_path / "ckpt.nii.gz").array
+    )
+
+
 def test_convert_synthesises_either_direction_of_a_dicom_export(cyclegan_run: Path, unpaired_cohort: Path,
                                                                 tmp_path: Path) -> None:  # fmt: skip
     export = tmp_path / "export"
@@ -436,10 +455,14 @@ def test_splits_draw_held_out_subjects_from_the_preferred_ones_first() -> None:
     assert set(splits["val"] + splits["test"]) == preferred
     few = make_splits(ids, val=2, test=2, seed=4, prefer_held_out={"sub-05"})
     assert "sub-05" in few["val"] + few["test"] and len(few["train"]) == 8
-    assert make_splits(ids, val=2, test=2, seed=4) == make_splits(ids, val=2, test=2, seed=4, prefer_held_out=None)
+    assert make_splits(ids, val=2, test=2, seed=4) == make_splits(
+        ids, val=2, test=2, seed=4, prefer_held_out=None
+    )
 
 
-def test_a_partial_fingerprint_takes_each_modality_from_the_subjects_that_have_it(unpaired_cohort: Path) -> None:
+def test_a_partial_fingerprint_takes_each_modality_from_the_subjects_that_have_it(
+    unpaired_cohort: Path,
+) -> None:
     from medsynth.errors import DataError
 
     records = scan_dataset(unpaired_cohort)

@@ -1,14 +1,15 @@
 """The training loop: epochs of objective steps, then validation, figures and checkpoints at a cadence.
 
-What one step does belongs to the objective (:mod:`.objectives`: the pix2pix GAN step, or L1 alone);
-the loop owns the generator, its optimiser, the data order, the learning-rate schedule, the clock and
-the run folder:
+What one step does belongs to the objective (:mod:`.objectives`: the pix2pix GAN step, L1 alone, or
+an unpaired method's reverse generator and two critics); the loop owns the generator of the run's direction, its
+optimiser, the data order, the learning-rate schedule, the clock and the run folder, and saves every
+further direction the objective trains beside its own (``directions`` in each checkpoint):
 
 * learning rate: pix2pix's constant-then-linear-decay over ``train.epochs + train.decay_epochs``, or,
   with a time budget (``train.max_minutes``), the same shape mapped onto the budget's minutes;
-* validation (``train.val_every`` epochs, and always at the end): whole held-out volumes through the
-  same :class:`~medsynth.model.synthesis.SynthesisModel` inference uses, a row in ``metrics.csv``, a
-  sample PNG, ``curves.png``, ``checkpoint_best.pt`` when the validation metric improves;
+* validation (``train.val_every`` epochs, and always at the end; :mod:`.validation`): whole held-out
+  volumes through the same :class:`~medsynth.model.synthesis.SynthesisModel` inference uses, a row in
+  ``metrics.csv``, a sample PNG, ``curves.png``, ``checkpoint_best.pt`` when the validation metric improves;
 * ``checkpoint_latest.pt`` at every epoch end (and every ``train.checkpoint_every`` steps). PNGs and
   checkpoints are written by a background thread from copies, so the next epoch does not wait for disk.
 
@@ -40,7 +41,6 @@ from ..data.datasets import PatchDataset, SliceDataset, make_loader, place_on_de
 from ..data.pairing import UnpairedSamples, unpaired_slices
 from ..errors import ConfigError, MedsynthError
 from ..io.atomic import atomic_path, disk_full_error, disk_full_is_one_line, is_disk_full
-from ..metrics import mae, psnr, ssim_3d
 from ..model.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
 from ..model.device import PrecisionChoice, pick_device
 from ..model.layout import InputLayout
@@ -56,6 +56,7 @@ from .objectives import build_objective, objective_class
 from .objectives.base import MASK_ENTRIES
 from .precision import decide_training_precision, training_measure
 from .setup import RunData
+from .validation import Validation
 
 log = logging.getLogger("medsynth")
 
@@ -160,6 +161,10 @@ class Trainer:
             SynthesisModel(plan, module, data.fingerprint, device=self.device, precision=self.precision)
             for plan, module in self.objective.directions()
         ]
+        self.validation = Validation(
+            task, data.cohort, self.model, self.direction_models, config.train.inference_batch_size,
+            quiet=self.quiet,
+        )  # fmt: skip
         self._seed_rank(0)
         #: Steps between agreements on the clock and on signals (a CUDA all-reduce waits for the GPU).
         self._sync_every = 8 if self.dist.backend == "nccl" else 1
@@ -712,113 +717,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ validation
     def validate(self) -> dict[str, float]:
-        """Whole-volume synthesis of the validation subjects; PSNR/SSIM/MAE inside the foreground mask.
-
-        Intensity space: normalised [-1, 1] (data range 2), the space the network is trained in. Subjects
-        that have the target are scored against it; when none has (unpaired data whose held-out subjects
-        have one side only), a model that also holds the reverse direction is scored on the round trip
-        (:meth:`round_trip_subject`), and :attr:`validation_kind` says so.
-        """
+        """Whole-volume synthesis of the validation subjects (:class:`.validation.Validation`)."""
         started = time.perf_counter()
-        subject_ids = self.data.splits["val"][: self.config.train.val_subjects or None]
-        scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "mae": []}
-        self.samples = []
-        scorable = [s for s in subject_ids if self._scorable(s)]
-        if scorable:
-            cases = (case for s in scorable for case in self.synthesize_subject(s))
-        else:
-            self._say_round_trip()
-            cases = (case for s in subject_ids for case in self.round_trip_subject(s))
-        for target, prediction, truth, mask, inputs in cases:
-            scores["psnr"].append(psnr(prediction, truth, mask=mask, data_range=2.0))
-            scores["ssim"].append(ssim_3d(prediction, truth, mask=mask, data_range=2.0))
-            scores["mae"].append(mae(prediction, truth, mask=mask, data_range=2.0))
-            if not self.samples:
-                self.samples.append((inputs, prediction, truth, mask, target))
+        metrics, self.samples = self.validation.run(
+            self.data.splits["val"][: self.config.train.val_subjects or None]
+        )
         self.generator.train()
         for model in self.direction_models:
             model.generator.train()
         self._val_seconds = time.perf_counter() - started
-        return {key: float(np.mean(values)) if values else math.nan for key, values in scores.items()}
-
-    #: What validation scores: ``target`` (synthetic vs real target) or ``round trip``.
-    validation_kind = "target"
-
-    def _scorable(self, subject_id: str) -> bool:
-        """Whether a validation subject has the run's inputs and target (a unified model: any two)."""
-        held = set(self.data.cohort.subject(subject_id).modalities)
-        if self.task.is_unified:
-            return len(held & set(self.task.modalities)) >= 2
-        return {*self.task.sources, str(self.task.target)} <= held
-
-    def _say_round_trip(self) -> None:
-        if self.validation_kind == "round trip":
-            return
-        back = self._reverse_model()
-        if back is None:
-            raise MedsynthError(
-                f"no validation subject has both {' and '.join(self.task.required_modalities)} and "
-                f"{self.task.target}; put subjects with both in the val split (splits.json)"
-            )
-        self.validation_kind = "round trip"
-        if not self.quiet:
-            print(
-                f"no validation subject has both {self.task.sources[0]} and {self.task.target}: validation scores "
-                f"the round trip {self.task.sources[0]} -> {self.task.target} -> {self.task.sources[0]} (and back "
-                "from the target), which checks consistency, not accuracy",
-                flush=True,
-            )
-
-    def _reverse_model(self) -> SynthesisModel | None:
-        """The direction model that maps the run's target back to its single source, if the objective trains one."""
-        if self.task.is_unified or len(self.task.sources) != 1:
-            return None
-        wanted = Task(sources=(str(self.task.target),), target=self.task.sources[0])
-        return next((m for m in self.direction_models if m.task == wanted), None)
-
-    def round_trip_subject(self, subject_id: str):
-        """Yield (modality, round trip, truth, mask, inputs) for one subject: ``x -> G -> F`` for its
-        source, ``y -> F -> G`` for its target (whichever it has), normalised and slice-first."""
-        back = self._reverse_model()
-        assert back is not None
-        cached = self.data.cohort.subject(subject_id)
-        to_volume = lambda a: np.transpose(a, (1, 2, 0))  # noqa: E731
-        to_slices = lambda a: np.transpose(a, (2, 0, 1))  # noqa: E731
-        mask = np.asarray(cached.mask, dtype=bool)
-        batch = self.config.train.inference_batch_size
-        source, target = self.task.sources[0], str(self.task.target)
-        for start, there, back_again in ((source, self.model, back), (target, back, self.model)):
-            if start not in cached.modalities:
-                continue
-            image = to_volume(cached.image(start))
-            middle = there.task.target
-            halfway = there.synthesize_normalised({start: image}, to_volume(mask), middle, batch_size=batch)
-            returned = back_again.synthesize_normalised(
-                {middle: halfway}, to_volume(mask), start, batch_size=batch
-            )
-            yield start, to_slices(returned), np.asarray(cached.image(start)), mask, [to_slices(image)]
-
-    def synthesize_subject(self, subject_id: str):
-        """Yield (target, synthetic, truth, mask, inputs) slice-first normalised arrays for one subject.
-
-        A unified model is scored on every modality of the subject from all the others. The cache stores
-        ``(k, i, j)``; :class:`SynthesisModel` takes canonical ``(i, j, k)`` views of it.
-        """
-        cached = self.data.cohort.subject(subject_id)
-        to_volume = lambda a: np.transpose(a, (1, 2, 0))  # noqa: E731
-        to_slices = lambda a: np.transpose(a, (2, 0, 1))  # noqa: E731
-        mask = np.asarray(cached.mask, dtype=bool)
-        batch = self.config.train.inference_batch_size
-        if self.task.is_unified:
-            available = [m for m in self.task.modalities if m in cached.modalities]
-            pairs = [(t, [m for m in available if m != t]) for t in available]
-        else:
-            pairs = [(str(self.task.target), list(self.task.sources))]
-        for target, sources in pairs:
-            images = {m: to_volume(cached.image(m)) for m in sources}
-            prediction = self.model.synthesize_normalised(images, to_volume(mask), target, batch_size=batch)
-            inputs = [to_slices(images[m]) for m in sources]
-            yield target, to_slices(prediction), np.asarray(cached.image(target)), mask, inputs
+        return metrics
 
     # ---------------------------------------------------------------------------- epoch end
     def _end_epoch(self, metrics: dict[str, float] | None, writer: Any) -> None:
@@ -843,7 +751,7 @@ class Trainer:
         if improved:
             self.best = {"metric": self.config.train.best_metric, "value": metrics[self.best["metric"]],
                          "epoch": self.epoch + 1, **{f"val_{k}": v for k, v in metrics.items()},
-                         "validation": self.validation_kind}  # fmt: skip
+                         "validation": self.validation.kind}  # fmt: skip
         if not partial:
             self.epoch += 1
             self.step_in_epoch = 0
@@ -864,7 +772,7 @@ class Trainer:
         if validated:
             self._submit(self._save_figures, self.samples, row["epoch"])
         if not self.quiet:
-            kind = ", round trip" if self.validation_kind == "round trip" else ""
+            kind = ", round trip" if self.validation.kind == "round trip" else ""
             val = (
                 f"val PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.3f}  MAE {metrics['mae']:.4f} "
                 f"([-1,1] space, in mask{kind})  "

@@ -208,7 +208,6 @@ class CycleGANObjective:
         stack = target if target_stack is None else target_stack
         if target_mask is None:  # paired batches: one mask for both images
             target_mask = mask
-        batch = source.shape[0]
         for critic in (self.critic_target, self.critic_source):
             critic.requires_grad_(False)
         with ctx.autocast():

@@ -1,0 +1,151 @@
+"""Validation during training: whole held-out volumes from the cache, scored in the network's space.
+
+Each validation subject is synthesised through the very :class:`~medsynth.model.synthesis.SynthesisModel`
+inference loads from the checkpoint (on the live generator), and PSNR / SSIM / MAE are taken inside the
+subject's foreground mask in the normalised [-1, 1] space (data range 2), the space the network is
+trained in.
+
+What is scored depends on the data:
+
+* ``target``: subjects that have the run's inputs and its target are scored against the real target (a
+  unified model on every modality of the subject, from all the others);
+* ``round trip``: when no validation subject has both sides (unpaired data whose held-out subjects have one
+  image each), a model whose objective also trained the reverse direction is scored on the round trip
+  ``x -> G -> F`` for a subject's source and ``y -> F -> G`` for its target. That checks consistency, not
+  accuracy, and the run says so once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..data.cache import Cohort
+from ..errors import MedsynthError
+from ..metrics import mae, psnr, ssim_3d
+from ..model.synthesis import SynthesisModel
+from ..task import Task
+
+#: (modality, synthetic, truth, mask, inputs): slice-first normalised arrays of one scored case.
+Case = tuple[str, np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]
+
+
+def _to_volume(array: np.ndarray) -> np.ndarray:
+    """The cache's ``(k, i, j)`` as the canonical ``(i, j, k)`` view :class:`SynthesisModel` takes."""
+    return np.transpose(array, (1, 2, 0))
+
+
+def _to_slices(array: np.ndarray) -> np.ndarray:
+    return np.transpose(array, (2, 0, 1))
+
+
+class Validation:
+    """Scores the validation subjects of one run; :attr:`kind` says what was scored."""
+
+    def __init__(
+        self,
+        task: Task,
+        cohort: Cohort,
+        model: SynthesisModel,
+        direction_models: Sequence[SynthesisModel],
+        batch_size: int,
+        *,
+        quiet: bool = False,
+    ) -> None:
+        self.task, self.cohort, self.model = task, cohort, model
+        self.direction_models, self.batch_size, self.quiet = list(direction_models), batch_size, quiet
+        #: ``target`` (synthetic vs real target) or ``round trip``.
+        self.kind = "target"
+
+    def run(self, subject_ids: Sequence[str]) -> tuple[dict[str, float], list[Any]]:
+        """Mean PSNR / SSIM / MAE over the scored cases, and the first case for the sample figure."""
+        scorable = [s for s in subject_ids if self._scorable(s)]
+        if scorable:
+            cases: Iterator[Case] = (case for s in scorable for case in self.synthesize_subject(s))
+        else:
+            self._say_round_trip()
+            cases = (case for s in subject_ids for case in self.round_trip_subject(s))
+        scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "mae": []}
+        samples: list[Any] = []
+        for target, prediction, truth, mask, inputs in cases:
+            scores["psnr"].append(psnr(prediction, truth, mask=mask, data_range=2.0))
+            scores["ssim"].append(ssim_3d(prediction, truth, mask=mask, data_range=2.0))
+            scores["mae"].append(mae(prediction, truth, mask=mask, data_range=2.0))
+            if not samples:
+                samples.append((inputs, prediction, truth, mask, target))
+        return {
+            key: float(np.mean(values)) if values else math.nan for key, values in scores.items()
+        }, samples
+
+    def _scorable(self, subject_id: str) -> bool:
+        """Whether a subject has the run's inputs and target (a unified model: any two of its modalities)."""
+        held = set(self.cohort.subject(subject_id).modalities)
+        if self.task.is_unified:
+            return len(held & set(self.task.modalities)) >= 2
+        return {*self.task.sources, str(self.task.target)} <= held
+
+    def _say_round_trip(self) -> None:
+        if self.kind == "round trip":
+            return
+        if self._reverse_model() is None:
+            raise MedsynthError(
+                f"no validation subject has both {' and '.join(self.task.required_modalities)} and "
+                f"{self.task.target}; put subjects with both in the val split (splits.json)"
+            )
+        self.kind = "round trip"
+        if not self.quiet:
+            source, target = self.task.sources[0], self.task.target
+            print(
+                f"no validation subject has both {source} and {target}: validation scores the round trip "
+                f"{source} -> {target} -> {source} (and back from the target), which checks consistency, not "
+                "accuracy",
+                flush=True,
+            )
+
+    def _reverse_model(self) -> SynthesisModel | None:
+        """The direction model that maps the run's target back to its single source, if one was trained."""
+        if self.task.is_unified or len(self.task.sources) != 1:
+            return None
+        wanted = Task(sources=(str(self.task.target),), target=self.task.sources[0])
+        return next((m for m in self.direction_models if m.task == wanted), None)
+
+    def round_trip_subject(self, subject_id: str) -> Iterator[Case]:
+        """``x -> G -> F`` for the subject's source, ``y -> F -> G`` for its target (whichever it has)."""
+        back = self._reverse_model()
+        assert back is not None
+        cached = self.cohort.subject(subject_id)
+        mask = np.asarray(cached.mask, dtype=bool)
+        source, target = self.task.sources[0], str(self.task.target)
+        for start, there, back_again in ((source, self.model, back), (target, back, self.model)):
+            if start not in cached.modalities:
+                continue
+            image = _to_volume(cached.image(start))
+            middle = str(there.task.target)
+            halfway = there.synthesize_normalised(
+                {start: image}, _to_volume(mask), middle, batch_size=self.batch_size
+            )
+            returned = back_again.synthesize_normalised(
+                {middle: halfway}, _to_volume(mask), start, batch_size=self.batch_size
+            )
+            yield start, _to_slices(returned), np.asarray(cached.image(start)), mask, [_to_slices(image)]
+
+    def synthesize_subject(self, subject_id: str) -> Iterator[Case]:
+        """The run's synthesis of one subject against its real target (a unified model: every modality
+        from all the others)."""
+        cached = self.cohort.subject(subject_id)
+        mask = np.asarray(cached.mask, dtype=bool)
+        if self.task.is_unified:
+            available = [m for m in self.task.modalities if m in cached.modalities]
+            pairs = [(t, [m for m in available if m != t]) for t in available]
+        else:
+            pairs = [(str(self.task.target), list(self.task.sources))]
+        for target, sources in pairs:
+            images = {m: _to_volume(cached.image(m)) for m in sources}
+            prediction = self.model.synthesize_normalised(
+                images, _to_volume(mask), target, batch_size=self.batch_size
+            )
+            inputs = [_to_slices(images[m]) for m in sources]
+            yield target, _to_slices(prediction), np.asarray(cached.image(target)), mask, inputs
