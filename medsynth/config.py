@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .engine.objectives import OBJECTIVES, UNPAIRED
+from .engine.objectives.registry import OBJECTIVES, UNPAIRED
 from .errors import ConfigError
 from .io.atomic import atomic_write_text
 from .task import Task

@@ -23,8 +23,9 @@ What the seam carries, so that no method has to teach the loop about itself:
 Every step returns its losses as *detached device tensors*: reading them forces the host to wait for the
 GPU, so the loop reads them only when it logs.
 
-This module imports nothing heavy: the recipe loader checks names against :data:`OBJECTIVES` and the
-pairing a method accepts against :data:`UNPAIRED` without importing torch.
+The names (:data:`~.registry.OBJECTIVES`) and which methods learn from unpaired data
+(:data:`~.registry.UNPAIRED`) live in :mod:`.registry`, which imports nothing: the recipe loader checks
+them without importing torch (this module imports the networks only when an objective is built).
 """
 
 from __future__ import annotations
@@ -32,17 +33,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .registry import OBJECTIVES, UNPAIRED
+
 if TYPE_CHECKING:
     from .base import Objective
-
-#: ``train.objective`` -> (module of this package, class).
-OBJECTIVES: dict[str, tuple[str, str]] = {
-    "gan": ("pix2pix", "GANObjective"),
-    "l1": ("pix2pix", "L1Objective"),
-    "cyclegan": ("cyclegan", "CycleGANObjective"),
-}
-#: Objectives that learn from unpaired samples (``data.pairing: unpaired``); the others need pairs.
-UNPAIRED: tuple[str, ...] = ("cyclegan",)
 
 
 def objective_class(name: str) -> type:
@@ -53,6 +47,9 @@ def objective_class(name: str) -> type:
 
 def build_objective(name: str, **context: Any) -> Objective:
     """The objective registered as ``name``, given the loop's generator, optimiser, device and recipe."""
-    from .base import _Context
+    from .base import _Context  # torch and the networks: imported when an objective is built
 
     return objective_class(name)(_Context(**context))
+
+
+__all__ = ["OBJECTIVES", "UNPAIRED", "Objective", "build_objective", "objective_class"]
