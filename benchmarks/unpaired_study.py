@@ -340,10 +340,11 @@ def figure(task: str, results: dict[Run, dict[str, Any]], cohorts: list[str], pa
     first = results[runs[0]]["images"][subject]
     columns = 2 + len(runs)
     fig, axes = plt.subplots(2, columns, figsize=(2.1 * columns, 4.6))
-    show = lambda ax, image, **kw: (
-        ax.imshow(np.rot90(image), cmap=kw.pop("cmap", "gray"), **kw),
-        ax.axis("off"),
-    )  # noqa: E731
+
+    def show(ax: Any, image: np.ndarray, cmap: str = "gray", **window: float) -> None:
+        ax.imshow(np.rot90(image), cmap=cmap, **window)
+        ax.axis("off")
+
     source = first["input"]
     show(axes[0, 0], source, vmin=np.percentile(source, 1), vmax=np.percentile(source, 99.5))
     axes[0, 0].set_title(f"{NAMES[task.split('->')[0]]} input", fontsize=8)
