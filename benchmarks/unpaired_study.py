@@ -188,14 +188,14 @@ def planned_runs(args: argparse.Namespace, cohorts: dict[str, Path]) -> list[Run
 
 
 def run_all(runs: list[Run], cohorts: dict[str, Path], args: argparse.Namespace) -> None:
-    """Two at a time with ``--parallel 2``: each pair starts together and trains for the same minutes."""
+    """Two at a time with ``--parallel 2``: each pair starts together and trains for the same minutes.
+
+    Finished runs are left out before pairing, so a restarted study keeps both cores busy."""
+    todo = [r for r in runs if run_state(args.work / "runs" / r.name) != "finished"]
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        for start in range(0, len(runs), args.parallel):
-            list(
-                pool.map(
-                    lambda run: train_and_evaluate(run, cohorts, args), runs[start : start + args.parallel]
-                )
-            )
+        for start in range(0, len(todo), args.parallel):
+            pair = todo[start : start + args.parallel]
+            list(pool.map(lambda run: train_and_evaluate(run, cohorts, args), pair))
 
 
 # --------------------------------------------------------------------------------------- measuring
