@@ -162,7 +162,15 @@ def train_and_evaluate(run: Run, cohorts: dict[str, Path], args: argparse.Namesp
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
         (run_dir / "study.json").write_text(json.dumps({"wall_minutes": (time.perf_counter() - started) / 60,
                                                         "threads": args.threads}))  # fmt: skip
+    evaluate_run(run, cohorts, args)
+
+
+def evaluate_run(run: Run, cohorts: dict[str, Path], args: argparse.Namespace) -> None:
+    """``medsynth evaluate`` on the aligned test subjects, unless its table is newer than the best checkpoint."""
+    run_dir = args.work / "runs" / run.name
     table, best = run_dir / "eval" / "metrics.csv", run_dir / "checkpoint_best.pt"
+    if not best.is_file():
+        return
     if not table.is_file() or table.stat().st_mtime < best.stat().st_mtime:
         command = medsynth("evaluate", "--run", str(run_dir), "--data", str(cohorts["aligned"]), "--quiet")
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -196,6 +204,8 @@ def run_all(runs: list[Run], cohorts: dict[str, Path], args: argparse.Namespace)
         for start in range(0, len(todo), args.parallel):
             pair = todo[start : start + args.parallel]
             list(pool.map(lambda run: train_and_evaluate(run, cohorts, args), pair))
+    for run in runs:  # runs finished earlier whose evaluation is missing or older than their best checkpoint
+        evaluate_run(run, cohorts, args)
 
 
 # --------------------------------------------------------------------------------------- measuring
