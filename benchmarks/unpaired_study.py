@@ -153,16 +153,21 @@ def train_and_evaluate(run: Run, cohorts: dict[str, Path], args: argparse.Namesp
         else:
             command = medsynth("train", "--data", str(cohorts[run.cohort]), "--config", recipe, "--runs-dir",
                                str(args.work / "runs"), "--name", run.name, "--quiet")  # fmt: skip
-            for item in [*OPEN_EPOCHS, f"train.max_minutes={args.minutes:g}", f"train.num_threads={args.threads}",
+            for item in [*OPEN_EPOCHS, f"train.max_minutes={minutes(args, run.task):g}", f"train.num_threads={args.threads}",
                          f"data.splits_file={args.work / 'splits.json'}"]:  # fmt: skip
                 command += ["--set", item]
-        print(f"{run.name}: training {args.minutes:g} min", flush=True)
+        print(f"{run.name}: training {minutes(args, run.task):g} min", flush=True)
         started = time.perf_counter()
         with open(args.work / f"{run.name}.log", "a", encoding="utf-8") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
         (run_dir / "study.json").write_text(json.dumps({"wall_minutes": (time.perf_counter() - started) / 60,
                                                         "threads": args.threads}))  # fmt: skip
     evaluate_run(run, cohorts, args)
+
+
+def minutes(args: argparse.Namespace, task: str) -> float:
+    """Training minutes of every run of ``task`` (``--minutes``, or its ``--task-minutes`` entry)."""
+    return float(args.task_minutes.get(task, args.minutes))
 
 
 def evaluate_run(run: Run, cohorts: dict[str, Path], args: argparse.Namespace) -> None:
@@ -382,12 +387,19 @@ def report(args: argparse.Namespace, cohorts: dict[str, Path], results: dict[Run
         "# Paired GAN vs CycleGAN on aligned, misregistered and disjoint training data",
         "",
         f"Machine: {machine.describe('cpu')}.",
-        f"Every run: {args.minutes:g} minutes of training (`train.max_minutes`), {args.threads} thread(s), "
+        "Every run of a task trains for the same minutes (`train.max_minutes`: "
+        + ", ".join(f"{t} {minutes(args, t):g} min" for t in args.tasks)
+        + f"), {args.threads} thread(s) each, "
         f"{args.parallel} run(s) at a time; scored on the aligned test subjects.",
         "",
         "Command: `python benchmarks/unpaired_study.py --work "
         + str(args.work)
         + f" --minutes {args.minutes:g} "
+        + (
+            f"--task-minutes {','.join(f'{k}={v:g}' for k, v in args.task_minutes.items())} "
+            if args.task_minutes
+            else ""
+        )
         + f"--parallel {args.parallel} "
         + " ".join(f"--misregister {m}" for m in args.misregister)
         + "`",
@@ -403,6 +415,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True, help="cohorts, runs, logs and the report")
     parser.add_argument("--tasks", default="t1->t2,t1->ct", help="comma list of t1->t2, t1->ct")
     parser.add_argument("--minutes", type=float, default=10.0, help="training minutes of every run")
+    parser.add_argument("--task-minutes", default="", metavar="TASK=MIN,...",
+                        help="other minutes for a task's runs, e.g. t1->ct=10 (equal within each task)")  # fmt: skip
     parser.add_argument("--misregister", action="append", default=None, metavar="MM,DEG",
                         help="a misregistered cohort (repeat for a sweep); default 4,4")  # fmt: skip
     parser.add_argument("--subjects", type=int, default=12)
@@ -411,6 +425,9 @@ def main() -> int:
     parser.add_argument("--docs", type=Path, help="also write the report and figures here")
     args = parser.parse_args()
     args.tasks = [t.strip() for t in args.tasks.split(",")]
+    args.task_minutes = {
+        k.strip(): float(v) for k, _, v in (i.partition("=") for i in args.task_minutes.split(",") if i)
+    }
     args.misregister = args.misregister or ["4,4"]
     args.threads = 1 if args.parallel > 1 else 2
     args.work.mkdir(parents=True, exist_ok=True)
