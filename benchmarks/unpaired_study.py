@@ -187,7 +187,8 @@ def planned_runs(args: argparse.Namespace, cohorts: dict[str, Path]) -> list[Run
     The paired GAN has no pair to train on when disjoint. CycleGAN trains on the first misregistered
     cohort only: it draws sources and targets independently, so moving a subject's target against its
     source changes nothing it sees (the measured row shows it), and a sweep of misregistration sizes
-    (``--misregister`` repeated) only needs the paired GAN to find where the order flips.
+    (``--misregister`` repeated) only needs the paired GAN to find where the order flips, for the tasks of
+    ``--sweep-tasks`` (default: the first task).
     """
     first = misregistered_name(args.misregister[0])
     return [
@@ -196,7 +197,11 @@ def planned_runs(args: argparse.Namespace, cohorts: dict[str, Path]) -> list[Run
         for cohort in cohorts
         for method in METHODS
         if not (method == "gan" and cohort == "disjoint")
-        and not (method == "cyclegan" and cohort.startswith("misregistered") and cohort != first)
+        and not (
+            cohort.startswith("misregistered")
+            and cohort != first
+            and (method == "cyclegan" or task not in args.sweep_tasks)
+        )
     ]
 
 
@@ -419,6 +424,9 @@ def main() -> int:
                         help="other minutes for a task's runs, e.g. t1->ct=10 (equal within each task)")  # fmt: skip
     parser.add_argument("--misregister", action="append", default=None, metavar="MM,DEG",
                         help="a misregistered cohort (repeat for a sweep); default 4,4")  # fmt: skip
+    parser.add_argument(
+        "--sweep-tasks", default=None, help="tasks whose paired GAN trains on every misregistered cohort"
+    )
     parser.add_argument("--subjects", type=int, default=12)
     parser.add_argument("--parallel", type=int, default=2, choices=(1, 2))
     parser.add_argument("--report-only", action="store_true")
@@ -429,6 +437,7 @@ def main() -> int:
         k.strip(): float(v) for k, _, v in (i.partition("=") for i in args.task_minutes.split(",") if i)
     }
     args.misregister = args.misregister or ["4,4"]
+    args.sweep_tasks = args.sweep_tasks.split(",") if args.sweep_tasks else args.tasks[:1]
     args.threads = 1 if args.parallel > 1 else 2
     args.work.mkdir(parents=True, exist_ok=True)
     print(machine.describe("cpu"), flush=True)
