@@ -434,7 +434,11 @@ def test_torchrun_trains_replicas_and_resumes_on_one_process(unpaired_cohort: Pa
 def test_only_the_objective_the_pairing_and_the_recipes_know_the_method() -> None:
     """The issue's rule: the training loop, the model home and every command stay method-agnostic."""
     package = Path(__file__).resolve().parents[1] / "medsynth"
-    allowed = {"engine/objectives/__init__.py", "engine/objectives/registry.py", "engine/objectives/cyclegan.py"}
+    allowed = {
+        "engine/objectives/__init__.py",
+        "engine/objectives/registry.py",
+        "engine/objectives/cyclegan.py",
+    }
     knowing = {
         str(path.relative_to(package))
         for path in package.rglob("*.py")

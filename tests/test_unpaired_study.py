@@ -1,0 +1,88 @@
+"""benchmarks/unpaired_study.py: its cohorts, which runs it plans, and its table and figure on a real run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from medsynth.cli import main
+
+_SPEC = importlib.util.spec_from_file_location(
+    "benchmarks_unpaired_study", Path(__file__).parents[1] / "benchmarks" / "unpaired_study.py"
+)
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the script imports ``machine``
+study = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = study
+_SPEC.loader.exec_module(study)
+
+
+def test_the_disjoint_cohort_leaves_no_training_pair_and_held_out_subjects_whole(tiny_cohort: Path,
+                                                                                  tmp_path: Path) -> None:  # fmt: skip
+    splits = {"train": ["sub-01", "sub-02", "sub-03"], "val": ["sub-04"], "test": ["sub-05"]}
+    folder = study.disjoint_cohort(tiny_cohort, tmp_path / "disjoint", splits)
+    has = {s: {p.name.split("_")[1].split(".")[0] for p in (folder / s / "anat").glob("*.nii.gz")} for s in
+           ["sub-01", "sub-02", "sub-03", "sub-04", "sub-05"]}  # fmt: skip
+    assert has["sub-01"] == {"T1w"} and "T1w" not in has["sub-02"] and has["sub-03"] == {"T1w"}
+    assert has["sub-04"] == has["sub-05"] == {"T1w", "T2w", "PDw", "FLAIR", "CT"}
+    assert all((folder / s / "anat").is_dir() for s in has)
+    assert (folder / "sub-02" / "anat" / "sub-02_T2w.nii.gz").resolve().parent == (
+        tiny_cohort / "sub-02" / "anat"
+    )
+
+
+def test_planned_runs_skip_what_cannot_or_need_not_train() -> None:
+    args = argparse.Namespace(
+        tasks=["t1->t2", "t1->ct"], misregister=["4,4", "12,12"], sweep_tasks=["t1->t2"]
+    )
+    cohorts = {
+        "aligned": Path(),
+        "misregistered_4mm_4deg": Path(),
+        "misregistered_12mm_12deg": Path(),
+        "disjoint": Path(),
+    }
+    runs = {(r.task, r.cohort, r.method) for r in study.planned_runs(args, cohorts)}
+    assert ("t1->t2", "disjoint", "gan") not in runs and ("t1->t2", "disjoint", "cyclegan") in runs
+    assert ("t1->t2", "misregistered_12mm_12deg", "gan") in runs
+    assert ("t1->t2", "misregistered_12mm_12deg", "cyclegan") not in runs  # unpaired draws ignore the move
+    assert ("t1->ct", "misregistered_12mm_12deg", "gan") not in runs  # the sweep is for t1->t2 only
+    assert len(runs) == 6 + 5
+
+
+def test_table_and_figure_of_a_real_run(tiny_run: Path, tiny_cohort: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    run = study.Run("t1->t2", "aligned", "gan")
+    shutil.copytree(tiny_run, work / "runs" / run.name, ignore=shutil.ignore_patterns("eval"))
+    assert (
+        main(["evaluate", "--run", str(work / "runs" / run.name), "--data", str(tiny_cohort), "--quiet"]) == 0
+    )
+    results = study.collect(
+        [run, study.Run("t1->t2", "disjoint", "cyclegan")], {"aligned": tiny_cohort}, work
+    )
+    assert list(results) == [run]  # a run that was never trained is left out
+    scores = results[run]["scores"]
+    ((subject, measures),) = scores.items()
+    assert subject in json.loads((tiny_run / "splits.json").read_text())["test"]
+    assert 0.0 < measures["outline_dice"] <= 1.0 and -1.0 <= measures["edge_correlation"] <= 1.0
+    table = study.task_table("t1->t2", results, ["aligned", "disjoint"])
+    lines = table.splitlines()
+    assert lines[0].startswith("| training data | method | epochs | PSNR dB")
+    assert (
+        lines[2].startswith("| aligned | paired GAN (pix2pix) | 2 |")
+        and f"{measures['psnr_masked']:.2f}" in lines[2]
+    )
+    assert "cannot train: no training subject has a pair" in lines[3]
+    figure = study.figure("t1->t2", results, ["aligned", "disjoint"], tmp_path / "figure.png")
+    assert figure is not None and figure.stat().st_size > 5000
+
+
+@pytest.mark.parametrize(
+    "value, name", [("4,4", "misregistered_4mm_4deg"), ("2.5,3", "misregistered_2.5mm_3deg")]
+)
+def test_cohort_names(value: str, name: str) -> None:
+    assert study.misregistered_name(value) == name
