@@ -184,24 +184,29 @@ def evaluate_run(run: Run, cohorts: dict[str, Path], args: argparse.Namespace) -
 def planned_runs(args: argparse.Namespace, cohorts: dict[str, Path]) -> list[Run]:
     """Every (task, cohort, method) the study trains.
 
-    The paired GAN has no pair to train on when disjoint. CycleGAN trains on the first misregistered
-    cohort only: it draws sources and targets independently, so moving a subject's target against its
-    source changes nothing it sees (the measured row shows it), and a sweep of misregistration sizes
-    (``--misregister`` repeated) only needs the paired GAN to find where the order flips, for the tasks of
-    ``--sweep-tasks`` (default: the first task).
+    The paired GAN has no pair to train on when disjoint. CycleGAN draws sources and targets
+    independently, so moving a subject's target against its source changes nothing it sees: it trains on
+    the first misregistered cohort of the ``--sweep-tasks`` (default: the first task) to show that, and on
+    no other; a sweep of misregistration sizes (``--misregister`` repeated) then only needs the paired GAN
+    to find where the order flips, for the same tasks.
     """
     first = misregistered_name(args.misregister[0])
+
+    def planned(task: str, cohort: str, method: str) -> bool:
+        if cohort == "disjoint":
+            return method == "cyclegan"
+        if not cohort.startswith("misregistered"):
+            return True
+        if method == "cyclegan":
+            return cohort == first and task in args.sweep_tasks
+        return cohort == first or task in args.sweep_tasks
+
     return [
         Run(task, cohort, method)
         for task in args.tasks
         for cohort in cohorts
         for method in METHODS
-        if not (method == "gan" and cohort == "disjoint")
-        and not (
-            cohort.startswith("misregistered")
-            and cohort != first
-            and (method == "cyclegan" or task not in args.sweep_tasks)
-        )
+        if planned(task, cohort, method)
     ]
 
 

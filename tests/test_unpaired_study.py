@@ -51,7 +51,8 @@ def test_planned_runs_skip_what_cannot_or_need_not_train() -> None:
     assert ("t1->t2", "misregistered_12mm_12deg", "gan") in runs
     assert ("t1->t2", "misregistered_12mm_12deg", "cyclegan") not in runs  # unpaired draws ignore the move
     assert ("t1->ct", "misregistered_12mm_12deg", "gan") not in runs  # the sweep is for t1->t2 only
-    assert len(runs) == 6 + 5
+    assert ("t1->ct", "misregistered_4mm_4deg", "cyclegan") not in runs
+    assert len(runs) == 6 + 4
 
 
 def test_table_and_figure_of_a_real_run(tiny_run: Path, tiny_cohort: Path, tmp_path: Path) -> None:
