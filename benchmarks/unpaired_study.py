@@ -55,8 +55,12 @@ OPEN_EPOCHS = ["train.epochs=100000", "train.decay_epochs=100000"]
 #: task -> (paired recipe, unpaired recipe); both share the generator, its context and the split sizes.
 RECIPES = {"t1->t2": ("demo_cpu", "demo_cyclegan"), "t1->ct": ("demo_ct", "demo_ct_cyclegan")}
 NAMES = {"t1": "T1w", "t2": "T2w", "ct": "CT"}
-METHODS = ("gan", "cyclegan")
-METHOD_NAMES = {"gan": "paired GAN (pix2pix)", "cyclegan": "CycleGAN (unpaired)"}
+METHODS = ("gan", "cyclegan", "cyclegan_long")
+METHOD_NAMES = {
+    "gan": "paired GAN (pix2pix)",
+    "cyclegan": "CycleGAN (unpaired)",
+    "cyclegan_long": "CycleGAN, longer (`--long-factor`)",
+}
 
 
 @dataclass(frozen=True)
@@ -153,10 +157,10 @@ def train_and_evaluate(run: Run, cohorts: dict[str, Path], args: argparse.Namesp
         else:
             command = medsynth("train", "--data", str(cohorts[run.cohort]), "--config", recipe, "--runs-dir",
                                str(args.work / "runs"), "--name", run.name, "--quiet")  # fmt: skip
-            for item in [*OPEN_EPOCHS, f"train.max_minutes={minutes(args, run.task):g}", f"train.num_threads={args.threads}",
+            for item in [*OPEN_EPOCHS, f"train.max_minutes={minutes(args, run.task, run.method):g}", f"train.num_threads={args.threads}",
                          f"data.splits_file={args.work / 'splits.json'}"]:  # fmt: skip
                 command += ["--set", item]
-        print(f"{run.name}: training {minutes(args, run.task):g} min", flush=True)
+        print(f"{run.name}: training {minutes(args, run.task, run.method):g} min", flush=True)
         started = time.perf_counter()
         with open(args.work / f"{run.name}.log", "a", encoding="utf-8") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -165,9 +169,11 @@ def train_and_evaluate(run: Run, cohorts: dict[str, Path], args: argparse.Namesp
     evaluate_run(run, cohorts, args)
 
 
-def minutes(args: argparse.Namespace, task: str) -> float:
-    """Training minutes of every run of ``task`` (``--minutes``, or its ``--task-minutes`` entry)."""
-    return float(args.task_minutes.get(task, args.minutes))
+def minutes(args: argparse.Namespace, task: str, method: str = "gan") -> float:
+    """Training minutes of a run of ``task`` (``--minutes``, or its ``--task-minutes`` entry); the longer
+    CycleGAN run trains ``--long-factor`` times as long."""
+    base = float(args.task_minutes.get(task, args.minutes))
+    return base * args.long_factor if method == "cyclegan_long" else base
 
 
 def evaluate_run(run: Run, cohorts: dict[str, Path], args: argparse.Namespace) -> None:
@@ -193,6 +199,8 @@ def planned_runs(args: argparse.Namespace, cohorts: dict[str, Path]) -> list[Run
     first = misregistered_name(args.misregister[0])
 
     def planned(task: str, cohort: str, method: str) -> bool:
+        if method == "cyclegan_long":  # how far more minutes take it, on the first task's aligned data
+            return bool(args.long_factor) and cohort == "aligned" and task == args.tasks[0]
         if cohort == "disjoint":
             return method == "cyclegan"
         if not cohort.startswith("misregistered"):
@@ -432,6 +440,8 @@ def main() -> int:
     parser.add_argument(
         "--sweep-tasks", default=None, help="tasks whose paired GAN trains on every misregistered cohort"
     )
+    parser.add_argument("--long-factor", type=float, default=0.0,
+                        help="also train CycleGAN on the first task's aligned data for this many times the minutes")  # fmt: skip
     parser.add_argument("--subjects", type=int, default=12)
     parser.add_argument("--parallel", type=int, default=2, choices=(1, 2))
     parser.add_argument("--report-only", action="store_true")
