@@ -38,7 +38,7 @@ def test_the_disjoint_cohort_leaves_no_training_pair_and_held_out_subjects_whole
 
 def test_planned_runs_skip_what_cannot_or_need_not_train() -> None:
     args = argparse.Namespace(
-        tasks=["t1->t2", "t1->ct"], misregister=["4,4", "12,12"], sweep_tasks=["t1->t2"]
+        tasks=["t1->t2", "t1->ct"], misregister=["4,4", "12,12"], sweep_tasks=["t1->t2"], long_factor=0.0
     )
     cohorts = {
         "aligned": Path(),
@@ -53,6 +53,11 @@ def test_planned_runs_skip_what_cannot_or_need_not_train() -> None:
     assert ("t1->ct", "misregistered_12mm_12deg", "gan") not in runs  # the sweep is for t1->t2 only
     assert ("t1->ct", "misregistered_4mm_4deg", "cyclegan") not in runs
     assert len(runs) == 6 + 4
+    args.long_factor = 2.0
+    longer = [r for r in study.planned_runs(args, cohorts) if r.method == "cyclegan_long"]
+    assert [(r.task, r.cohort) for r in longer] == [("t1->t2", "aligned")]
+    args.minutes, args.task_minutes = 15.0, {"t1->ct": 10.0}
+    assert study.minutes(args, "t1->t2", "cyclegan_long") == 30.0 and study.minutes(args, "t1->ct") == 10.0
 
 
 def test_table_and_figure_of_a_real_run(tiny_run: Path, tiny_cohort: Path, tmp_path: Path) -> None:
