@@ -22,7 +22,7 @@ image has none, or none where it has them, lower it); for a CT target also the b
 ``medsynth evaluate`` reports.
 
 Runs are resumable (finished ones skipped, interrupted ones resumed); ``--parallel 2`` trains two runs at
-a time with one thread each, both starting together, so each pair of rows shares the machine alike.
+a time with one thread each (the next starts when one ends), so every run shares the machine alike.
 
     python benchmarks/unpaired_study.py --work /tmp/study --minutes 10 --parallel 2
     python benchmarks/unpaired_study.py --work /tmp/study --minutes 10 --misregister 2,2 --misregister 8,8
@@ -219,14 +219,14 @@ def planned_runs(args: argparse.Namespace, cohorts: dict[str, Path]) -> list[Run
 
 
 def run_all(runs: list[Run], cohorts: dict[str, Path], args: argparse.Namespace) -> None:
-    """Two at a time with ``--parallel 2``: each pair starts together and trains for the same minutes.
+    """``--parallel`` runs at a time, one thread each, longest first: a run that ends hands its core to the
+    next, so the machine always trains two runs side by side and each shares it alike.
 
-    Finished runs are left out before pairing, so a restarted study keeps both cores busy."""
+    Finished runs are left out; interrupted ones resume with their own clock."""
     todo = [r for r in runs if run_state(args.work / "runs" / r.name) != "finished"]
+    todo.sort(key=lambda run: -minutes(args, run.task, run.method))
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        for start in range(0, len(todo), args.parallel):
-            pair = todo[start : start + args.parallel]
-            list(pool.map(lambda run: train_and_evaluate(run, cohorts, args), pair))
+        list(pool.map(lambda run: train_and_evaluate(run, cohorts, args), todo))
     for run in runs:  # runs finished earlier whose evaluation is missing or older than their best checkpoint
         evaluate_run(run, cohorts, args)
 
