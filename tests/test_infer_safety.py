@@ -182,11 +182,13 @@ def test_batch_loads_once_and_matches_single_runs_bit_for_bit(
     monkeypatch.setattr(SynthesisModel, "from_checkpoint", classmethod(counting))
     (inputs / "sub-03.nii.gz").write_bytes((inputs / "sub-04.nii.gz").read_bytes())
     batch = tmp_path / "batch"
-    assert _infer("--inputs", str(inputs), "--checkpoint", str(tiny_run), "--out", str(batch)) == 0
+    # One precision for both calls: "auto" measures the network, and a loaded machine may tip that choice.
+    fixed = ("--precision", "fp32")
+    assert _infer("--inputs", str(inputs), "--checkpoint", str(tiny_run), "--out", str(batch), *fixed) == 0
     assert len(loads) == 1
     for source in sorted(inputs.glob("*.nii.gz")):
         single = tmp_path / "single" / f"{source.name[:-7]}.nii.gz"
-        assert _infer("--volume", str(source), "--checkpoint", str(tiny_run), "--out", str(single)) == 0
+        assert _infer("--volume", str(source), "--checkpoint", str(tiny_run), "--out", str(single), *fixed) == 0
         got = np.asarray(nib.load(batch / f"{source.name[:-7]}_t2.nii.gz").dataobj)
         np.testing.assert_array_equal(got, np.asarray(nib.load(single).dataobj))
 
