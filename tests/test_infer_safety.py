@@ -188,7 +188,9 @@ def test_batch_loads_once_and_matches_single_runs_bit_for_bit(
     assert len(loads) == 1
     for source in sorted(inputs.glob("*.nii.gz")):
         single = tmp_path / "single" / f"{source.name[:-7]}.nii.gz"
-        assert _infer("--volume", str(source), "--checkpoint", str(tiny_run), "--out", str(single), *fixed) == 0
+        assert (
+            _infer("--volume", str(source), "--checkpoint", str(tiny_run), "--out", str(single), *fixed) == 0
+        )
         got = np.asarray(nib.load(batch / f"{source.name[:-7]}_t2.nii.gz").dataobj)
         np.testing.assert_array_equal(got, np.asarray(nib.load(single).dataobj))
 
