@@ -247,6 +247,12 @@ def _is_number(value: str) -> bool:
     return True
 
 
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    from medsynth.model.checkpoint import load_checkpoint as load
+
+    return load(path)
+
+
 def structure_agreement(
     run_dir: Path, aligned: Path, run: Run
 ) -> Iterator[tuple[str, dict[str, float], Any]]:
@@ -305,6 +311,7 @@ def collect(runs: list[Run], cohorts: dict[str, Path], work: Path) -> dict[Run, 
             "scores": scores,
             "images": images,
             "epochs": _epochs(rows),
+            "best_epoch": load_checkpoint(run_dir / "checkpoint_best.pt").get("epoch"),
             "threads": record.get("threads"),
         }
     return results
@@ -338,15 +345,15 @@ def task_table(task: str, results: dict[Run, dict[str, Any]], cohorts: list[str]
     """One row per (cohort, method): the test subjects' mean ± std of each column, and the epochs trained."""
     columns = COLUMNS[task]
     lines = [
-        "| training data | method | epochs | " + " | ".join(c[1] for c in columns) + " |",
-        "|---|---|---|" + "---|" * len(columns),
+        "| training data | method | epochs | scored epoch | " + " | ".join(c[1] for c in columns) + " |",
+        "|---|---|---|---|" + "---|" * len(columns),
     ]
     for cohort in cohorts:
         for method in METHODS:
             run = Run(task, cohort, method)
             label = cohort.replace("_", " ")
             if method == "gan" and cohort == "disjoint":
-                lines.append(f"| {label} | {METHOD_NAMES[method]} | - | cannot train: no training subject has a pair |"
+                lines.append(f"| {label} | {METHOD_NAMES[method]} | - | - | cannot train: no training subject has a pair |"
                              + " |" * (len(columns) - 1))  # fmt: skip
                 continue
             if run not in results:
@@ -354,7 +361,9 @@ def task_table(task: str, results: dict[Run, dict[str, Any]], cohorts: list[str]
             scores = results[run]["scores"].values()
             cells = [_cell([s[c] for s in scores if c in s], fmt) for c, _, fmt in columns]
             lines.append(
-                f"| {label} | {METHOD_NAMES[method]} | {results[run]['epochs']} | " + " | ".join(cells) + " |"
+                f"| {label} | {METHOD_NAMES[method]} | {results[run]['epochs']} | {results[run]['best_epoch']} | "
+                + " | ".join(cells)
+                + " |"
             )
     return "\n".join(lines)
 
@@ -388,7 +397,8 @@ def figure(task: str, results: dict[Run, dict[str, Any]], cohorts: list[str], pa
     for column, run in enumerate(runs, start=2):
         images = results[run]["images"][subject]
         show(axes[0, column], images["synthetic"], vmin=-1, vmax=1)
-        axes[0, column].set_title(f"{run.cohort.split('_')[0]}\n{run.method}", fontsize=8)
+        label = run.cohort.replace("misregistered_", "misreg. ").replace("_", " ")
+        axes[0, column].set_title(f"{label}\n{run.method}", fontsize=8)
         show(axes[1, column], np.abs(images["synthetic"] - images["target"]), vmin=0, vmax=0.5, cmap="magma")
     axes[1, 2].set_title("|synthetic - real| (0-0.5)", fontsize=7, loc="left")
     fig.suptitle(f"{task}: test subject {subject}, equal minutes per run", fontsize=9)
@@ -404,7 +414,7 @@ def report(args: argparse.Namespace, cohorts: dict[str, Path], results: dict[Run
     parts = [
         "# Paired GAN vs CycleGAN on aligned, misregistered and disjoint training data",
         "",
-        f"Machine: {machine.describe('cpu')}.",
+        f"{machine.describe('cpu')}.",
         "Every run of a task trains for the same minutes (`train.max_minutes`: "
         + ", ".join(f"{t} {minutes(args, t):g} min" for t in args.tasks)
         + f"), {args.threads} thread(s) each, "
@@ -420,6 +430,7 @@ def report(args: argparse.Namespace, cohorts: dict[str, Path], results: dict[Run
         )
         + f"--parallel {args.parallel} "
         + " ".join(f"--misregister {m}" for m in args.misregister)
+        + (f" --long-factor {args.long_factor:g}" if args.long_factor else "")
         + "`",
     ]
     for task in args.tasks:

@@ -77,9 +77,9 @@ def test_table_and_figure_of_a_real_run(tiny_run: Path, tiny_cohort: Path, tmp_p
     assert 0.0 < measures["outline_dice"] <= 1.0 and -1.0 <= measures["edge_correlation"] <= 1.0
     table = study.task_table("t1->t2", results, ["aligned", "disjoint"])
     lines = table.splitlines()
-    assert lines[0].startswith("| training data | method | epochs | PSNR dB")
+    assert lines[0].startswith("| training data | method | epochs | scored epoch | PSNR dB")
     assert (
-        lines[2].startswith("| aligned | paired GAN (pix2pix) | 2 |")
+        lines[2].startswith("| aligned | paired GAN (pix2pix) | 2 | ")
         and f"{measures['psnr_masked']:.2f}" in lines[2]
     )
     assert "cannot train: no training subject has a pair" in lines[3]
