@@ -39,7 +39,6 @@ import argparse
 import csv
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +48,9 @@ from typing import Any
 
 import machine
 import numpy as np
+from compare_modes import medsynth, run_state  # the same run bookkeeping as the modes comparison
+
+from medsynth.model.checkpoint import load_checkpoint
 
 #: Huge epoch counts (constant half, decay half) so the time budget ends every run at the same minutes.
 OPEN_EPOCHS = ["train.epochs=100000", "train.decay_epochs=100000"]
@@ -131,21 +133,6 @@ def disjoint_cohort(aligned: Path, folder: Path, splits: dict[str, list[str]]) -
 
 
 # ----------------------------------------------------------------------------------------- running
-def medsynth(*arguments: str) -> list[str]:
-    return [sys.executable, "-m", "medsynth", *arguments]
-
-
-def run_state(run_dir: Path) -> str:
-    latest = run_dir / "checkpoint_latest.pt"
-    if not latest.is_file():
-        return "missing" if not run_dir.exists() else "partial"
-    import torch
-
-    return (
-        "finished" if torch.load(latest, map_location="cpu", weights_only=True).get("finished") else "partial"
-    )
-
-
 def train_and_evaluate(run: Run, cohorts: dict[str, Path], args: argparse.Namespace) -> None:
     run_dir = args.work / "runs" / run.name
     state = run_state(run_dir)
@@ -245,12 +232,6 @@ def _is_number(value: str) -> bool:
     except (TypeError, ValueError):
         return False
     return True
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    from medsynth.model.checkpoint import load_checkpoint as load
-
-    return load(path)
 
 
 def structure_agreement(

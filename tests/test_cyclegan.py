@@ -31,7 +31,7 @@ from medsynth.data.layouts import load_subject, scan_dataset
 from medsynth.data.pairing import UnpairedSamples, unpaired_slices
 from medsynth.engine.objectives import build_objective
 from medsynth.engine.run import claim_run_dir, train
-from medsynth.errors import ConfigError
+from medsynth.errors import ConfigError, MedsynthError
 from medsynth.io.dicom import write_dicom_series
 from medsynth.io.readers import read_volume
 from medsynth.model.checkpoint import load_checkpoint
@@ -329,13 +329,13 @@ def test_without_a_complete_validation_subject_the_run_scores_the_round_trip(
     assert best["validation"] == "round trip" and np.isfinite(best["val_psnr"])
 
 
-def test_paired_gan_refuses_a_validation_split_without_targets(unpaired_cohort: Path, tmp_path: Path) -> None:
-    """Paired training only keeps subjects that have both images: the one-sided ones are left out."""
+def test_paired_training_leaves_one_sided_subjects_out(unpaired_cohort: Path, tmp_path: Path) -> None:
+    """Paired data keeps only the subjects with both images: two here, too few for train, val and test."""
     run = tmp_path / "paired"
-    config = tiny_config(unpaired_cohort, extra=["train.steps_per_epoch=2", "data.val=1", "data.test=0"])
+    config = tiny_config(unpaired_cohort, extra=["train.steps_per_epoch=2"])
     claim_run_dir(run, config)
-    with pytest.raises(Exception, match="subjects"):
-        train(config, run, quiet=True)  # 2 complete subjects cannot fill train, val and test
+    with pytest.raises(MedsynthError, match="2 subjects cannot fill train, val"):
+        train(config, run, quiet=True)
 
 
 def test_data_check_says_what_each_subject_serves(unpaired_cohort: Path, capsys) -> None:

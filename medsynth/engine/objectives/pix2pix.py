@@ -13,6 +13,21 @@ from ...model.networks import build_model_critic
 from .base import _Context
 
 
+class _PairedStep:
+    """What the pix2pix objectives share at the seam: a step on aligned (source, target, mask) that a CUDA
+    graph can capture, every task and layout the recipes allow, and no direction besides the run's own."""
+
+    inputs = ("source", "target", "mask")
+    capturable = True
+
+    @staticmethod
+    def check_config(config: Config) -> None:
+        """Nothing to refuse beyond what the recipe loader already checks."""
+
+    def directions(self) -> list:
+        return []
+
+
 class ScaleReconstruction:
     """The reconstruction term of a generator that predicts its own Laplace scale (``model.predict_scale``).
 
@@ -38,19 +53,13 @@ def scale_reconstruction(context: _Context) -> ScaleReconstruction | None:
     return ScaleReconstruction(context.config) if context.config.model.predict_scale else None
 
 
-class L1Objective:
+class L1Objective(_PairedStep):
     """Reconstruction only: ``lambda_l1 * L1(G(x), y)``, no critic (the pix2pix paper's "L1 alone").
 
     With ``model.predict_scale`` the term is the Laplace NLL (:class:`ScaleReconstruction`).
     """
 
     loss_names = ("loss_l1",)
-    inputs = ("source", "target", "mask")
-    capturable = True
-
-    @staticmethod
-    def check_config(config: Config) -> None:
-        """Every task and layout the recipes allow."""
 
     def __init__(self, context: _Context) -> None:
         self.ctx = context
@@ -82,9 +91,6 @@ class L1Objective:
     def modules(self) -> list[nn.Module]:
         return []
 
-    def directions(self) -> list:
-        return []
-
     def state_dict(self) -> dict[str, Any]:
         return self.ctx.scaler_state()
 
@@ -100,7 +106,7 @@ def _describe_scale(scale: ScaleReconstruction | None) -> dict[str, Any]:
     return {} if scale is None else {"reconstruction": "laplace_nll", "laplace_beta": scale.beta}
 
 
-class GANObjective:
+class GANObjective(_PairedStep):
     """pix2pix: a conditional PatchGAN critic, LSGAN + ``lambda_l1`` * L1.
 
     1. critic step on ``(source, target)`` (real) vs ``(source, G(source).detach())`` (synthetic);
@@ -115,12 +121,6 @@ class GANObjective:
     """
 
     loss_names = ("loss_critic", "loss_adv", "loss_l1")
-    inputs = ("source", "target", "mask")
-    capturable = True
-
-    @staticmethod
-    def check_config(config: Config) -> None:
-        """Every task and layout the recipes allow."""
 
     def __init__(self, context: _Context) -> None:
         self.ctx = context
@@ -188,9 +188,6 @@ class GANObjective:
     @property
     def modules(self) -> list[nn.Module]:
         return [self.critic]
-
-    def directions(self) -> list:
-        return []
 
     def state_dict(self) -> dict[str, Any]:
         return {
