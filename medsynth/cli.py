@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .convert.cli import add_convert_arguments, convert_command
+from .convert.cli import PRECISION_HELP, add_convert_arguments, convert_command
 from .errors import MedsynthError
+from .model.device import PRECISION_WISHES
 
 log = logging.getLogger("medsynth")
 #: ``medsynth export`` formats (= medsynth.model.export.FORMATS, which imports torch).
@@ -110,8 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     infer.add_argument("--out-dtype", default="float32", choices=["float32", "int16"],
                        help="data type of the written volume: float32 (default), or int16 (rounded; HU of a synthetic CT)")  # fmt: skip
-    infer.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                       help='"auto" (default): bf16 where the device computes it faster (measured on a CPU with a bf16 unit), else fp32')  # fmt: skip
+    infer.add_argument("--precision", default="fp32", choices=PRECISION_WISHES, help=PRECISION_HELP)
     infer.add_argument("--batch-size", type=int, default=None,
                        help="slices per forward pass (default: 64 on cuda, 16 on cpu)")  # fmt: skip
     infer.add_argument("--tta", action="store_true", help="average with the left-right flipped prediction")
@@ -140,8 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", help="of a model trained in both directions: the one to score (default: the run's own)"
     )
     evaluate.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    evaluate.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                          help='"auto" (default): bf16 where the device computes it faster (measured on a CPU with a bf16 unit), else fp32')  # fmt: skip
+    evaluate.add_argument("--precision", default="fp32", choices=PRECISION_WISHES, help=PRECISION_HELP)
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(handler=_evaluate)
 

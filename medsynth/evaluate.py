@@ -90,7 +90,7 @@ def evaluate_from_args(args: argparse.Namespace) -> int:
     if not data_root:
         raise MedsynthError("the run does not say where its data is; pass --data DIR", args.run)
     model = SynthesisModel.from_checkpoint(
-        checkpoint, device=args.device, precision=getattr(args, "precision", "auto"),
+        checkpoint, device=args.device, precision=getattr(args, "precision", "fp32"),
         target=getattr(args, "target", None),
     )  # fmt: skip
     # The run's own direction is scored into RUN/eval (the model card reads it); another direction of a

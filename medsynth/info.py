@@ -109,8 +109,8 @@ def _cpu() -> dict[str, Any]:
         why = (
             f"{unit}: when training starts, auto times fp32 and bf16, channels_last and contiguous, on the "
             f"run's own network and takes bf16 where it is {BF16_MIN_GAIN:g}x faster and a step takes over "
-            f"{MIN_MEASURED_MS:g} ms (RUN/precision.json); infer and evaluate time the generator alike; "
-            "nothing is measured here"
+            f"{MIN_MEASURED_MS:g} ms (RUN/precision.json); infer, evaluate and convert compute in fp32 "
+            "unless --precision auto asks them to time the generator alike; nothing is measured here"
         )
     return {
         "model": cpu_model(),

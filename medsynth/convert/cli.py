@@ -16,8 +16,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ..errors import MedsynthError
+from ..model.device import PRECISION_WISHES
 from .report import FORMATS, UNREADABLE_REPORT, ConvertReport
 
+#: ``--precision`` of convert, infer and evaluate: deterministic by default, faster when asked.
+PRECISION_HELP = (
+    "fp32 (default) measures nothing: the same input gives the same output on this machine, however busy "
+    "it is; bf16, fp16 (CUDA) or auto (a CPU with a bf16 unit times bf16 against fp32, a card takes the "
+    "model's training precision) may be faster; the sidecar records which ran"
+)
 #: How many study UIDs the one-line "not reported yet" message names before pointing to report.json.
 _SHOWN_UIDS = 5
 
@@ -49,6 +56,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (GPUs when present; worker i on GPU i %% n_gpus), cpu, cuda, or one device such as cuda:1",
     )
+    parser.add_argument("--precision", default="fp32", choices=PRECISION_WISHES, help=PRECISION_HELP)
     parser.add_argument("--shard", default=None, help="K/N: convert only this machine's share of the studies")
     parser.add_argument(
         "--merge-reports",
@@ -110,6 +118,7 @@ def convert_command(args: argparse.Namespace) -> int:
                 dry_run=args.dry_run,
                 target=args.target,
                 device=args.device,
+                precision=args.precision,
             )
     except NoStudiesError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -34,6 +34,7 @@ STATUSES: tuple[str, ...] = ("converted", "planned", "skipped", "failed", "unrep
 #: Columns of ``report.csv``.
 _CSV_COLUMNS = (
     "study_uid", "patient_key", "status", "reason", "seconds", "inputs", "outputs", "ood", "checkpoint",
+    "precision",
 )  # fmt: skip
 
 #: The reason of a study skipped because an earlier run converted it.
@@ -58,6 +59,8 @@ class StudyResult:
     outputs: list[str] = field(default_factory=list)  # paths relative to the output folder
     ood: dict[str, Any] = field(default_factory=dict)  # the out-of-distribution check (model/ood.py)
     checkpoint: str = ""  # ``name sha256:...`` of the model that made the outputs (also for earlier runs')
+    #: What the model computed in (``asked``, ``precision``, ``channels_last``, ``reason``), from the sidecar.
+    precision: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -102,6 +105,7 @@ class ConvertReport:
                     ";".join(r.outputs),
                     _ood_cell(r.ood),
                     r.checkpoint,
+                    r.precision.get("precision", ""),
                 ]
             )
         return buffer.getvalue()

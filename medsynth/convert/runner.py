@@ -120,6 +120,7 @@ def convert_study(
         names = {m: f"study {study.study_uid}, {m} series {s.series_uid}" for m, s in plan.inputs.items()}
         result.ood = ood_block(predictor, volumes, names)  # recorded per study (docs/trust.md)
         synthetic = _synthetic_volume(predictor.predict(volumes, target=target))
+        result.precision = _precision_record(predictor)
         reference = volumes[reference_modality]
         _check_grid(synthetic, reference)
         outputs = _write_outputs(synthetic, reference, plan, folder, target=target, fmt=fmt)
@@ -135,6 +136,7 @@ def convert_study(
             "shape": list(synthetic.shape),
             "affine": np.asarray(synthetic.affine).tolist(),
             "ood": result.ood,
+            "precision": result.precision,
         }
         atomic_write_text(sidecar, json.dumps(sidecar_data, indent=2) + "\n")  # written last: marks "done"
     except (MedsynthError, OSError, ValueError, RuntimeError, pydicom.errors.InvalidDicomError) as exc:
@@ -184,6 +186,15 @@ def _carry_over(result: StudyResult, record: dict[str, Any], sidecar: Path, out:
     result.checkpoint = str(record.get("checkpoint") or "")
     ood = record.get("ood")
     result.ood = ood if isinstance(ood, dict) else {}
+    precision = record.get("precision")
+    result.precision = precision if isinstance(precision, dict) else {}
+
+
+def _precision_record(predictor: PredictorLike) -> dict[str, Any]:
+    """What the predictor computed in (:meth:`SynthesisModel.precision_record`), for the sidecar and the
+    report; empty for a predictor that does not say (a stand-in without a network)."""
+    record = getattr(predictor, "precision_record", None)
+    return dict(record()) if callable(record) else {}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -319,6 +330,7 @@ def _init_worker(
     devices: Any,
     parent_pid: int,
     target: str | None = None,
+    precision: str = "fp32",
 ) -> None:
     """Pool initializer: die with the parent, bound torch's threads, load the model on this worker's device.
 
@@ -329,7 +341,7 @@ def _init_worker(
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
-    _worker_predictor = _load_predictor(predictor, devices.get(), target)
+    _worker_predictor = _load_predictor(predictor, devices.get(), target, precision)
 
 
 def _run_in_worker(plan: Plan, out: Path, options: dict[str, Any]) -> StudyResult:
@@ -338,13 +350,22 @@ def _run_in_worker(plan: Plan, out: Path, options: dict[str, Any]) -> StudyResul
 
 
 def _load_predictor(
-    checkpoint_or_predictor: PredictorLike | str | Path, device: str = "cpu", target: str | None = None
+    checkpoint_or_predictor: PredictorLike | str | Path,
+    device: str = "cpu",
+    target: str | None = None,
+    precision: str = "fp32",
 ) -> PredictorLike:
-    """The model of a checkpoint (of its direction that makes ``target``, when it holds several)."""
+    """The model of a checkpoint (of its direction that makes ``target``, when it holds several).
+
+    ``precision`` is ``--precision``: fp32 unless a faster one was asked for, so a study converted
+    twice, or by another worker, gives the same voxels.
+    """
     if isinstance(checkpoint_or_predictor, (str, Path)):
         from ..model.synthesis import SynthesisModel  # the model stack is only needed to convert
 
-        return SynthesisModel.from_checkpoint(checkpoint_or_predictor, device=device, target=target)
+        return SynthesisModel.from_checkpoint(
+            checkpoint_or_predictor, device=device, target=target, precision=precision
+        )
     return checkpoint_or_predictor
 
 
@@ -427,6 +448,7 @@ def run_convert(
     dry_run: bool = False,
     target: str | None = None,
     device: str = "auto",
+    precision: str = "fp32",
 ) -> ConvertReport:
     """Convert every study of a DICOM export and write ``report.csv``/``report.json`` into ``out``.
 
@@ -438,7 +460,8 @@ def run_convert(
     ``target`` is needed for unified checkpoints, and picks the direction of a checkpoint that holds
     several (``--target t1`` converts T2w studies with a t1->t2 run's reverse generator). ``device`` is where a checkpoint is loaded:
     with several workers on a node with several GPUs, worker ``i`` uses GPU ``i % n_gpus``
-    (:func:`worker_devices`). With ``dry_run`` nothing is read beyond DICOM headers and nothing is
+    (:func:`worker_devices`). ``precision``: what the checkpoint's model computes in (``--precision``;
+recorded in every sidecar and report row). With ``dry_run`` nothing is read beyond DICOM headers and nothing is
     written; the report's rows say ``planned`` or ``skipped``. Problems found before any study is
     converted raise :class:`~medsynth.errors.MedsynthError` (:class:`NoStudiesError` for an input
     without DICOM). If the batch is interrupted, the report of the studies finished so far is written
@@ -457,7 +480,9 @@ def run_convert(
     from_checkpoint = isinstance(checkpoint_or_predictor, (str, Path))
     devices = worker_devices(workers, device, _gpu_count(device)) if from_checkpoint else ["cpu"] * workers
     # With a pool the workers hold the models; the parent's copy only answers what the model needs.
-    predictor = _load_predictor(checkpoint_or_predictor, devices[0] if workers == 1 else "cpu", target)
+    predictor = _load_predictor(
+        checkpoint_or_predictor, devices[0] if workers == 1 else "cpu", target, precision
+    )
     target, fixed = _resolve_target(predictor, target)
 
     export = discover(input, mapping)
@@ -474,6 +499,7 @@ def run_convert(
             "studies_in_other_shards": len(export.studies) - len(studies),
             "workers": workers,
             "devices": devices if from_checkpoint else None,
+            "precision": precision if from_checkpoint else None,
             "medsynth_version": __version__,
         },
         plans=plans,
@@ -495,7 +521,9 @@ def run_convert(
     }
     suffix = report_suffix(shard.index, shard.count)
     try:
-        _run_plans(plans, checkpoint_or_predictor, predictor, out, options, devices, report.studies)
+        _run_plans(
+            plans, checkpoint_or_predictor, predictor, out, options, devices, report.studies, precision
+        )
     except BaseException:
         report.settings["interrupted"] = True
         _finish(report, out, suffix)
@@ -583,6 +611,7 @@ def _run_plans(
     options: dict[str, Any],
     devices: list[str],
     results: list[StudyResult],
+    precision: str = "fp32",
 ) -> None:
     """Convert the plans, appending to ``results`` as studies finish (kept if interrupted)."""
     workers = len(devices)
@@ -591,7 +620,7 @@ def _run_plans(
         if workers == 1 or len(plans) <= 1:
             if workers > 1 and isinstance(checkpoint_or_predictor, (str, Path)) and devices[0] != "cpu":
                 predictor = _load_predictor(
-                    checkpoint_or_predictor, devices[0], options["target"]
+                    checkpoint_or_predictor, devices[0], options["target"], precision
                 )  # the parent's copy is on CPU
             for plan in plans:
                 results.append(convert_study(plan, predictor, out, **options))
@@ -607,7 +636,7 @@ def _run_plans(
             max_workers=workers,
             mp_context=context,
             initializer=_init_worker,
-            initargs=(shipped, worker_threads(workers), slots, os.getpid(), options["target"]),
+            initargs=(shipped, worker_threads(workers), slots, os.getpid(), options["target"], precision),
         )
         try:
             futures = {pool.submit(_run_in_worker, plan, out, options): plan for plan in plans}

@@ -120,7 +120,7 @@ def check_writable(path: Path) -> None:
 def infer_from_args(args: argparse.Namespace) -> int:
     check_out_argument(args.out)
     model = load_model(
-        args.checkpoint, device=args.device, precision=getattr(args, "precision", "auto"), target=args.target
+        args.checkpoint, device=args.device, precision=getattr(args, "precision", "fp32"), target=args.target
     )  # a checkpoint, or an ONNX/TorchScript export
     jobs = plan_jobs(args, model)
     refuse_overwriting_inputs(jobs, uncertainty=args.uncertainty)
@@ -163,7 +163,7 @@ def write_prediction(
             k: str(v) if isinstance(v, Path) else v for k, v in arguments.items() if k != "handler"
         },
         "seconds": round(seconds, 3),
-        "precision": model.precision.to_dict(),
+        "precision": model.precision_record(),
         "intensity_space": "target modality scale (inverse of the cohort-level normalisation)",
         **(extra or {}),
     }

@@ -23,7 +23,7 @@ _checkers: weakref.WeakKeyDictionary[SynthesisModel, OODChecker] = weakref.WeakK
 
 
 def load_model(
-    path: str | Path, device: str = "cpu", precision: str = "auto", target: str | None = None
+    path: str | Path, device: str = "cpu", precision: str = "fp32", target: str | None = None
 ) -> SynthesisModel:
     """A checkpoint (``.pt`` / run folder), an exported model (``.onnx``, ``.pt2``, TorchScript ``.pt``,
     always fp32) or a MONAI bundle folder that ``medsynth export --format monai-bundle`` wrote.

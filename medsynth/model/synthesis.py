@@ -68,12 +68,13 @@ class SynthesisModel:
         digest: str | None = None,
         epoch: int | None = None,
         splits: dict[str, list[str]] | None = None,
-        precision: str | PrecisionChoice = "auto",
+        precision: str | PrecisionChoice = "fp32",
     ) -> None:
         self.plan, self.generator, self.fingerprint = plan, generator, fingerprint
         self.device = pick_device(str(device))
-        #: ``auto``, ``bf16``, ``fp16`` or ``fp32``, decided on first use (:attr:`precision`); or a choice
-        #: already made (validation during training computes as the training step does).
+        #: ``fp32`` (the default: the same bytes for the same input, whatever the machine's load), or a
+        #: faster ``bf16`` / ``fp16`` / ``auto`` a user asked for, decided on first use (:attr:`precision`);
+        #: or a choice already made (validation during training computes as the training step does).
         self._precision = precision if isinstance(precision, PrecisionChoice) else None
         self.precision_wish = (
             precision.precision
@@ -97,7 +98,7 @@ class SynthesisModel:
         *,
         device: str = "cpu",
         source: str = "<memory>",
-        precision: str = "auto",
+        precision: str = "fp32",
         target: str | None = None,
     ) -> SynthesisModel:
         """Rebuild the generator from a loaded checkpoint alone.
@@ -126,7 +127,7 @@ class SynthesisModel:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str = "cpu", precision: str = "auto", target: str | None = None
+        cls, path: str | Path, device: str = "cpu", precision: str = "fp32", target: str | None = None
     ) -> SynthesisModel:
         """Load a checkpoint file, or the best checkpoint of a run folder (``target``: see from_payload)."""
         path = resolve_checkpoint(path)
@@ -173,8 +174,11 @@ class SynthesisModel:
     def precision(self) -> PrecisionChoice:
         """What synthesis computes in (:func:`medsynth.model.device.choose_precision`), decided once.
 
-        On CUDA ``auto`` is the precision the model was trained with, narrowed to what the card can do;
-        on a CPU with a bf16 unit, a short measurement of this generator on a few training-sized slices.
+        ``fp32`` (the default) measures nothing and keeps channels_last, so an output depends on the
+        input, the model and the machine only, never on how busy the machine was. Asked for, ``auto``
+        is on CUDA the precision the model was trained with, narrowed to what the card can do; on a CPU
+        with a bf16 unit, a short measurement of this generator on a few training-sized slices, whose
+        outcome can change with the machine's load (every output records it: :meth:`precision_record`).
         """
         if self._precision is None:
             wish = self.precision_wish
@@ -188,6 +192,10 @@ class SynthesisModel:
             self._apply_memory_format()
             log.debug("synthesis precision: %s", self._precision.describe())  # in every sidecar
         return self._precision
+
+    def precision_record(self) -> dict[str, Any]:
+        """The sidecar's ``precision`` block: what was asked for and what ran (with why and any timings)."""
+        return {"asked": self.precision_wish, **self.precision.to_dict()}
 
     def _apply_memory_format(self) -> None:
         assert self._precision is not None
