@@ -131,3 +131,32 @@ def test_overwrite_is_atomic_and_input_untouched(tmp_path):
     np.testing.assert_array_equal(read_volume(out).array, reference.array + 1)
     assert [p.name for p in out.parent.iterdir()] == ["t2.nii.gz"]
     assert (hashlib.sha256(source.read_bytes()).hexdigest(), source.stat().st_mtime_ns) == (digest, mtime)
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd", ".nii.gz"])
+def test_int16_is_stored_as_int16_in_every_format(tmp_path, suffix):
+    """Issue 31, item 10: ``--out-dtype int16`` with ``.mha``/``.nrrd`` stored float32."""
+    import SimpleITK as sitk
+
+    reference = Volume(noise() * 10 - 500, oblique_affine(), {"format": "nifti", "path": "t1.nii.gz"})
+    out = write_volume(reference.array, reference, tmp_path / f"ct{suffix}", dtype="int16")
+    assert sitk.ReadImage(str(out)).GetPixelID() == sitk.sitkInt16
+    back = read_volume(out)
+    np.testing.assert_array_equal(back.array, np.rint(reference.array))
+    np.testing.assert_allclose(back.affine, reference.affine, atol=1e-5)
+
+
+def test_int16_clipping_is_one_warning_naming_the_count_and_range(tmp_path, caplog):
+    """Issue 31, item 16: values beyond int16 were clipped without a word."""
+    array = noise()
+    array[0, 0, :3] = [40000.0, 50000.5, -33000.0]
+    reference = Volume(noise(), oblique_affine(), {"format": "nifti", "path": "t1.nii.gz"})
+    out = tmp_path / "ct.mha"
+    with caplog.at_level("WARNING", logger="medsynth"):
+        write_volume(array, reference, out, dtype="int16")
+        write_volume(noise(), reference, tmp_path / "in_range.mha", dtype="int16")
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert str(out) in message and "3 voxel(s)" in message and "[-32768, 32767]" in message
+    assert "-33000 to 50000.5" in message
+    assert read_volume(out).array[0, 0, :3].tolist() == [32767.0, 32767.0, -32768.0]

@@ -58,11 +58,18 @@ def affine_from_itk(
     return LPS_TO_RAS @ lps
 
 
-def volume_to_sitk(volume: Volume) -> sitk.Image:
-    """A float32 SimpleITK image with the volume's voxels and exact LPS geometry."""
+def volume_to_sitk(volume: Volume, array: np.ndarray | None = None) -> sitk.Image:
+    """A SimpleITK image with the volume's exact LPS geometry and its float32 voxels, or ``array``'s.
+
+    ``array`` (the volume's shape) keeps its own type: a Volume always holds float32, so a writer asked
+    for int16 passes the rounded voxels here, or the file would store float32 under an int16 sidecar.
+    """
     import SimpleITK as sitk
 
-    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.array.transpose(2, 1, 0)))
+    voxels = volume.array if array is None else array
+    if voxels.shape != volume.shape:
+        raise ValueError(f"array shape {voxels.shape} does not match the grid {volume.shape}")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(voxels.transpose(2, 1, 0)))
     spacing, origin, direction = volume.itk_geometry()
     image.SetSpacing(spacing)
     image.SetOrigin(origin)

@@ -8,6 +8,7 @@ survive, which matters to tools (FSL, SPM) that read those codes.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from . import formats
 from .atomic import atomic_path
 from .volume import Volume
 
+log = logging.getLogger("medsynth")
 #: Output data types: float32 (the default: what the network computed) or int16 (rounded, clipped to
 #: the int16 range; what CT scanners and treatment-planning systems store HU as).
 OUTPUT_DTYPES = ("float32", "int16")
@@ -40,8 +42,7 @@ def write_volume(array: np.ndarray, reference: Volume, path: str | Path, *, dtyp
         raise MedsynthError(f"output dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}", path)
     array = np.asarray(array, dtype=np.float32)
     if dtype == "int16":
-        info = np.iinfo(np.int16)
-        array = np.clip(np.rint(array), info.min, info.max).astype(np.int16)
+        array = to_int16(array, path)
     if array.shape != reference.shape:
         raise ValueError(f"array shape {array.shape} does not match the reference grid {reference.shape}")
     image_format = formats.format_for(path, writing=True)
@@ -50,3 +51,23 @@ def write_volume(array: np.ndarray, reference: Volume, path: str | Path, *, dtyp
     with atomic_path(path) as temp:
         image_format.write(array, reference, temp)
     return path
+
+
+def to_int16(array: np.ndarray, path: Path) -> np.ndarray:
+    """``array`` rounded to int16; values beyond its range are clipped, with one warning for the file.
+
+    A synthetic CT above 32767 HU is a model failure, not a value to store quietly: the warning says how
+    many voxels were clipped and the range they spanned, and float32 keeps them.
+    """
+    info = np.iinfo(np.int16)
+    rounded = np.rint(array)
+    outside = (rounded < info.min) | (rounded > info.max)
+    clipped = int(np.count_nonzero(outside))
+    if clipped:
+        values = array[outside]
+        log.warning(
+            "%s: %d voxel(s) outside the int16 range [%d, %d] were clipped (values from %.6g to %.6g); "
+            "use --out-dtype float32 to keep them",
+            path, clipped, info.min, info.max, float(values.min()), float(values.max()),
+        )  # fmt: skip
+    return np.clip(rounded, info.min, info.max).astype(np.int16)

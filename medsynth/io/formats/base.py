@@ -23,7 +23,8 @@ from ..volume import Volume
 
 #: ``read(path, series_uid=..., volume_index=...) -> Volume``
 Reader = Callable[..., Volume]
-#: ``write(array, reference, path)``: write float32 ``array`` on ``reference``'s grid to ``path``.
+#: ``write(array, reference, path)``: write ``array`` (float32, or int16 when asked) on ``reference``'s grid to
+#: ``path``, storing the array's own type.
 Writer = Callable[[np.ndarray, Volume, Path], None]
 
 

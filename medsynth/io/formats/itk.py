@@ -34,7 +34,7 @@ def write_itk(array: np.ndarray, reference: Volume, path: Path) -> None:
 
     from ..geometry import volume_to_sitk
 
-    sitk.WriteImage(volume_to_sitk(reference.with_array(array)), str(path), useCompression=True)
+    sitk.WriteImage(volume_to_sitk(reference, array), str(path), useCompression=True)
 
 
 def itk_reason(exc: RuntimeError) -> str:
