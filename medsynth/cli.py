@@ -7,8 +7,10 @@ User mistakes (:class:`~medsynth.errors.MedsynthError`) end as one ``error:`` li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,9 +23,35 @@ from .model.device import PRECISION_WISHES
 log = logging.getLogger("medsynth")
 #: ``medsynth export`` formats (= medsynth.model.export.FORMATS, which imports torch).
 EXPORT_FORMATS = ("onnx", "pt2", "torchscript", "monai-bundle")
+#: 128 + SIGPIPE: the status a shell reports for a command whose reader went away.
+SIGPIPE_EXIT = 141
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status.
+
+    A reader that leaves early (``medsynth info --json | head -c 10``) ends any command quietly, as ``cat``
+    would: Python would print a BrokenPipeError traceback, then another when it flushes stdout at exit.
+    """
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # what is still buffered fails here, not in the interpreter's exit
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """Point stdout at /dev/null, so nothing is left to fail, and exit as a command SIGPIPE ended."""
+    with contextlib.suppress(OSError, ValueError):  # no file descriptor (stdout replaced in-process)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return SIGPIPE_EXIT
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.debug)

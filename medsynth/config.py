@@ -240,7 +240,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> Config:
-        self.parsed_task()
+        task = self.parsed_task()
         self.data.validate()
         self.model.validate()
         self.train.validate()
@@ -248,6 +248,13 @@ class Config:
             raise ConfigError(
                 f"data.pairing=unpaired needs an objective that learns without pairs ({', '.join(UNPAIRED)}); "
                 f"train.objective={self.train.objective} needs aligned pairs"
+            )
+        if self.data.pairing == "unpaired" and (task.is_unified or len(task.sources) != 1):
+            # Unpaired data is drawn as one source's slices against one target's (data/pairing.py).
+            raise ConfigError(
+                f"data.pairing=unpaired (train.objective={self.train.objective}) translates between two "
+                f"modalities; {task} has {'a modality set' if task.is_unified else f'{len(task.sources)} sources'}: "
+                "give one source and one target"
             )
         return self
 

@@ -118,7 +118,9 @@ def test_convert_is_fp32_by_default_and_records_the_precision_in_sidecars_and_re
     tiny_run: Path, t1: Path, tmp_path: Path, amx_cpu: list[str]
 ) -> None:
     export, out = tmp_path / "export", tmp_path / "out"
-    write_dicom_series(read_volume(t1), export / "s", series_description="T1 MPRAGE", study_uid=generate_uid())
+    write_dicom_series(
+        read_volume(t1), export / "s", series_description="T1 MPRAGE", study_uid=generate_uid()
+    )
     argv = ["convert", str(export), "--checkpoint", str(tiny_run), "--out", str(out), "--device", "cpu"]
     assert main(argv) == 0
     (first,) = out.rglob("t2.nii.gz")

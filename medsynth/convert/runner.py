@@ -461,8 +461,8 @@ def run_convert(
     several (``--target t1`` converts T2w studies with a t1->t2 run's reverse generator). ``device`` is where a checkpoint is loaded:
     with several workers on a node with several GPUs, worker ``i`` uses GPU ``i % n_gpus``
     (:func:`worker_devices`). ``precision``: what the checkpoint's model computes in (``--precision``;
-recorded in every sidecar and report row). With ``dry_run`` nothing is read beyond DICOM headers and nothing is
-    written; the report's rows say ``planned`` or ``skipped``. Problems found before any study is
+    recorded in every sidecar and report row). With ``dry_run`` nothing is read beyond DICOM headers and
+    nothing is written; the report's rows say ``planned`` or ``skipped``. Problems found before any study is
     converted raise :class:`~medsynth.errors.MedsynthError` (:class:`NoStudiesError` for an input
     without DICOM). If the batch is interrupted, the report of the studies finished so far is written
     (``settings.interrupted``) before the exception goes on.

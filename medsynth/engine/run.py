@@ -20,6 +20,7 @@ from ..model_card import refresh_model_card
 from ..task import Task
 from . import distributed
 from .lock import LOCK_NAME, RunFolderLock
+from .objectives import objective_class
 from .setup import prepare_run_data
 from .trainer import Trainer
 
@@ -129,6 +130,8 @@ def _run_from_args(args: argparse.Namespace) -> tuple[Config, Path]:
     else:
         config = config_from_args(args)
         run_dir = args.runs_dir / (config.name or default_run_name(config))
+    # A recipe its objective cannot train is one line before any folder, lock, cache or network exists.
+    objective_class(config.train.objective).check_config(config)
     return config, run_dir
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ...config import Config
+from ...errors import ConfigError
 from ...losses import GeneratorLoss, LSGANLoss, l1_loss, laplace_nll
 from ...model.networks import build_model_critic
 from .base import _Context
@@ -19,10 +20,20 @@ class _PairedStep:
 
     inputs = ("source", "target", "mask")
     capturable = True
+    #: ``train.objective`` of the class, and the recipe keys that set it: it has no ``objective_args``.
+    name: str
+    settings: tuple[str, ...]
 
-    @staticmethod
-    def check_config(config: Config) -> None:
-        """Nothing to refuse beyond what the recipe loader already checks."""
+    @classmethod
+    def check_config(cls, config: Config) -> None:
+        """Refuse any ``train.objective_args``: these objectives read none, so a key there (a typo of
+        ``lambda_l1``, a CycleGAN setting) would be a setting silently ignored."""
+        unknown = sorted(config.train.objective_args)
+        if unknown:
+            raise ConfigError(
+                f"unknown train.objective_args key {unknown[0]!r} for {cls.name}; valid: none "
+                f"({cls.name} is set by {', '.join(cls.settings)})"
+            )
 
     def directions(self) -> list:
         return []
@@ -60,6 +71,7 @@ class L1Objective(_PairedStep):
     """
 
     loss_names = ("loss_l1",)
+    name, settings = "l1", ("train.lambda_l1",)
 
     def __init__(self, context: _Context) -> None:
         self.ctx = context
@@ -121,6 +133,7 @@ class GANObjective(_PairedStep):
     """
 
     loss_names = ("loss_critic", "loss_adv", "loss_l1")
+    name, settings = "gan", ("train.lambda_l1", "train.adversarial_weight")
 
     def __init__(self, context: _Context) -> None:
         self.ctx = context
