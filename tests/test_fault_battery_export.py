@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import warnings
@@ -15,6 +16,7 @@ from medsynth.cli import main
 from medsynth.io.readers import read_volume
 from medsynth.model.checkpoint import model_file_kind
 from medsynth.model.export import EXTRA_FILE, METADATA_KEY, is_exported, load_exported
+from medsynth.model.safe_load import network_digest, onnx_network_digest, read_archive
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -155,6 +157,12 @@ def test_forged_export_metadata_is_one_line(
     assert not (tmp_path / "syn.nii.gz").exists()
 
 
+def _torchscript_digest(module: torch.jit.ScriptModule) -> str:
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    return network_digest(read_archive(buffer.getvalue(), "TorchScript", "<memory>"))
+
+
 class _Foreign(torch.nn.Module):
     """Not the generator: three output channels instead of the plan's one."""
 
@@ -180,16 +188,19 @@ def test_a_foreign_network_with_a_copied_plan_is_refused(
     shape = tuple(meta["input_shape"])
     example = torch.zeros((1, *shape))
     foreign = _Foreign(shape[0]).eval()
+    # A forger who binds the copied metadata to the foreign graph (the digest is no signature): the
+    # probe still refuses the network by what it answers.
     if fmt == "torchscript":
         path = tmp_path / "foreign.pt"
-        torch.jit.save(
-            torch.jit.trace(foreign, example), str(path), _extra_files={EXTRA_FILE: json.dumps(meta)}
-        )
+        traced = torch.jit.trace(foreign, example)
+        meta["graph_sha256"] = _torchscript_digest(traced)
+        torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: json.dumps(meta)})
     else:
         path = tmp_path / "foreign.onnx"
         torch.onnx.export(foreign, (example,), str(path), input_names=["input"], output_names=["output"],
                           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, dynamo=False)  # fmt: skip
         proto = onnx.load(str(path))
+        meta["graph_sha256"] = onnx_network_digest(proto)
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_KEY, json.dumps(meta)
         onnx.save(proto, str(path))
