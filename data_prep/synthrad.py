@@ -21,7 +21,8 @@ cases by those sheets when the difference matters.
 A case is left out, with one line naming the file, when its MR, CT and mask are not on one grid (the
 tolerance of ``medsynth data check``), when its CT is not in Hounsfield units (its 0.5th percentile is
 above -500 HU, where air is -1000: the rule of ``medsynth data check``), or when an image is unreadable,
-constant or holds NaN. CBCT -> CT (task 2) cases are listed and skipped: medsynth has no CBCT modality.
+constant or holds NaN (a truncated file is named as truncated). A case without a mask is imported
+without one, with a line saying so. CBCT -> CT (task 2) cases are listed and skipped: medsynth has no CBCT modality.
 So are validation/test inputs, which come without CT. The download is only read. A rerun skips every
 output newer than its source or holding the same image, and the import ends with ``medsynth data check``
 of the output folder.
@@ -233,7 +234,8 @@ def _read(path: Path) -> sitk.Image:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise DataError(
-            f"cannot be read ({itk_reason(exc)}); the file is truncated or corrupt, download it again", path
+            f"cannot be read ({itk_reason(exc, path)}); the file is truncated or corrupt, download it again",
+            path,
         ) from exc
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(
@@ -293,6 +295,7 @@ def convert(source: Path, out: Path) -> int:
         f"SynthRAD: {len(imported)} MR -> CT cases in {out} ({current} already there, {written} files written)"
     )
     _print_survey(survey)
+    _print_missing_masks(imported, "imported")
     if not imported:
         raise DataError("no case could be converted; fix the problems listed above", source)
     _write_participants(out, imported)
@@ -396,6 +399,7 @@ def validate(source: Path) -> int:
     regions = sorted({case.region for case in ready})
     print(f"SynthRAD download {source}: {len(ready)} MR -> CT cases ready ({', '.join(regions) or 'none'})")
     _print_survey(survey)
+    _print_missing_masks(ready, "would be imported")
     if len(ready) < MIN_SUBJECTS:
         print(f"only {len(ready)} usable case(s); training needs at least {MIN_SUBJECTS}")
     return 1 if survey.problems or len(ready) < MIN_SUBJECTS else 0
@@ -409,6 +413,14 @@ def _print_survey(survey: Survey, shown: int = 10) -> None:
         print(f"{len(survey.problems)} case(s) left out:")
         for problem in survey.problems:
             print(f"  {problem}")
+
+
+def _print_missing_masks(cases: list[Case], verb: str) -> None:
+    """One line per case that has no body mask: it is imported without one, which SynthRAD's own
+    metrics need (medsynth's evaluation masks by the inputs' foreground and does not read it)."""
+    for case in cases:
+        if "mask" not in case.files:
+            print(f"{case.id}: no mask image in {case.folder}; {verb} without sub-{case.label}_mask.nii.gz")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -273,3 +273,41 @@ def test_user_mistakes_are_one_line_errors(
     with pytest.raises(SystemExit) as exit_info:
         synthrad.main([str(download)])
     assert exit_info.value.code == 2
+
+
+def test_a_truncated_mha_is_named_as_truncated(
+    synthrad: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 31, item 16: ITK's stale "No such file or directory" was the reason given for a cut-off file."""
+    source = tmp_path / "synthrad"
+    for n, case in enumerate(("1HNA001", "1HNA002", "1HNA003", "1HNA004")):
+        write_case(source / "Task1/HN" / case, n, ".mha")
+    cut = source / "Task1/HN/1HNA002/ct.mha"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+
+    for argv in (["--check"], ["--out", str(tmp_path / "bids")]):
+        assert synthrad.main([str(source), *argv]) == 1
+        named = [line for line in capsys.readouterr().out.splitlines() if str(cut) in line]
+        assert len(named) == 1 and "truncated" in named[0] and "No such file" not in named[0], named
+
+
+def test_a_case_without_a_mask_is_said_once(
+    synthrad: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 31, item 16: a case without its body mask was imported without a word."""
+    source = tmp_path / "synthrad"
+    for n, case in enumerate(("1HNA001", "1HNA002", "1HNA003")):
+        write_case(
+            source / "Task1/HN" / case, n, ".mha", kinds=("mr", "ct") if n == 1 else ("mr", "ct", "mask")
+        )
+    out = tmp_path / "bids"
+
+    for argv in (["--check"], ["--out", str(out)]):
+        assert synthrad.main([str(source), *argv]) == 0
+        said = [line for line in capsys.readouterr().out.splitlines() if "no mask" in line]
+        assert (
+            said == [line for line in said if line.startswith("1HNA002: no mask image in ")]
+            and len(said) == 1
+        )
+    assert not (out / "sub-1HNA002/anat/sub-1HNA002_mask.nii.gz").exists()
+    assert (out / "sub-1HNA002/anat/sub-1HNA002_CT.nii.gz").exists()

@@ -22,7 +22,7 @@ def read_itk(path: Path, *, series_uid: str | None = None, volume_index: int | N
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise DataError(
-            f"cannot be read ({itk_reason(exc)}); the file is truncated or corrupt, copy it again", path
+            f"cannot be read ({itk_reason(exc, path)}); the file is truncated or corrupt, copy it again", path
         ) from exc
     return from_sitk(
         image, volume_index, path, {"format": "itk", "pixel_type": image.GetPixelIDTypeAsString()}
@@ -37,10 +37,18 @@ def write_itk(array: np.ndarray, reference: Volume, path: Path) -> None:
     sitk.WriteImage(volume_to_sitk(reference, array), str(path), useCompression=True)
 
 
-def itk_reason(exc: RuntimeError) -> str:
-    """The informative last line of ITK's multi-line exception text."""
+def itk_reason(exc: RuntimeError, path: Path | None = None) -> str:
+    """The informative last line of ITK's multi-line exception text.
+
+    ITK ends "File cannot be read" with ``Reason:`` and the C library's last error, whatever made the read
+    fail; for a file that is there it is stale (a truncated MetaImage says "No such file or directory").
+    With an existing ``path`` that line becomes what it means.
+    """
     lines = str(exc).strip().splitlines()
-    return lines[-1].strip() if lines else "unknown error"
+    last = lines[-1].strip() if lines else "unknown error"
+    if last.startswith("Reason:") and path is not None and Path(path).exists():
+        return "its header or voxel data is incomplete"
+    return last
 
 
 def from_sitk(image: sitk.Image, volume_index: int | None, path: Path, meta: dict[str, Any]) -> Volume:
