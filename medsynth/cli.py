@@ -199,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", help="of a model trained in both directions: the one to export (default: the run's own)"
     )
     export.add_argument("--overwrite", action="store_true",
-                        help="replace an existing --out that is not an earlier export in this format")  # fmt: skip
+                        help="replace an existing --out file that is not an earlier export in this format "
+                             "(never a checkpoint or a run's file; a bundle folder is replaced only if an "
+                             "earlier bundle export wrote it, flag or not)")  # fmt: skip
     export.set_defaults(handler=_export)
 
     convert = commands.add_parser("convert", help="add a synthetic series to every study of a DICOM export")

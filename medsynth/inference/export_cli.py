@@ -8,7 +8,7 @@ import os
 from ..errors import MedsynthError
 from ..io.atomic import remove_stale_partials
 from ..model.checkpoint import resolve_checkpoint
-from ..model.export import check_export_target, export_model, input_shape
+from ..model.export import check_export_direction, check_export_target, export_model, input_shape
 from ..model.synthesis import SynthesisModel
 
 
@@ -24,15 +24,15 @@ def export_from_args(args: argparse.Namespace) -> int:
     if bundle:
         from ..model.bundle import check_bundle_target, write_bundle
 
-        check_bundle_target(args.out, overwrite=overwrite)
+        check_bundle_target(args.out)  # a folder: --overwrite never widens what may be replaced
     else:
         check_export_target(args.out, args.format, overwrite=overwrite)
     remove_stale_partials(args.out.parent)  # what a killed export left beside its output
-    model = SynthesisModel.from_checkpoint(
-        args.checkpoint, device="cpu", target=getattr(args, "target", None)
-    )
+    target = getattr(args, "target", None)
+    model = SynthesisModel.from_checkpoint(args.checkpoint, device="cpu", target=target)
+    check_export_direction(model, target)
     if bundle:
-        path = write_bundle(model, checkpoint, args.out, overwrite=overwrite)
+        path = write_bundle(model, checkpoint, args.out)
         print(
             f"{path}: MONAI bundle of the {model.task} model (configs/, models/model.pt and model.ts, "
             f"docs/README.md); run it with medsynth infer --checkpoint {path} or python -m monai.bundle run "

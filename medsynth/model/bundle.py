@@ -15,9 +15,12 @@ Run it with MONAI alone (medsynth installed)::
     python -m monai.bundle run --config_file DIR/configs/inference.json --meta_file DIR/configs/metadata.json \\
         --bundle_root DIR --dataset_dir NIFTI_FOLDER --output_dir OUT_FOLDER
 
-or with ``medsynth infer --checkpoint DIR``. Either way :func:`load_bundle` first checks that the
-metadata still describes the model files (their SHA-256, the task, the window): an edited metadata file
-is refused with one line.
+or with ``medsynth infer --checkpoint DIR``, which runs :func:`load_bundle`: every file of the folder
+must be one ``configs/metadata.json`` lists, with the SHA-256 it records, and the metadata must still
+describe the model (task, window, fingerprint); an added, removed or changed file is refused with one
+line. ``configs/inference.json`` is code by MONAI's design: ``monai.bundle run`` evaluates its
+expressions before medsynth is called, so these checks protect ``medsynth infer`` only, and a bundle
+from an untrusted source must never be run with MONAI's runner.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ EXPORT_FILE = "models/model.ts"
 METADATA = "configs/metadata.json"
 INFERENCE = "configs/inference.json"
 README = "docs/README.md"
+#: Every file a bundle export writes; a folder of these files and nothing else is an earlier bundle.
+BUNDLE_FILES = (METADATA, INFERENCE, MODEL_FILE, EXPORT_FILE, README)
 #: The JSON schema MONAI's ``verify_metadata`` would download (not reachable offline; recorded as zoo bundles do).
 SCHEMA = (
     "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
@@ -73,23 +78,49 @@ def is_bundle(path: str | Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------- writing
-def check_bundle_target(out: Path, *, overwrite: bool = False) -> None:
-    """A new or empty folder, or an earlier medsynth bundle (replaced whole); nothing else."""
+def check_bundle_target(out: Path) -> None:
+    """A new or empty folder, or one an earlier medsynth bundle export wrote (replaced whole); nothing else.
+
+    Replacing a folder removes all it holds, so no flag widens this: a run folder, a cohort, a folder of
+    volumes, another tool's bundle or a bundle someone added a file to is refused, and the refusal
+    suggests no flag that would destroy it. The current folder (or one holding it) is refused too: it
+    cannot be renamed from under the shell that stands in it.
+    """
     if not (out.exists() or out.is_symlink()):
         return
     if not out.is_dir():
         raise MedsynthError(
             "--out exists and is a file; a MONAI bundle is a folder: give a new folder name", out
         )
-    if is_run_folder(out) or any(is_run_folder(p) for p in Path(os.path.realpath(out)).parents):
-        raise MedsynthError("--out is inside a training run folder; give the bundle a folder elsewhere", out)
-    if not any(out.iterdir()):
-        return
-    if _medsynth_block(out) is None and not overwrite:
+    real, here = Path(os.path.realpath(out)), Path.cwd().resolve()
+    if real == here or real in here.parents:
         raise MedsynthError(
-            "--out is a folder that is not a medsynth bundle; give a new folder name, or --overwrite to replace it",
+            "--out is the current folder or holds it; give the bundle a folder of its own (e.g. ./bundle)",
             out,
         )
+    if is_run_folder(out) or any(is_run_folder(p) for p in real.parents):
+        raise MedsynthError("--out is inside a training run folder; give the bundle a folder elsewhere", out)
+    foreign = _foreign_entry(out)
+    if foreign is not None:
+        raise MedsynthError(
+            f"--out is not a medsynth bundle: it holds {foreign}, which no bundle export wrote; "
+            "give the bundle a new or empty folder",
+            out,
+        )
+
+
+def _foreign_entry(folder: Path) -> str | None:
+    """The first entry of ``folder`` an earlier bundle export did not write (a link counts), or None."""
+    allowed = {*BUNDLE_FILES, *(str(Path(name).parent) for name in BUNDLE_FILES)}
+    for root, dirs, files in os.walk(folder):  # a linked folder is listed, not entered
+        for name in sorted(dirs + files):
+            entry = Path(root, name)
+            relative = entry.relative_to(folder).as_posix()
+            if entry.is_symlink() or relative not in allowed:
+                return relative
+    if any(folder.iterdir()) and _medsynth_block(folder) is None:
+        return f"{METADATA} of a bundle medsynth did not write"
+    return None
 
 
 def _medsynth_block(folder: Path) -> dict[str, Any] | None:
@@ -101,18 +132,16 @@ def _medsynth_block(folder: Path) -> dict[str, Any] | None:
     return block if isinstance(block, dict) else None
 
 
-def write_bundle(
-    model: SynthesisModel, checkpoint: str | Path, out: str | Path, *, overwrite: bool = False
-) -> Path:
+def write_bundle(model: SynthesisModel, checkpoint: str | Path, out: str | Path) -> Path:
     """Write the bundle of ``model`` (loaded from ``checkpoint``) to the folder ``out``.
 
     The folder is built beside ``out`` and renamed into place, so ``out`` is a complete bundle or
-    untouched (an earlier bundle there is replaced whole).
+    untouched (an earlier bundle there is replaced whole; see :func:`check_bundle_target`).
     """
     from .export import export_model
 
     out, checkpoint = Path(out), Path(checkpoint)
-    check_bundle_target(out, overwrite=overwrite)
+    check_bundle_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out.parent)  # what killed exports left (partial_name folders, like this one)
     temp = out.parent / partial_name(out.name, keep_suffixes=False)
@@ -122,20 +151,35 @@ def write_bundle(
         shutil.copyfile(checkpoint, temp / MODEL_FILE)
         export_model(model, temp / EXPORT_FILE, "torchscript")
         card_md, card = _model_card(checkpoint)
-        metadata = bundle_metadata(
-            model, card, {name: file_digest(temp / name) for name in (MODEL_FILE, EXPORT_FILE)}
-        )
-        (temp / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         (temp / INFERENCE).write_text(json.dumps(inference_config(), indent=2) + "\n", encoding="utf-8")
         (temp / README).write_text(card_md or _minimal_card(model), encoding="utf-8")
-        old = out.parent / partial_name(out.name, keep_suffixes=False)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(temp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        digests = {name: file_digest(temp / name) for name in BUNDLE_FILES if name != METADATA}
+        metadata = bundle_metadata(model, card, digests)
+        (temp / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        _move_into_place(temp, out)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return out
+
+
+def _move_into_place(built: Path, out: Path) -> None:
+    """Rename ``built`` to ``out``; what ``out`` was (an earlier bundle, an empty folder, a link to a
+    folder) is set aside first and removed after, or put back if the rename fails. A link is removed as a
+    link: the folder it points to stays as it is."""
+    old = out.parent / partial_name(out.name, keep_suffixes=False)
+    moved = out.exists() or out.is_symlink()
+    if moved:
+        os.replace(out, old)
+    try:
+        os.replace(built, out)
+    except OSError:
+        if moved:
+            os.replace(old, out)
+        raise
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _model_card(checkpoint: Path) -> tuple[str | None, dict[str, Any] | None]:
@@ -312,17 +356,7 @@ def load_bundle(folder: str | Path, device: str = "cpu", precision: str = "auto"
     block = meta.get("medsynth")
     if not isinstance(block, dict) or not isinstance(block.get("files"), dict):
         raise CheckpointError("not a medsynth bundle (no medsynth block in its metadata)", meta_path)
-    for name in (MODEL_FILE, EXPORT_FILE):
-        if (
-            name in block["files"]
-            and (folder / name).is_file()
-            and file_digest(folder / name) != block["files"][name]
-        ):
-            raise CheckpointError(
-                f"{name} is not the file the metadata describes (SHA-256 differs): the bundle was altered; "
-                "export it again",
-                meta_path,
-            )
+    _check_files(folder, block["files"], meta_path)
     # The checkpoint may hold several directions (a forward and a reverse generator): the bundle serves the one it describes.
     target = block.get("target") if isinstance(block.get("target"), str) else None
     model = SynthesisModel.from_checkpoint(
@@ -346,6 +380,43 @@ def load_bundle(folder: str | Path, device: str = "cpu", precision: str = "auto"
             )
     model.source = str(folder)
     return model
+
+
+def _check_files(folder: Path, listed: dict[str, Any], meta_path: Path) -> None:
+    """The bundle's files are exactly those its metadata lists (``configs/metadata.json`` aside, which
+    holds the list), each with the SHA-256 recorded: nothing added, removed or changed since export."""
+    found = _bundle_files(folder, meta_path)
+    added, missing = sorted(found - set(listed)), sorted(set(listed) - found)
+    if added or missing:
+        what = f"holds {added[0]}, which its metadata does not list" if added else f"lacks {missing[0]}"
+        raise CheckpointError(
+            f"the bundle {what}: it was altered (or exported by a medsynth that listed fewer files); "
+            "export it again",
+            meta_path,
+        )
+    for name in sorted(found):
+        if file_digest(folder / name) != listed[name]:
+            raise CheckpointError(
+                f"{name} is not the file the metadata describes (SHA-256 differs): the bundle was altered; "
+                "export it again",
+                meta_path,
+            )
+
+
+def _bundle_files(folder: Path, meta_path: Path) -> set[str]:
+    """Every file below ``folder`` but the metadata, as relative names; a symbolic link is refused."""
+    found = set()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            entry = Path(root, name)
+            if entry.is_symlink():
+                raise CheckpointError(
+                    f"the bundle holds a symbolic link ({entry.relative_to(folder).as_posix()}); a bundle is "
+                    "plain files: export it again",
+                    meta_path,
+                )
+        found.update(Path(root, name).relative_to(folder).as_posix() for name in files)
+    return found - {METADATA}
 
 
 class BundleInference:

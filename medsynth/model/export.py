@@ -51,6 +51,7 @@ from .. import __version__
 from ..data.fingerprint import Fingerprint
 from ..errors import CheckpointError, MedsynthError
 from ..io.atomic import atomic_path
+from ..modalities import canonical_modality
 from ..nets.blocks import crop_to, pad_to_multiple
 from .checkpoint import is_run_folder, model_file_kind
 from .plan import SynthesisPlan
@@ -336,6 +337,24 @@ def medsynth_export_kind(path: str | Path) -> str | None:
             return None
         return kind if any(entry.key == METADATA_KEY for entry in proto.metadata_props) else None
     return None
+
+
+def check_export_direction(model: SynthesisModel, target: str | None) -> None:
+    """Refuse an ``export --target`` the model does not synthesise, as ``infer --target`` refuses it.
+
+    A checkpoint of several directions has already been turned to the one asked for; one of a single
+    direction is left as it is, so without this check ``--target t1`` of a t1->t2 run would quietly
+    export t1->t2. A unified model is exported whole; its target need only be one of its modalities.
+    """
+    task = model.task
+    if target is None or (task.is_unified and target == "missing"):
+        return
+    if not task.is_unified:
+        model.plan.resolve_target(task.sources, target)
+    elif canonical_modality(target) not in task.modalities:
+        raise MedsynthError(
+            f"target {target!r} is outside this unified model's set: {', '.join(task.modalities)}"
+        )
 
 
 def check_export_target(path: str | Path, fmt: str, *, overwrite: bool = False) -> None:
