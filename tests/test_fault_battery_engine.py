@@ -23,8 +23,8 @@ import pytest
 from conftest import TINY_OVERRIDES
 
 from medsynth.cli import main
+from medsynth.engine.handlers.metrics import append_metrics as _append_metrics
 from medsynth.engine.lock import LOCK_NAME
-from medsynth.engine.trainer import _append_metrics
 from medsynth.errors import MedsynthError
 from medsynth.model.checkpoint import LATEST, load_checkpoint
 

@@ -271,7 +271,7 @@ def _out_of_memory_above(trainer: Trainer, limit: int, *, after: int | None = No
         return step(source, target, mask)
 
     trainer.objective.step = fake  # type: ignore[method-assign]
-    trainer._step = fake
+    trainer.objective_step = fake
     return seen
 
 

@@ -27,8 +27,9 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -55,6 +56,11 @@ class Dist:
     world_size: int = 1
     local_world_size: int = 1
     backend: str | None = None
+
+    @property
+    def agree_interval(self) -> int:
+        """Steps between agreements on the clock and on signals (a CUDA all-reduce waits for the GPU)."""
+        return 8 if self.backend == "nccl" else 1
 
     @property
     def enabled(self) -> bool:
@@ -120,6 +126,17 @@ class Dist:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
         clock_main, signal_any = values.tolist()
         return clock_main, (int(signal_any) or None)
+
+    def agree_every(
+        self, every: int, step: int, clock: float, signal_number: int | None
+    ) -> tuple[float | None, int | None]:
+        """:meth:`agree` at every ``every``-th step (a CUDA all-reduce waits for the GPU), else (None, None);
+        one process alone: its own clock and signal at every step."""
+        if not self.enabled:
+            return clock, signal_number
+        if step % every:
+            return None, None
+        return self.agree(clock, signal_number)
 
     def same_on_all(self, value: float) -> bool:
         """Whether every rank passed the same number (e.g. a weight checksum)."""
@@ -232,3 +249,59 @@ def peer_failure_message(exc: BaseException, run_hint: str) -> str:
         f"another training process stopped ({first}); the last checkpoint_latest.pt is intact: "
         f"continue with {run_hint}"
     )
+
+
+def job_info(job: Dist, train: Any) -> dict[str, Any]:
+    """The job that trains: processes, per-process and effective batch, learning rates.
+
+    The rule: ``train.batch_size`` and the learning rates are per process and are not rescaled, so the
+    effective batch is ``batch_size x world_size`` at the recipe's learning rates.
+    """
+    return {
+        "world_size": job.world_size,
+        "backend": job.backend,
+        "batch_size_per_process": train.batch_size,
+        "effective_batch_size": train.batch_size * job.world_size,
+        "lr_generator": train.lr_generator,
+        "lr_critic": train.lr_critic,
+        "lr_rule": "per-process batch and learning rates as given (no scaling)",
+    }
+
+
+def resumed_step(checkpoint: dict[str, Any], job: Dist, batch_size: int, epoch: int) -> int:
+    """The step of its epoch a checkpoint resumes at, in this job's steps.
+
+    A checkpoint written by another number of processes has trained ``step x batch x world`` samples of
+    the epoch, in the order every world size shares; this job continues after the same samples.
+    """
+    step = int(checkpoint["step_in_epoch"])
+    saved = checkpoint.get("distributed", {"world_size": 1, "batch_size_per_process": None})
+    if saved["world_size"] == job.world_size or not step:
+        return step
+    seen = step * (saved["batch_size_per_process"] or batch_size) * saved["world_size"]
+    resumed = seen // (batch_size * job.world_size)
+    log.info(
+        "the checkpoint was written by %d processes, this job has %d: resuming at step %d of epoch %d "
+        "(%d samples already trained)", saved["world_size"], job.world_size, resumed, epoch + 1, seen,
+    )  # fmt: skip
+    return resumed
+
+
+def seed_rank(job: Dist, seed: int, step: int) -> None:
+    """Ranks other than 0 draw their own random numbers (dropout), from (seed, rank, step)."""
+    if job.rank:
+        torch.manual_seed(int(np.random.SeedSequence([seed, job.rank, step]).generate_state(1)[0]))
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch random state (CPU and every CUDA device), for a checkpoint."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,8 +1,8 @@
 """Training objectives: what one optimisation step does, behind one seam the loop calls.
 
 The loop (:class:`~medsynth.engine.trainer.Trainer`) owns the generator it was asked to train (the
-direction of the run's task), that generator's optimiser, the data order, the schedule, the clock and the
-run folder. An objective owns everything else its method needs and performs one step:
+direction of the run's task), that generator's optimiser, the data order and the clock; its handlers
+(:mod:`medsynth.engine.handlers`) own the schedule, checkpoints and the run folder's files. An objective owns everything else its method needs and performs one step:
 
 * ``gan`` (:mod:`.pix2pix`): a conditional PatchGAN critic, LSGAN + ``lambda_l1`` * L1;
 * ``l1`` (:mod:`.pix2pix`): reconstruction alone (the pix2pix paper's ablation);

@@ -152,3 +152,21 @@ class _Context:
 BATCH_ENTRIES = ("source", "target", "mask", "target_stack", "target_mask")
 #: Entries that are masks: moved to the device only with ``train.masked_l1``.
 MASK_ENTRIES = ("mask", "target_mask")
+
+
+def step_inputs(
+    objective: Objective, batch: dict[str, torch.Tensor], device: torch.device,
+    memory_format: torch.memory_format, masked: bool,
+) -> list[torch.Tensor | None]:  # fmt: skip
+    """The batch entries ``objective.inputs`` names, on the device in the run's memory format; None for an
+    entry the batch lacks, and for masks unless ``train.masked_l1``."""
+    inputs: list[torch.Tensor | None] = []
+    for name in objective.inputs:
+        value = batch.get(name)
+        if value is None or (name in MASK_ENTRIES and not masked):
+            inputs.append(None)
+        elif name in MASK_ENTRIES:
+            inputs.append(value.to(device, non_blocking=True))
+        else:
+            inputs.append(value.to(device, non_blocking=True).contiguous(memory_format=memory_format))
+    return inputs
