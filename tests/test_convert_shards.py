@@ -168,16 +168,19 @@ def test_worker_devices_refuses_bad_requests() -> None:
 
 
 def test_the_batch_records_its_devices(export: Path, tmp_path: Path, monkeypatch) -> None:
-    loaded: list[str] = []
+    loaded: list[tuple[str, str]] = []
 
-    def load(checkpoint: object, device: str = "cpu", target: str | None = None) -> FakePredictor:
-        loaded.append(device)
+    def load(
+        checkpoint: object, device: str = "cpu", target: str | None = None, precision: str = "fp32"
+    ) -> FakePredictor:
+        loaded.append((device, precision))
         return FakePredictor()
 
     monkeypatch.setattr(convert_runner, "_load_predictor", load)
     monkeypatch.setattr(convert_runner, "_checkpoint_id", lambda _: "fake")
     report = run_convert(export, tmp_path / "model.pt", tmp_path / "out", device="cpu", dry_run=True)
-    assert report.settings["devices"] == ["cpu"] and loaded == ["cpu"]
+    assert report.settings["devices"] == ["cpu"] and loaded == [("cpu", "fp32")]  # fp32 unless asked
+    assert report.settings["precision"] == "fp32"
 
 
 class _NeverCalled(FakePredictor):
