@@ -342,6 +342,7 @@ def write_results(cases: list[Case], out: Path, model: SynthesisModel, split: st
     summary = {
         "medsynth_version": __version__,
         "checkpoint": model.describe(),
+        "precision": model.precision_record(),
         "split": split,
         "space": space_label(space),
         "mask": "foreground of the input volumes (Otsu, hole-filled, largest component); *_masked metrics",

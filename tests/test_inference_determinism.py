@@ -135,3 +135,10 @@ def test_convert_is_fp32_by_default_and_records_the_precision_in_sidecars_and_re
     assert main(argv) == 0  # a re-run skips the done study and keeps its record
     (row,) = csv.DictReader((out / "report.csv").open())
     assert (row["status"], row["precision"]) == ("skipped", "bf16")
+
+
+def test_evaluate_is_fp32_by_default_and_says_so(tiny_run: Path, tmp_path: Path, amx_cpu: list[str]) -> None:
+    assert main(["evaluate", "--run", str(tiny_run), "--out", str(tmp_path / "eval"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert (summary["precision"]["asked"], summary["precision"]["precision"]) == ("fp32", "fp32")
+    assert amx_cpu == []
