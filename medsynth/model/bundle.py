@@ -405,7 +405,7 @@ def _check_files(folder: Path, listed: dict[str, Any], meta_path: Path) -> None:
 
 def _bundle_files(folder: Path, meta_path: Path) -> set[str]:
     """Every file below ``folder`` but the metadata, as relative names; a symbolic link is refused."""
-    found = set()
+    found: set[str] = set()
     for root, dirs, files in os.walk(folder):
         for name in dirs + files:
             entry = Path(root, name)

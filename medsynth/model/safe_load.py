@@ -117,19 +117,19 @@ def pickle_globals(data: bytes) -> set[str]:
             found.add(f"{module}.{attribute}")
             pushed.append(None)
         elif name == "STACK_GLOBAL":
-            module, attribute = pushed[-2:] if len(pushed) >= 2 else (None, None)
-            if not (isinstance(module, str) and isinstance(attribute, str)):
+            names = pushed[-2:]
+            if len(names) < 2 or not all(isinstance(text, str) for text in names):
                 raise ValueError("a STACK_GLOBAL whose names are computed")
-            found.add(f"{module}.{attribute}")
+            found.add(".".join(names))
             pushed[-2:] = [None]
         elif name.startswith("EXT"):
             raise ValueError("a global from the copyreg extension registry")
         elif name in _STRING_PUSHES:
             pushed.append(arg)
-        elif name in _MEMO_PUTS or name == "MEMOIZE":
-            memo[arg if name in _MEMO_PUTS else len(memo)] = pushed[-1] if pushed else None
+        elif name in _MEMO_PUTS or name == "MEMOIZE":  # MEMOIZE (no argument) takes the next index
+            memo[arg if isinstance(arg, int) else len(memo)] = pushed[-1] if pushed else None
         elif name in _MEMO_GETS:
-            pushed.append(memo.get(arg))
+            pushed.append(memo.get(arg) if isinstance(arg, int) else None)
         elif name not in _NO_STACK_EFFECT:
             pushed.append(None)
     return found
@@ -381,7 +381,8 @@ def _expression_term(node: ast.AST) -> bool:
         return False
     args = list(node.args)
     if args and isinstance(args[0], ast.Constant) and isinstance(args[0].value, str):
-        name, first = node.func.id, args.pop(0).value
+        name, first = node.func.id, args[0].value
+        args = args[1:]
         if not (
             (name == "Symbol" and first.isidentifier()) or (name == "Float" and _NUMBER.fullmatch(first))
         ):
