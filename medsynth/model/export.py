@@ -6,7 +6,7 @@ whole-volume synthesis needs stored inside the file as one JSON document (``meds
 version, the source checkpoint's SHA-256, the training window, the size rule of the spatial axes and
 ``graph_sha256``, the digest of the network it describes, see :mod:`medsynth.model.safe_load`):
 
-* ONNX: a ``metadata_props`` entry (read back with onnxruntime's ``custom_metadata_map``);
+* ONNX: a ``metadata_props`` entry;
 * pt2: an ``ExportedProgram`` (:func:`torch.export.export`) saved with :func:`torch.export.save`, the
   metadata in its extra file ``medsynth.json``;
 * TorchScript: an ``_extra_files`` entry ``medsynth.json`` (kept because MONAI bundles and MONAI Deploy
@@ -40,7 +40,7 @@ import os
 import re
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +215,7 @@ def _bound(metadata: dict[str, Any], digest: str) -> str:
     return json.dumps({**metadata, "graph_sha256": digest})
 
 
-def _archive_digest(save: Any) -> str:
+def _archive_digest(save: Callable[[io.BytesIO], object]) -> str:
     """:func:`~medsynth.model.safe_load.network_digest` of what ``save(buffer)`` writes (without metadata).
 
     torch writes the same entries for the same network each time, except its per-save id, which the
