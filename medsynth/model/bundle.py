@@ -316,14 +316,18 @@ def _channel_def(plan: Any) -> dict[str, str]:
 
 
 def inference_config() -> dict[str, Any]:
-    """``configs/inference.json``: one expression, run by ``monai.bundle`` (``run`` id)."""
+    """``configs/inference.json``: one expression, run by ``monai.bundle`` (``run`` id).
+
+    Its default folders (``data``, ``eval``) are those of the folder MONAI runs in, not of the bundle:
+    a file written into the bundle would make :func:`load_bundle` refuse it (every file is hashed).
+    """
     return {
         "imports": ["$import glob", "$import os"],
         "bundle_root": ".",
         "device": "cpu",
         "precision": "auto",
-        "dataset_dir": "$os.path.join(@bundle_root, 'data')",
-        "output_dir": "$os.path.join(@bundle_root, 'eval')",
+        "dataset_dir": "data",
+        "output_dir": "eval",
         "datalist": "$sorted(glob.glob(os.path.join(@dataset_dir, '*.nii.gz')) + glob.glob(os.path.join(@dataset_dir, '*.nii')))",
         "synthesis": {
             "_target_": "medsynth.model.bundle.BundleInference",
