@@ -37,10 +37,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+import torch
+
+from ..config import Config
+from .distributed import Dist
 
 
 @dataclass
@@ -67,34 +70,74 @@ class EpochRecord:
         return self.trained < self.batches
 
 
+class Loop(Protocol):
+    """What a handler may read and change of the loop (:class:`~medsynth.engine.trainer.Trainer`).
+
+    Handlers depend on this interface, not on the loop's module: the loop imports its handlers, and
+    nothing below it imports the loop.
+    """
+
+    config: Config
+    dist: Dist
+    run_dir: Path
+    quiet: bool
+    device: torch.device
+    generator: torch.nn.Module
+    objective: Any  #: the run's :class:`~medsynth.engine.objectives.base.Objective`
+    optimizers: list[torch.optim.Optimizer]
+    objective_step: Any  #: the step the loop calls (the back-off swaps it)
+    loader: Any
+    validation: Any  #: :class:`~medsynth.engine.validation.Validation` (its ``kind``)
+    samples: list[Any]  #: the last validation's volumes
+    stats: Any  #: :class:`~medsynth.engine.stats.EpochStats` of the epoch being trained
+    epoch: int
+    step_in_epoch: int
+    global_step: int
+    epoch_batches: int
+    resumed_epoch: int | None
+    best: dict[str, Any]
+    end_requested: bool  #: set by a handler: the run ends after this step (validated, saved, recorded)
+    stop_signal: int | None
+    clock_now: float | None
+
+    @property
+    def resume_hint(self) -> str: ...
+
+    def clock(self) -> float: ...
+
+    def state(self, *, for_inference: bool = False) -> dict[str, Any]: ...
+
+    def absorb_losses(self) -> None: ...
+
+
 class Handler:
     """A concern of a training run, attached to the loop's events; every method is optional."""
 
-    def started(self, loop: Trainer) -> None:
+    def started(self, loop: Loop) -> None:
         """The run begins (fresh or resumed), before its first step."""
 
-    def epoch_started(self, loop: Trainer) -> None:
+    def epoch_started(self, loop: Loop) -> None:
         """An epoch begins (a resumed epoch begins at its next step)."""
 
-    def step_done(self, loop: Trainer) -> None:
+    def step_done(self, loop: Loop) -> None:
         """One optimiser step is done; ``loop.clock_now`` is the job's agreed clock or None."""
 
-    def epoch_trained(self, loop: Trainer) -> None:
+    def epoch_trained(self, loop: Loop) -> None:
         """The epoch's steps are done (all, or up to a stop)."""
 
-    def epoch_done(self, loop: Trainer, record: EpochRecord) -> None:
+    def epoch_done(self, loop: Loop, record: EpochRecord) -> None:
         """The epoch ended: ``record`` holds its numbers; the loop's counters point past it."""
 
-    def stopping(self, loop: Trainer, signal_number: int) -> None:
+    def stopping(self, loop: Loop, signal_number: int) -> None:
         """A signal stops the run after the current step."""
 
-    def completed(self, loop: Trainer) -> None:
+    def completed(self, loop: Loop) -> None:
         """The run spent its epochs or its budget."""
 
-    def closed(self, loop: Trainer) -> None:
+    def closed(self, loop: Loop) -> None:
         """The session ends, normally or not: release what :meth:`started` took."""
 
-    def out_of_memory(self, loop: Trainer) -> bool:
+    def out_of_memory(self, loop: Loop) -> bool:
         """A step ran out of device memory; return True after making the next try fit."""
         return False
 
@@ -116,35 +159,35 @@ class Handlers:
         """The attached handler of this class, if any (e.g. for a test or a benchmark)."""
         return next((h for h in self.all if isinstance(h, kind)), None)
 
-    def started(self, loop: Trainer) -> None:
+    def started(self, loop: Loop) -> None:
         for handler in self.all:
             handler.started(loop)
 
-    def epoch_started(self, loop: Trainer) -> None:
+    def epoch_started(self, loop: Loop) -> None:
         for handler in self.all:
             handler.epoch_started(loop)
 
-    def step_done(self, loop: Trainer) -> None:
+    def step_done(self, loop: Loop) -> None:
         for handler in self.all:
             handler.step_done(loop)
 
-    def epoch_trained(self, loop: Trainer) -> None:
+    def epoch_trained(self, loop: Loop) -> None:
         for handler in self.all:
             handler.epoch_trained(loop)
 
-    def epoch_done(self, loop: Trainer, record: EpochRecord) -> None:
+    def epoch_done(self, loop: Loop, record: EpochRecord) -> None:
         for handler in self.all:
             handler.epoch_done(loop, record)
 
-    def stopping(self, loop: Trainer, signal_number: int) -> None:
+    def stopping(self, loop: Loop, signal_number: int) -> None:
         for handler in self.all:
             handler.stopping(loop, signal_number)
 
-    def completed(self, loop: Trainer) -> None:
+    def completed(self, loop: Loop) -> None:
         for handler in self.all:
             handler.completed(loop)
 
-    def closed(self, loop: Trainer) -> None:
+    def closed(self, loop: Loop) -> None:
         """Every handler closes, even when an earlier one fails; the first failure is raised after."""
         failure: BaseException | None = None
         for handler in self.all:
@@ -155,7 +198,7 @@ class Handlers:
         if failure is not None:
             raise failure
 
-    def out_of_memory(self, loop: Trainer) -> bool:
+    def out_of_memory(self, loop: Loop) -> bool:
         return any(handler.out_of_memory(loop) for handler in self.all)
 
     def state_dict(self) -> dict[str, Any]:

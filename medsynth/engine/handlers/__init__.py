@@ -21,9 +21,7 @@ display only without ``--quiet``), in the order their decisions feed each other:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from ..events import Handler
+from ..events import Handler, Loop
 from .background import BackgroundWriter
 from .backoff import BatchBackoff
 from .budget import TimeBudget
@@ -36,11 +34,8 @@ from .schedule import LinearDecay
 from .selection import BestSelection
 from .signals import StopOnSignal
 
-if TYPE_CHECKING:
-    from ..trainer import Trainer
 
-
-def default_handlers(loop: Trainer) -> list[Handler]:
+def default_handlers(loop: Loop) -> list[Handler]:
     """The handlers the run's settings ask for, in firing order."""
     train, dist, run_dir = loop.config.train, loop.dist, loop.run_dir
     budget = None if train.max_minutes is None else 60.0 * train.max_minutes

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..events import EpochRecord, Handler
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
+from ..events import EpochRecord, Handler, Loop
 
 
 class BackgroundWriter(Handler):
@@ -35,20 +32,20 @@ class BackgroundWriter(Handler):
         for future in pending:
             future.result()
 
-    def epoch_done(self, loop: Trainer, record: EpochRecord) -> None:
+    def epoch_done(self, loop: Loop, record: EpochRecord) -> None:
         """Surface an error of a write that finished meanwhile (attached first: before new writes)."""
         done = [f for f in self._pending if f.done()]
         self._pending = [f for f in self._pending if not f.done()]
         for future in done:
             future.result()
 
-    def stopping(self, loop: Trainer, signal_number: int) -> None:
+    def stopping(self, loop: Loop, signal_number: int) -> None:
         self.drain()
 
-    def completed(self, loop: Trainer) -> None:
+    def completed(self, loop: Loop) -> None:
         self.drain()
 
-    def closed(self, loop: Trainer) -> None:
+    def closed(self, loop: Loop) -> None:
         self._pool.shutdown(wait=True)
 
 

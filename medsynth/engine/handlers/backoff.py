@@ -10,7 +10,7 @@ so there is no back-off there: one line names the smaller batch to set.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -18,12 +18,9 @@ from ...errors import MedsynthError
 from ...model.memory import BatchBackoff as Shrinker
 from ...model.memory import describe_memory, lr_scale
 from ..assembly import wants_graphs
-from ..events import Handler
+from ..events import Handler, Loop
 from ..graphs import graphed_step
 from .checkpoints import Checkpoints
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
 
 #: Steps after a session's start (or a smaller batch) within which an out-of-memory halves the batch;
 #: a CUDA graph is captured at step 4.
@@ -41,11 +38,11 @@ class BatchBackoff(Handler):
         self._shrinker: Shrinker | None = None
         self._first_lrs: tuple[float, float] = (0.0, 0.0)
 
-    def epoch_started(self, loop: Trainer) -> None:
+    def epoch_started(self, loop: Loop) -> None:
         if self._window_start is None:
             self._window_start = loop.global_step
 
-    def out_of_memory(self, loop: Trainer) -> bool:
+    def out_of_memory(self, loop: Loop) -> bool:
         train, old = loop.config.train, loop.config.train.batch_size
         assert self._window_start is not None
         fitted = loop.global_step - self._window_start

@@ -7,12 +7,7 @@ continues the same budget. An epoch the budget cuts short is validated, saved an
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from ..events import Handler
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
+from ..events import Handler, Loop
 
 
 class TimeBudget(Handler):
@@ -24,20 +19,20 @@ class TimeBudget(Handler):
         self.spent_before_start = False
         self.ended_run = False
 
-    def started(self, loop: Trainer) -> None:
+    def started(self, loop: Loop) -> None:
         clock = loop.dist.agree(loop.clock(), None)[0]  # rank 0's clock on every rank
         self.spent_before_start = clock >= self.seconds
         if self.spent_before_start:
             self.ended_run = loop.end_requested = True
 
-    def step_done(self, loop: Trainer) -> None:
+    def step_done(self, loop: Loop) -> None:
         if loop.clock_now is not None and loop.clock_now >= self.seconds:
             self.ended_run = loop.end_requested = True
 
-    def remaining(self, loop: Trainer) -> float:
+    def remaining(self, loop: Loop) -> float:
         return max(self.seconds - loop.clock(), 0.0)
 
-    def completed(self, loop: Trainer) -> None:
+    def completed(self, loop: Loop) -> None:
         if not self.ended_run or loop.quiet:
             return
         extend = f"extend it with: medsynth train --resume {loop.run_dir} --set train.max_minutes=<more>"

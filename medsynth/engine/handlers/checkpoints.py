@@ -8,14 +8,9 @@ the best one must not cost the resumable state.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ...model.checkpoint import BEST, LATEST, save_checkpoint
-from ..events import EpochRecord, Handler
+from ..events import EpochRecord, Handler, Loop
 from .background import BackgroundWriter, host_copy
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
 
 
 class Checkpoints(Handler):
@@ -27,33 +22,33 @@ class Checkpoints(Handler):
         #: reads it); None before the session's first save.
         self._saved_finished: bool | None = None
 
-    def started(self, loop: Trainer) -> None:
+    def started(self, loop: Loop) -> None:
         # A first checkpoint before the first step: a run stopped by a full disk (or a kill) in its first
         # epoch still has one to resume from, and a disk too full for one fails now.
         if not loop.end_requested and not (loop.run_dir / LATEST).exists():
             self.save_latest(loop)
 
-    def step_done(self, loop: Trainer) -> None:
+    def step_done(self, loop: Loop) -> None:
         every = self.every_steps
         if every and loop.global_step % every == 0 and loop.stop_signal is None:
             self.save_latest(loop, background=True)
 
-    def epoch_done(self, loop: Trainer, record: EpochRecord) -> None:
+    def epoch_done(self, loop: Loop, record: EpochRecord) -> None:
         self.save_latest(loop, background=True)
         if record.improved and loop.dist.is_main:
             self.writer.submit(
                 save_checkpoint, host_copy(loop.state(for_inference=True)), loop.run_dir / BEST
             )
 
-    def stopping(self, loop: Trainer, signal_number: int) -> None:
+    def stopping(self, loop: Loop, signal_number: int) -> None:
         self.save_latest(loop)
 
-    def completed(self, loop: Trainer) -> None:
+    def completed(self, loop: Loop) -> None:
         """A handler after this one ended the run at the last epoch's end: save that the run is finished."""
         if loop.end_requested and self._saved_finished is False:
             self.save_latest(loop)
 
-    def save_latest(self, loop: Trainer, *, background: bool = False) -> None:
+    def save_latest(self, loop: Loop, *, background: bool = False) -> None:
         """``checkpoint_latest.pt`` now (e.g. after the batch size changed), or from the writer thread."""
         if not loop.dist.is_main:
             return

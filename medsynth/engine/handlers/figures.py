@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ...viz import comparison_grid, plot_curves
-from ..events import EpochRecord, Handler
+from ..events import EpochRecord, Handler, Loop
 from .background import BackgroundWriter
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
 
 
 class Figures(Handler):
@@ -21,7 +18,7 @@ class Figures(Handler):
     def __init__(self, run_dir: Path, writer: BackgroundWriter) -> None:
         self.run_dir, self.writer = run_dir, writer
 
-    def epoch_done(self, loop: Trainer, record: EpochRecord) -> None:
+    def epoch_done(self, loop: Loop, record: EpochRecord) -> None:
         if record.metrics is not None:
             self.writer.submit(self.save, loop.samples, record.epoch)
 

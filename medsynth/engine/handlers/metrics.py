@@ -8,13 +8,10 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ...io.atomic import atomic_path, disk_full_error, disk_full_is_one_line, is_disk_full
-from ..events import EpochRecord, Handler
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
+from ..events import EpochRecord, Handler, Loop
 
 log = logging.getLogger("medsynth")
 
@@ -54,12 +51,12 @@ class MetricsCsv(Handler):
     def __init__(self, path: Path, fields: list[str]) -> None:
         self.path, self.fields = path, fields
 
-    def started(self, loop: Trainer) -> None:
+    def started(self, loop: Loop) -> None:
         # Not before: a resume with nothing to train keeps the record of a partial epoch.
         if loop.resumed_epoch is not None and not loop.end_requested:
             truncate_metrics(self.path, loop.resumed_epoch, self.fields)
 
-    def epoch_done(self, loop: Trainer, record: EpochRecord) -> None:
+    def epoch_done(self, loop: Loop, record: EpochRecord) -> None:
         append_metrics(self.path, epoch_row(record), self.fields)
 
 
@@ -70,7 +67,7 @@ class TensorBoardLog(Handler):
         self.folder = folder
         self._writer: Any = None
 
-    def started(self, loop: Trainer) -> None:
+    def started(self, loop: Loop) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # pragma: no cover - tensorboard is a dependency, but keep training without it
@@ -78,14 +75,14 @@ class TensorBoardLog(Handler):
             return
         self._writer = SummaryWriter(log_dir=str(self.folder))
 
-    def epoch_done(self, loop: Trainer, record: EpochRecord) -> None:
+    def epoch_done(self, loop: Loop, record: EpochRecord) -> None:
         if self._writer is None:
             return
         for key, value in epoch_row(record).items():
             if key not in ("epoch", "partial"):
                 self._writer.add_scalar(key, value, record.epoch)
 
-    def closed(self, loop: Trainer) -> None:
+    def closed(self, loop: Loop) -> None:
         if self._writer is not None:
             with disk_full_is_one_line(self.folder, loop.resume_hint):
                 self._writer.close()

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..events import EpochRecord, Handler
+from ..events import EpochRecord, Handler, Loop
 from .metrics import epoch_row
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
 
 #: Steps between bar updates of the running losses (each update waits for the device).
 POSTFIX_EVERY = 10
@@ -24,14 +21,14 @@ class Progress(Handler):
         self.budget = budget_seconds
         self._bar: Any = None
 
-    def epoch_started(self, loop: Trainer) -> None:
+    def epoch_started(self, loop: Loop) -> None:
         self._close_bar()  # an epoch tried again at a smaller batch (out of memory) starts a new bar
         self._bar = tqdm(
             total=loop.epoch_batches, initial=loop.step_in_epoch, unit="step", leave=False, dynamic_ncols=True,
             desc=f"epoch {loop.epoch + 1}/{loop.config.train.total_epochs}",
         )  # fmt: skip
 
-    def step_done(self, loop: Trainer) -> None:
+    def step_done(self, loop: Loop) -> None:
         index = loop.step_in_epoch - 1
         if index % POSTFIX_EVERY == 0 or index + 1 == loop.epoch_batches:
             loop.absorb_losses()
@@ -39,10 +36,10 @@ class Progress(Handler):
             self._bar.set_postfix({**postfix, "job": self.job_progress(loop)}, refresh=False)
         self._bar.update()
 
-    def epoch_trained(self, loop: Trainer) -> None:
+    def epoch_trained(self, loop: Loop) -> None:
         self._close_bar()
 
-    def closed(self, loop: Trainer) -> None:
+    def closed(self, loop: Loop) -> None:
         self._close_bar()
 
     def _close_bar(self) -> None:
@@ -50,7 +47,7 @@ class Progress(Handler):
             self._bar.close()
             self._bar = None
 
-    def epoch_done(self, loop: Trainer, record: EpochRecord) -> None:
+    def epoch_done(self, loop: Loop, record: EpochRecord) -> None:
         row, metrics = epoch_row(record), record.metrics
         kind = ", round trip" if loop.validation.kind == "round trip" else ""
         val = (
@@ -68,7 +65,7 @@ class Progress(Handler):
             + (f"  (partial: {row['partial']} steps, time budget)" if record.partial else "")
         )
 
-    def job_progress(self, loop: Trainer) -> str:
+    def job_progress(self, loop: Loop) -> str:
         """Elapsed / remaining time of the whole training job (budget, or an estimate from epochs done)."""
         elapsed = loop.clock()
         if self.budget is not None:

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ...errors import MedsynthError
-from ..events import Handler
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
+from ..events import Handler, Loop
 
 
 class ReplicaCheck(Handler):
     """Compares a checksum of every trained module across ranks at each epoch's end (one all-reduce)."""
 
-    def epoch_trained(self, loop: Trainer) -> None:
+    def epoch_trained(self, loop: Loop) -> None:
         if loop.stop_signal is not None:
             return  # stopping: the processes save and exit instead
         modules = [loop.generator, *loop.objective.modules]

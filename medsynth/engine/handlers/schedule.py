@@ -9,12 +9,7 @@ alone left a fast machine that trained every epoch in half its budget at the ful
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from ..events import Handler
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
+from ..events import Handler, Loop
 
 #: The smallest factor the budget's decay reaches (its last steps still train).
 BUDGET_FLOOR = 0.01
@@ -47,14 +42,14 @@ class LinearDecay(Handler):
             return by_epochs
         return min(by_epochs, budget_factor(clock, self.budget, self.epochs, self.decay_epochs))
 
-    def epoch_started(self, loop: Trainer) -> None:
+    def epoch_started(self, loop: Loop) -> None:
         self._apply(loop, loop.dist.agree(loop.clock(), None)[0] if loop.dist.enabled else loop.clock())
 
-    def step_done(self, loop: Trainer) -> None:
+    def step_done(self, loop: Loop) -> None:
         if self.budget is not None and loop.clock_now is not None:
             self._apply(loop, loop.clock_now)
 
-    def _apply(self, loop: Trainer, clock: float) -> None:
+    def _apply(self, loop: Loop, clock: float) -> None:
         factor = self.factor(loop.epoch, clock)
         for optimizer in loop.optimizers:
             for group in optimizer.param_groups:

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
-from ..events import EpochRecord, Handler
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
+from ..events import EpochRecord, Handler, Loop
 
 
 class BestSelection(Handler):
@@ -29,7 +25,7 @@ class BestSelection(Handler):
             return True
         return value < best if self.metric == "mae" else value > best
 
-    def epoch_done(self, loop: Trainer, record: EpochRecord) -> None:
+    def epoch_done(self, loop: Loop, record: EpochRecord) -> None:
         metrics = record.metrics
         if metrics is None or not self.is_better(metrics[self.metric], loop.best.get("value")):
             return

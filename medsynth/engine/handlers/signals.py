@@ -7,13 +7,10 @@ stops every process at the same step) and fires ``stopping``, where the checkpoi
 from __future__ import annotations
 
 import signal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ...model.checkpoint import LATEST
-from ..events import Handler
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
+from ..events import Handler, Loop
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -24,13 +21,13 @@ class StopOnSignal(Handler):
     def __init__(self) -> None:
         self._previous: dict[int, Any] = {}
 
-    def started(self, loop: Trainer) -> None:
+    def started(self, loop: Loop) -> None:
         def record(signum: int, _frame: object) -> None:
             loop.stop_signal = signum
 
         self._previous = {sig: signal.signal(sig, record) for sig in SIGNALS}
 
-    def stopping(self, loop: Trainer, signal_number: int) -> None:
+    def stopping(self, loop: Loop, signal_number: int) -> None:
         """Attached after :class:`~.checkpoints.Checkpoints`: the file named here is on disk."""
         if loop.dist.is_main:
             name = signal.Signals(signal_number).name
@@ -40,7 +37,7 @@ class StopOnSignal(Handler):
                 flush=True,
             )
 
-    def closed(self, loop: Trainer) -> None:
+    def closed(self, loop: Loop) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
