@@ -247,7 +247,7 @@ class Config:
         if self.data.pairing == "unpaired" and self.train.objective not in UNPAIRED:
             raise ConfigError(
                 f"data.pairing=unpaired needs an objective that learns without pairs ({', '.join(UNPAIRED)}); "
-                f"train.objective={self.train.objective} needs aligned pairs"
+                f"train.objective={self.train.objective} needs pairs (one subject's source and target)"
             )
         if self.data.pairing == "unpaired" and (task.is_unified or len(task.sources) != 1):
             # Unpaired data is drawn as one source's slices against one target's (data/pairing.py).

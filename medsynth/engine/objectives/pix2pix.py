@@ -186,13 +186,28 @@ class GANObjective(_PairedStep):
                 total = self.loss.adversarial_weight * adversarial + reconstruction
                 losses = {"loss_adv": adversarial.detach(), **losses}
             else:
-                terms = self.loss(fake_scores, synthetic, target, mask)
-                total, losses = terms.total, {"loss_adv": terms.adversarial, "loss_l1": terms.l1}
-        ctx.optimizer.zero_grad(set_to_none=True)
+                total, losses = self.generator_terms(fake_scores, synthetic, target, mask)
+        trained = (ctx.optimizer, *self.generator_side)
+        for optimizer in trained:
+            optimizer.zero_grad(set_to_none=True)
         ctx.backward(total)
-        ctx.step(ctx.optimizer)
+        for optimizer in trained:
+            ctx.step(optimizer)
         ctx.update()
         return {"loss_critic": loss_critic.detach(), **losses}
+
+    def generator_terms(
+        self, fake_scores: torch.Tensor, synthetic: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The generator step's loss and its logged parts: LSGAN + ``lambda_l1`` * L1. The seam of a variant
+        that changes only the reconstruction term (one that registers the synthetic image onto the target)."""
+        terms = self.loss(fake_scores, synthetic, target, mask)
+        return terms.total, {"loss_adv": terms.adversarial, "loss_l1": terms.l1}
+
+    @property
+    def generator_side(self) -> tuple[torch.optim.Optimizer, ...]:
+        """Optimisers the generator's loss steps besides the generator's own (a registration network's)."""
+        return ()
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -216,7 +231,7 @@ class GANObjective(_PairedStep):
 
     def describe(self) -> dict[str, Any]:
         return {
-            "name": "gan",
+            "name": self.name,
             "critic": {"name": self.ctx.config.model.critic, "init_args": dict(self.critic.init_args)},
             "lambda_l1": self.loss.lambda_l1,
             "adversarial_weight": self.loss.adversarial_weight,

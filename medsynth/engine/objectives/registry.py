@@ -12,6 +12,7 @@ OBJECTIVES: dict[str, tuple[str, str]] = {
     "gan": ("pix2pix", "GANObjective"),
     "l1": ("pix2pix", "L1Objective"),
     "cyclegan": ("cyclegan", "CycleGANObjective"),
+    "reggan": ("reggan", "RegGANObjective"),
 }
 #: Objectives that learn from unpaired samples (``data.pairing: unpaired``); the others need pairs.
 UNPAIRED: tuple[str, ...] = ("cyclegan",)
