@@ -122,6 +122,11 @@ def _first_expression(program: dict, text: str) -> None:
     raise AssertionError("the export has no shape expression")
 
 
+def _file_operator(program: dict) -> None:
+    """Make the first node call ``aten::save`` (which writes any path) instead of its operator."""
+    program["graph_module"]["graph"]["nodes"][0]["target"] = "torch.ops.aten.save.default"
+
+
 def _pickled_weight(source: Path, target: Path, marker: Path) -> Path:
     """The issue's file: medsynth's own pt2 with one weight switched to a pickled entry holding a payload."""
     config_name = "data/weights/model_weights_config.json"
@@ -142,6 +147,7 @@ def _pt2_crafts(marker: Path) -> dict[str, dict[str, Callable[[bytes], bytes]]]:
         "zipped_sample_inputs": {"data/sample_inputs/model.pt": lambda _: zipped.getvalue()},
         "guard": {"models/model.json": _program(lambda p: p["guards_code"].append(_guard_payload(marker)))},
         "shape_expression": {"models/model.json": _program(lambda p: _first_expression(p, _expression_payload(marker)))},
+        "file_operator": {"models/model.json": _program(_file_operator)},
     }  # fmt: skip
 
 
@@ -162,7 +168,9 @@ def test_a_pt2_with_a_pickled_weight_never_runs_its_payload(
     assert not (tmp_path / "x.nii.gz").exists()
 
 
-@pytest.mark.parametrize("craft", ["bare_sample_inputs", "zipped_sample_inputs", "guard", "shape_expression"])
+@pytest.mark.parametrize(
+    "craft", ["bare_sample_inputs", "zipped_sample_inputs", "guard", "shape_expression", "file_operator"]
+)
 def test_a_crafted_pt2_never_runs_its_payload(
     craft: str, exports: dict[str, Path], volume: Path, tmp_path: Path, capsys
 ) -> None:
@@ -182,6 +190,32 @@ def test_a_crafted_torchscript_never_runs_its_payload(
     assert _infer(evil, volume, tmp_path / "x.nii.gz") == 2
     err = _one_error(capsys)
     assert "refused" in err and "posix.system" in err and not marker.exists()
+
+
+class _Writer(torch.nn.Module):
+    """A network that also writes a file (``aten::save``): a shell's start-up file, for a crafted one."""
+
+    def __init__(self, channels: int, path: str) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, 1, 3, padding=1)
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.save(x, self.path)
+        return self.conv(x)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit
+def test_a_torchscript_that_writes_files_is_refused(
+    exports: dict[str, Path], volume: Path, tmp_path: Path, capsys
+) -> None:
+    marker = tmp_path / "MARKER"
+    meta = _metadata(exports["torchscript"])
+    scripted = torch.jit.script(_Writer(meta["input_shape"][0], str(marker)))
+    evil = tmp_path / "evil.pt"
+    torch.jit.save(scripted, str(evil), _extra_files={EXTRA_FILE: json.dumps(meta)})
+    assert _infer(evil, volume, tmp_path / "x.nii.gz") == 2
+    assert "reads or writes files" in _one_error(capsys) and not marker.exists()
 
 
 @pytest.mark.parametrize("where", ["legacy", "zip"])

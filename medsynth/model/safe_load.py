@@ -180,12 +180,21 @@ def torchscript_global(name: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- TorchScript
+#: torch operators that touch files (``aten::save`` writes any path, e.g. a shell's start-up file;
+#: ``aten::from_file`` reads one): a network never needs them.
+_FILE_OPERATORS = re.compile(r"\b(save|from_file|load_tensor)\b")
+
+
 def check_torchscript(entries: dict[str, bytes], source: Source) -> None:
     """Every pickle of a TorchScript archive (``data.pkl``, ``constants.pkl``, ``*.debug_pkl`` ...) names
-    only globals of :func:`torchscript_global`."""
+    only globals of :func:`torchscript_global`, and its code calls no operator that touches files."""
     for name, data in sorted(entries.items()):
         if name.endswith("pkl"):
             check_pickle(data, torchscript_global, name, source)
+        elif name.startswith("code/") and _FILE_OPERATORS.search(data.decode("utf-8", errors="replace")):
+            raise CheckpointError(
+                f"refused: {name} calls a torch operator that reads or writes files", source
+            )
 
 
 # ------------------------------------------------------------------------------------ pt2
@@ -273,7 +282,7 @@ def _check_program(program: Any, source: Source) -> None:
     checks: dict[str, Callable[[str], bool]] = {
         "guards_code": _safe_guard,
         "expr_str": _safe_expression,
-        "target": lambda text: _TARGET.fullmatch(text) is not None,
+        "target": lambda text: _TARGET.fullmatch(text) is not None and not _FILE_OPERATORS.search(text),
     }
     for key, text in _program_text(program):
         if not checks.get(key, lambda t: _PLAIN.fullmatch(t) is not None)(text):
