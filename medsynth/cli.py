@@ -104,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unpaired: --modalities SOURCE,TARGET, and say what each subject serves (data.pairing)")  # fmt: skip
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(handler=_data_check)
+    register = data_commands.add_parser(
+        "register", help="registered copy of a data folder: each subject's images moved onto its reference"
+    )
+    register.add_argument("root", type=Path, help="data folder (any supported layout)")
+    register.add_argument("--out", required=True, type=Path, help="new folder for the copy (resumable)")
+    register.add_argument("--manifest", type=Path, help="CSV manifest subject,modality,path")
+    register.add_argument("--modalities", help="modalities to register and write, e.g. t1,t2 (default: all)")
+    register.add_argument("--reference", help="the modality the others are moved onto (default: the first of --modalities, else t1)")  # fmt: skip
+    register.add_argument("--transform", default="rigid", choices=["rigid", "affine", "bspline"],
+                          help="rigid (default); affine or bspline refine the rigid result")  # fmt: skip
+    register.add_argument("--interpolation", default="linear", choices=["linear", "bspline"],
+                          help="resampling of the moved images (a CT stays within its HU range either way)")  # fmt: skip
+    register.add_argument("--quiet", action="store_true", help="no line per subject, only the QC table")
+    register.set_defaults(handler=_data_register)
 
     train = commands.add_parser(
         "train", help="train a synthesis model, e.g. medsynth train 't1->t2' --data DIR"
@@ -270,6 +284,23 @@ def _data_check(args: argparse.Namespace) -> int:
     report = check_dataset(args.root, args.manifest, modalities=modalities, pairing=args.pairing)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
     return 1 if report.blocking else 0
+
+
+def _data_register(args: argparse.Namespace) -> int:
+    from .data.register import register_dataset
+    from .data.registration import RegistrationSettings
+
+    report = register_dataset(
+        args.root,
+        args.out,
+        manifest=args.manifest,
+        modalities=args.modalities.split(",") if args.modalities else None,
+        reference=args.reference,
+        settings=RegistrationSettings(transform=args.transform, interpolation=args.interpolation),
+        say=(lambda line: None) if args.quiet else (lambda line: print(line, flush=True)),
+    )
+    print(report.render())
+    return 1 if report.failed else 0
 
 
 # ------------------------------------------------------------------------------------ train
