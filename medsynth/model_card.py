@@ -218,7 +218,15 @@ def _range(low: list[Any], high: list[Any]) -> str:
 def _best(best: dict[str, Any] | None) -> str:
     if not best or "value" not in best:
         return "no validation score recorded"
-    return f"best validation {best.get('metric')} {_num(best['value'])} at epoch {best.get('epoch')}"
+    text = f"best validation {best.get('metric')} {_num(best['value'])} at epoch {best.get('epoch')}"
+    return text + ROUND_TRIP_NOTE if best.get("validation") == "round trip" else text
+
+
+#: Said wherever a best validation score of an unpaired run without validation targets is shown.
+ROUND_TRIP_NOTE = (
+    " (round trip source -> target -> source on held-out subjects without a target: a consistency score,"
+    " not a comparison with a real target)"
+)
 
 
 def _num(value: Any) -> str:

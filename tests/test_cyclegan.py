@@ -327,6 +327,10 @@ def test_without_a_complete_validation_subject_the_run_scores_the_round_trip(
     assert "round trip)" in out
     best = load_checkpoint(run / "checkpoint_best.pt")["best"]
     assert best["validation"] == "round trip" and np.isfinite(best["val_psnr"])
+    # The score is named as a round trip where it is shown: the run's last line and its model card.
+    (done,) = [line for line in out.splitlines() if line.startswith("done in")]
+    assert "round trip source -> target -> source" in done
+    assert "not a comparison with a real target" in (run / "model_card.md").read_text()
 
 
 def test_paired_training_leaves_one_sided_subjects_out(unpaired_cohort: Path, tmp_path: Path) -> None:

@@ -77,6 +77,14 @@ def decide_training_precision(
     recorded = _read(run_dir / PRECISION_FILE, device) if dist.is_main else None
     recorded = dist.broadcast_object(recorded) if dist.enabled else recorded
     if recorded is not None:
+        asked = config.train.precision if config.train.amp else "fp32"
+        if asked not in ("auto", recorded.precision):
+            log.warning(
+                "train.precision=%s is not applied: this run trains in %s, as decided when it started "
+                "(%s); a run keeps one precision so that its resumed steps continue the same numerics; "
+                "start a new run (another --name) to train in %s",
+                asked, recorded.precision, PRECISION_FILE, asked,
+            )  # fmt: skip
         log.debug("precision: %s (recorded when the run started)", recorded.describe())
         return recorded
     wish = "fp32" if not config.train.amp else config.train.precision

@@ -16,7 +16,7 @@ from ..config import Config, load_config
 from ..errors import MedsynthError
 from ..io.atomic import disk_full_error, is_disk_full, remove_stale_partials
 from ..model.checkpoint import BEST, LATEST
-from ..model_card import refresh_model_card
+from ..model_card import ROUND_TRIP_NOTE, refresh_model_card
 from ..task import Task
 from . import distributed
 from .lock import LOCK_NAME, RunFolderLock
@@ -206,11 +206,14 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, quiet: bool = 
         return best
     minutes = (time.perf_counter() - started) / 60
     value = best.get("value")
-    score = f"{value:.4g}" if isinstance(value, (int, float)) else "not validated yet"
-    print(
-        f"done in {minutes:.1f} min: best validation {best['metric']} {score} "
-        f"at epoch {best.get('epoch')} -> {run_dir / BEST}"
-    )
+    if isinstance(value, (int, float)) and (run_dir / BEST).is_file():
+        kind = ROUND_TRIP_NOTE if best.get("validation") == "round trip" else ""
+        print(
+            f"done in {minutes:.1f} min: best validation {best['metric']} {value:.4g}{kind} "
+            f"at epoch {best.get('epoch')} -> {run_dir / BEST}"
+        )
+    else:
+        print(f"done in {minutes:.1f} min: nothing validated yet, so no {BEST}; continue with --resume {run_dir}")
     refresh_model_card(run_dir)  # model_card.md/.json; `medsynth evaluate` adds the held-out results
     return best
 

@@ -9,6 +9,7 @@ containers, so it is loaded with ``torch.load(weights_only=True)``: a tampered f
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 import zipfile
 from pathlib import Path
@@ -107,9 +108,15 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     """
     stamped = {"format": FORMAT, "format_version": FORMAT_VERSION, "medsynth_version": __version__, **payload}
     had_one = Path(path).is_file()
+    # Serialised in memory first, then written by Python: a full disk is then an OSError carrying ENOSPC
+    # (torch's own file writer reports it as "[enforce fail at inline_container.cc] unexpected pos"), and
+    # the archive's inner folder is "archive", not the temporary file's name, so equal payloads give
+    # equal bytes.
+    buffer = io.BytesIO()
     try:
-        with atomic_path(path) as temp:
-            torch.save(stamped, temp)
+        torch.save(stamped, buffer)
+        with atomic_path(path) as temp, open(temp, "wb") as stream:
+            stream.write(buffer.getbuffer())
     except (OSError, RuntimeError, MedsynthError) as exc:
         # torch reports a failed write as RuntimeError wrapping the OS error text; atomic_path reports
         # a full disk it saw itself as a MedsynthError.

@@ -20,6 +20,8 @@ class TimeBudget(Handler):
         self.ended_run = False
 
     def started(self, loop: Loop) -> None:
+        if loop.resumed_epoch is None:
+            return  # a new run trains at least one step, however small its budget
         clock = loop.dist.agree(loop.clock(), None)[0]  # rank 0's clock on every rank
         self.spent_before_start = clock >= self.seconds
         if self.spent_before_start:
