@@ -25,6 +25,7 @@ from torch import nn
 
 from medsynth.cli import main
 from medsynth.engine.objectives import build_objective
+from medsynth.engine.objectives.reggan import RegistrationNetwork
 from medsynth.engine.run import claim_run_dir, train
 from medsynth.io.readers import read_volume
 from medsynth.model.checkpoint import load_checkpoint
@@ -61,7 +62,9 @@ def _build(name: str, config, generator: nn.Module, channels: int, lr: float = 1
 
 # --------------------------------------------------------------------------------- the step
 @pytest.mark.parametrize("context", [1, 3])
-def test_it_starts_as_the_gan_objective_and_then_trains_every_network(tiny_cohort: Path, context: int) -> None:
+def test_it_starts_as_the_gan_objective_and_then_trains_every_network(
+    tiny_cohort: Path, context: int
+) -> None:
     """R's output layer starts at zero: the first step's field is the identity, so its losses and the
     generator it leaves are the ``gan`` objective's; later steps move R (and the critic, and G)."""
     config = tiny_config(tiny_cohort, extra=[*REG, f"data.context={context}"])
@@ -90,6 +93,14 @@ def test_it_starts_as_the_gan_objective_and_then_trains_every_network(tiny_cohor
     for module, old in zip((generator, *reggan.modules), before, strict=True):
         assert any(not torch.equal(a, b) for a, b in zip(old, module.parameters(), strict=True))
     assert reggan.directions() == [] and reggan.optimizers[-1] is reggan.optimizer_registration
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (30, 20), (33, 39)])
+def test_any_crop_gives_a_zero_field_of_its_own_size(shape: tuple[int, int]) -> None:
+    """LocalNet halves the grid ``depth`` times; crops that do not divide are padded and cropped back."""
+    network = RegistrationNetwork(channels=2, depth=2)
+    field = network(torch.rand(2, 1, *shape), torch.rand(2, 1, *shape))
+    assert field.shape == (2, 2, *shape) and not field.any()
 
 
 def _blobs(count: int, draws: torch.Generator) -> torch.Tensor:
@@ -217,7 +228,13 @@ def test_torchrun_keeps_the_registration_network_a_replica(tiny_cohort: Path, tm
     runs = tmp_path / "runs"
     args = ["train", "t1->t2", "--data", str(tiny_cohort), "--config", "demo_cpu", "--device", "cpu",
             "--runs-dir", str(runs), "--name", "reg", "--quiet"]  # fmt: skip
-    for item in [*TINY_OVERRIDES, *REG, "train.steps_per_epoch=2", "train.decay_epochs=0", "train.batch_size=2"]:
+    for item in [
+        *TINY_OVERRIDES,
+        *REG,
+        "train.steps_per_epoch=2",
+        "train.decay_epochs=0",
+        "train.batch_size=2",
+    ]:
         args += ["--set", item]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(_free_port()), "-m", "medsynth", *args]  # fmt: skip

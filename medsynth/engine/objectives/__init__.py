@@ -7,7 +7,10 @@ direction of the run's task), that generator's optimiser, the data order and the
 * ``gan`` (:mod:`.pix2pix`): a conditional PatchGAN critic, LSGAN + ``lambda_l1`` * L1;
 * ``l1`` (:mod:`.pix2pix`): reconstruction alone (the pix2pix paper's ablation);
 * ``cyclegan`` (:mod:`.cyclegan`): a reverse generator, two unconditional critics, cycle-consistency
-  and identity terms, image pools; it learns from unpaired data (``data.pairing: unpaired``).
+  and identity terms, image pools; it learns from unpaired data (``data.pairing: unpaired``);
+* ``reggan`` (:mod:`.reggan`): ``gan`` for pairs that are not voxel-aligned: a registration network
+  (MONAI's LocalNet), trained jointly, warps ``G(x)`` onto the target before the L1, with a smoothness
+  penalty on its field. The network is training machinery: resumable state, never an inference direction.
 
 What the seam carries, so that no method has to teach the loop about itself:
 

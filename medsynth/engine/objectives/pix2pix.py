@@ -27,7 +27,7 @@ class _PairedStep:
     @classmethod
     def check_config(cls, config: Config) -> None:
         """Refuse any ``train.objective_args``: these objectives read none, so a key there (a typo of
-        ``lambda_l1``, a CycleGAN setting) would be a setting silently ignored."""
+        ``lambda_l1``, another objective's setting) would be a setting silently ignored."""
         unknown = sorted(config.train.objective_args)
         if unknown:
             raise ConfigError(
@@ -132,7 +132,7 @@ class GANObjective(_PairedStep):
     flow through it into the generator, whose own DDP wrapper averages them.
     """
 
-    loss_names = ("loss_critic", "loss_adv", "loss_l1")
+    loss_names: tuple[str, ...] = ("loss_critic", "loss_adv", "loss_l1")
     name, settings = "gan", ("train.lambda_l1", "train.adversarial_weight")
 
     def __init__(self, context: _Context) -> None:
@@ -197,7 +197,11 @@ class GANObjective(_PairedStep):
         return {"loss_critic": loss_critic.detach(), **losses}
 
     def generator_terms(
-        self, fake_scores: torch.Tensor, synthetic: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
+        self,
+        fake_scores: torch.Tensor,
+        synthetic: torch.Tensor,
+        target: torch.Tensor,
+        mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The generator step's loss and its logged parts: LSGAN + ``lambda_l1`` * L1. The seam of a variant
         that changes only the reconstruction term (one that registers the synthetic image onto the target)."""
