@@ -325,7 +325,7 @@ def inference_config() -> dict[str, Any]:
         "imports": ["$import glob", "$import os"],
         "bundle_root": ".",
         "device": "cpu",
-        "precision": "auto",
+        "precision": "fp32",  # the same bytes for the same input; "auto" times the machine
         "dataset_dir": "data",
         "output_dir": "eval",
         "datalist": "$sorted(glob.glob(os.path.join(@dataset_dir, '*.nii.gz')) + glob.glob(os.path.join(@dataset_dir, '*.nii')))",
@@ -340,7 +340,7 @@ def inference_config() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- reading
-def load_bundle(folder: str | Path, device: str = "cpu", precision: str = "auto") -> SynthesisModel:
+def load_bundle(folder: str | Path, device: str = "cpu", precision: str = "fp32") -> SynthesisModel:
     """The bundle's model, after checking that ``configs/metadata.json`` still describes it."""
     folder = Path(folder)
     meta_path = folder / METADATA
@@ -431,7 +431,7 @@ class BundleInference:
     (same model, same whole-volume path, float32 on the input's grid).
     """
 
-    def __init__(self, bundle_root: str | Path, device: str = "cpu", precision: str = "auto") -> None:
+    def __init__(self, bundle_root: str | Path, device: str = "cpu", precision: str = "fp32") -> None:
         from .ood import OODChecker
 
         self.model = load_bundle(bundle_root, device=str(device), precision=str(precision))
