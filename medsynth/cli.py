@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODALITY",
         help="with --misregister: the modality left in place (t1, t2, pd, flair or ct; default t1)",
     )
+    demo.add_argument(
+        "--protocol",
+        default="se",
+        metavar="NAME",
+        help="how the T1w is acquired, as at another site: se (default), spgr, mprage or 1.5t; the other "
+        "contrasts and the CT stay the default cohort's (docs/demo_cohort.md)",
+    )
     demo.set_defaults(handler=_data_demo)
     check = data_commands.add_parser("check", help="list subjects, modalities, geometry and problems")
     check.add_argument("root", type=Path)
@@ -265,13 +272,14 @@ def _data_demo(args: argparse.Namespace) -> int:
         dicom=args.dicom,
         misregister=misregister,
         reference=reference,
+        protocol=args.protocol,
     )
-    moved = ""
+    notes = "" if args.protocol == "se" else f", T1w acquired as {args.protocol}"
     if misregister is not None:
-        moved = f", misregistered against {reference} (up to {misregister[0]:g} mm, {misregister[1]:g} deg)"
+        notes += f", misregistered against {reference} (up to {misregister[0]:g} mm, {misregister[1]:g} deg)"
     print(
         f"demo cohort: {args.subjects} subjects x T1w, T2w, PDw, FLAIR, CT at {args.spacing:g} mm in {args.out}"
-        + moved
+        + notes
     )
     return 0
 

@@ -142,6 +142,7 @@ class Sequence:
     tr_ms: float
     te_ms: float
     ti_ms: float | None = None
+    field_t: float = FIELD_STRENGTH_T
 
     def signal(self, t1_ms: np.ndarray, t2_ms: np.ndarray, pd: np.ndarray) -> np.ndarray:
         """Signed transverse magnetisation per tissue (magnitude is taken after noise, as a scanner does).
@@ -158,7 +159,7 @@ class Sequence:
     def sidecar(self) -> dict[str, object]:
         """BIDS sidecar fields (seconds, as BIDS wants)."""
         fields: dict[str, object] = {
-            "MagneticFieldStrength": FIELD_STRENGTH_T,
+            "MagneticFieldStrength": self.field_t,
             "PulseSequenceType": "Inversion Recovery" if self.ti_ms is not None else "Spin Echo",
             "SeriesDescription": self.description,
             "RepetitionTime": self.tr_ms / 1000.0,
@@ -209,6 +210,230 @@ SEQUENCES: tuple[Sequence, ...] = (
         ti_ms=round(csf_nulling_ti(_FLAIR_TR_MS, TISSUES[TISSUE_INDEX["csf"]].t1_ms)),
     ),
 )
+
+
+@dataclass(frozen=True)
+class GradientEcho:
+    """A spoiled gradient echo (SPGR, FLASH): the steady state of ``flip_deg`` pulses every ``tr_ms``.
+
+    3D T1w scans at many sites are SPGRs rather than spin echoes: the same T1 ordering of tissues from
+    a different equation, so a model trained on one meets a slightly different image in the other.
+    """
+
+    modality: str
+    suffix: str
+    description: str
+    tr_ms: float
+    te_ms: float
+    flip_deg: float
+    field_t: float = FIELD_STRENGTH_T
+
+    def signal(self, t1_ms: np.ndarray, t2_ms: np.ndarray, pd: np.ndarray) -> np.ndarray:
+        """``PD sin(a) (1 - E1) / (1 - cos(a) E1) e^(-TE/T2*)`` with ``E1 = e^(-TR/T1)`` (ideal spoiling).
+
+        T2* is taken as the tissue's T2: at TE 4 ms the two decays differ by under 5 % in soft tissue,
+        and bone's 0.4 ms is already a T2* (it is dark either way).
+        """
+        alpha = math.radians(self.flip_deg)
+        e1 = np.exp(-self.tr_ms / t1_ms)
+        return pd * math.sin(alpha) * (1.0 - e1) / (1.0 - math.cos(alpha) * e1) * np.exp(-self.te_ms / t2_ms)
+
+    def sidecar(self) -> dict[str, object]:
+        """BIDS sidecar fields (seconds and degrees, as BIDS wants)."""
+        return {
+            "MagneticFieldStrength": self.field_t,
+            "PulseSequenceType": "Spoiled Gradient Echo",
+            "MRAcquisitionType": "3D",
+            "SeriesDescription": self.description,
+            "RepetitionTime": self.tr_ms / 1000.0,
+            "EchoTime": self.te_ms / 1000.0,
+            "FlipAngle": self.flip_deg,
+        }
+
+
+@dataclass(frozen=True)
+class MPRAGE:
+    """An inversion-prepared gradient echo (MPRAGE): a 180 pulse, then a train of ``train_length``
+    low-angle readouts every ``echo_spacing_ms``, repeated every ``tr_ms``.
+
+    ``ti_ms`` runs from the inversion to the train's centre readout (the centre of k-space, linear
+    ordering), as scanners define it. The image is the signal of that centre readout.
+    """
+
+    modality: str
+    suffix: str
+    description: str
+    tr_ms: float
+    ti_ms: float
+    te_ms: float
+    flip_deg: float
+    echo_spacing_ms: float
+    train_length: int
+    field_t: float = FIELD_STRENGTH_T
+
+    def __post_init__(self) -> None:
+        if self.ti_ms < self.echo_spacing_ms * self.train_length / 2 or self.tr_ms < self.ti_ms + (
+            self.echo_spacing_ms * self.train_length / 2
+        ):
+            raise MedsynthError(f"{self.description}: the readout train does not fit between TI and TR")
+
+    def signal(self, t1_ms: np.ndarray, t2_ms: np.ndarray, pd: np.ndarray) -> np.ndarray:
+        """The centre readout's signed signal in the periodic steady state (ideal inversion and spoiling).
+
+        Within the train ``Mz`` relaxes towards ``M* = PD (1 - E) / (1 - q)`` by the factor ``q = cos(a) E``
+        per readout (``E = e^(-spacing/T1)``): ``M_j = M* + (M_a - M*) q^j``. Between trains, free
+        recovery: ``M_a = PD (1 - e^(-TA/T1)) - A e^(-TA/T1)`` after the inversion of the magnetisation
+        ``A`` left at the end of the delay ``TD``. Requiring the same ``A`` every TR gives the closed form
+        below (Deichmann et al., NeuroImage 2000;12:112-127, in the same spirit). Signal:
+        ``M_(n/2) sin(a) e^(-TE/T2*)``, T2* taken as T2 as for :class:`GradientEcho`.
+        """
+        alpha = math.radians(self.flip_deg)
+        train_ms = self.echo_spacing_ms * self.train_length
+        ta = self.ti_ms - train_ms / 2  # inversion -> first readout
+        td = self.tr_ms - ta - train_ms  # last readout -> next inversion
+        e = np.exp(-self.echo_spacing_ms / t1_ms)
+        q = math.cos(alpha) * e
+        steady = pd * (1.0 - e) / (1.0 - q)
+        qn, ea, ed = q**self.train_length, np.exp(-ta / t1_ms), np.exp(-td / t1_ms)
+        before_inversion = (pd * (1.0 - ed) + ed * (steady * (1.0 - qn) + qn * pd * (1.0 - ea))) / (
+            1.0 + ed * qn * ea
+        )
+        first = pd * (1.0 - ea) - before_inversion * ea
+        centre = steady + (first - steady) * q ** (self.train_length // 2)
+        return centre * math.sin(alpha) * np.exp(-self.te_ms / t2_ms)
+
+    def sidecar(self) -> dict[str, object]:
+        """BIDS sidecar fields: ``RepetitionTimePreparation`` is the inversion-to-inversion time and
+        ``RepetitionTimeExcitation`` the readout spacing (BIDS's names for the two TRs of an MPRAGE)."""
+        return {
+            "MagneticFieldStrength": self.field_t,
+            "PulseSequenceType": "MPRAGE",
+            "MRAcquisitionType": "3D",
+            "SeriesDescription": self.description,
+            "RepetitionTimePreparation": self.tr_ms / 1000.0,
+            "RepetitionTimeExcitation": self.echo_spacing_ms / 1000.0,
+            "InversionTime": self.ti_ms / 1000.0,
+            "EchoTime": self.te_ms / 1000.0,
+            "FlipAngle": self.flip_deg,
+            "NumberOfReadoutsPerInversion": self.train_length,
+        }
+
+
+#: Field dependence of relaxation, 1.5 T over 3 T, per tissue (T1 ratio, T2 ratio): GM and WM from
+#: Stanisz et al., MRM 2005;54:507-512 (GM T1 1124 / 1820 ms, T2 95 / 99 ms; WM T1 884 / 1084 ms,
+#: T2 72 / 69 ms); subcutaneous fat and skeletal muscle from de Bazelaire et al., Radiology
+#: 2004;230:652-659 (fat T1 343 / 382 ms, T2 58 / 68 ms; muscle T1 1008 / 1412 ms, T2 44 / 50 ms). CSF is
+#: nearly free water, whose relaxation barely depends on the field; bone is dark at any field (T2* 0.4 ms).
+#: Ratios rather than the 1.5 T values themselves, so each subject's jittered 3 T tissue becomes the same
+#: tissue at 1.5 T: the demo's 3 T values are Wansapura's, and T1 always shortens at lower field.
+RELAXATION_1_5T_OVER_3T: dict[str, tuple[float, float]] = {
+    "csf": (1.0, 1.0),
+    "gm": (1124.0 / 1820.0, 95.0 / 99.0),
+    "wm": (884.0 / 1084.0, 72.0 / 69.0),
+    "fat": (343.0 / 382.0, 58.0 / 68.0),
+    "muscle": (1008.0 / 1412.0, 44.0 / 50.0),
+    "bone": (1.0, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class InputProtocol:
+    """How one site acquires the T1w input: sequence, field strength and receive chain.
+
+    ``bias`` is the peak of the log bias field (0.2: +-20 %), ``snr`` the mean brain signal over the
+    noise sd, ``log10_scale`` the range of the arbitrary intensity scale (10 to the power of a uniform
+    draw). ``relaxation_ratio`` (tissue -> T1 and T2 factors) moves the subject's 3 T tissues to the
+    protocol's field strength. Only the T1w changes: the other contrasts and the CT are the default
+    cohort's, so a model scored on this cohort meets a shifted input against an unchanged target.
+    """
+
+    name: str
+    summary: str
+    sequence: Sequence | GradientEcho | MPRAGE
+    bias: float
+    snr: float
+    log10_scale: tuple[float, float]
+    relaxation_ratio: Mapping[str, tuple[float, float]] | None = None
+
+    def relaxation(
+        self, relaxation: tuple[np.ndarray, np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A subject's (jittered, 3 T) T1, T2 and PD per tissue at this protocol's field strength."""
+        t1, t2, pd = relaxation
+        if self.relaxation_ratio is None:
+            return t1, t2, pd
+        ratio = np.array([self.relaxation_ratio[t.name] for t in TISSUES])
+        return t1 * ratio[:, 0], t2 * ratio[:, 1], pd
+
+    def describe(self) -> dict[str, object]:
+        """What ``dataset_description.json`` records about the input protocol."""
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "modality": self.sequence.modality,
+            "sequence": self.sequence.sidecar(),
+            "bias_peak": self.bias,
+            "snr": self.snr,
+            "log10_scale": list(self.log10_scale),
+            "note": "only the T1w follows this protocol; T2w, PDw, FLAIR and CT are the default cohort's "
+            "(bit-identical for the same seed), so a score on this cohort measures the input shift alone; "
+            "the T1w's bias field, noise and scale come from numpy default_rng((seed, subject index, 3))",
+        }
+
+
+#: The default protocol: today's cohort, which every other protocol leaves unchanged but for the T1w.
+DEFAULT_PROTOCOL = "se"
+#: Input protocols of ``make_demo_cohort(protocol=...)`` / ``medsynth data demo --protocol NAME``.
+PROTOCOLS: dict[str, InputProtocol] = {
+    p.name: p
+    for p in (
+        InputProtocol(
+            DEFAULT_PROTOCOL, "spin-echo T1w at 3 T (the default cohort)", SEQUENCES[0], 0.2, SNR, (2.5, 3.5)
+        ),
+        InputProtocol(
+            "spgr",
+            "3D spoiled gradient echo T1w at 3 T, stronger bias, higher SNR, another scale",
+            GradientEcho("t1", "T1w", "T1w 3D SPGR", tr_ms=20.0, te_ms=4.0, flip_deg=25.0),
+            0.35,
+            35.0,
+            (3.5, 4.5),
+        ),
+        InputProtocol(
+            "mprage",
+            "3D MPRAGE T1w at 3 T (ADNI-like timings), stronger bias, lower SNR, another scale",
+            MPRAGE(
+                "t1",
+                "T1w",
+                "T1w MPRAGE",
+                tr_ms=2300.0,
+                ti_ms=900.0,
+                te_ms=2.98,
+                flip_deg=9.0,
+                echo_spacing_ms=7.1,
+                train_length=176,
+            ),  # fmt: skip
+            0.3,
+            20.0,
+            (1.5, 2.5),
+        ),
+        InputProtocol(
+            "1.5t",
+            "the default spin echo at 1.5 T relaxation times, weaker bias, lower SNR, another scale",
+            Sequence("t1", "T1w", "T1w SE 1.5T", tr_ms=400.0, te_ms=8.0, field_t=1.5),
+            0.1,
+            15.0,
+            (2.0, 3.0),
+            RELAXATION_1_5T_OVER_3T,
+        ),
+    )
+}
+
+
+def input_protocol(name: str) -> InputProtocol:
+    """The protocol called ``name``; an unknown name is a one-line error listing the valid ones."""
+    if name not in PROTOCOLS:
+        raise ConfigError(f"unknown demo protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
 
 
 @dataclass(frozen=True)
@@ -369,22 +594,28 @@ def jittered_tissues(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, 
 
 
 def simulate_contrast(
-    sequence: Sequence,
+    sequence: Sequence | GradientEcho | MPRAGE,
     fractions: np.ndarray,
     relaxation: tuple[np.ndarray, np.ndarray, np.ndarray],
     spacing_mm: float,
     rng: np.random.Generator,
+    *,
+    bias: float = 0.2,
+    snr: float = SNR,
+    log10_scale: tuple[float, float] = (2.5, 3.5),
 ) -> np.ndarray:
-    """One magnitude image: partial-volume signal x smooth bias (+-20 %), Rician noise, arbitrary scale."""
+    """One magnitude image: partial-volume signal x smooth bias (``exp(bias f)``, +-20 % by default),
+    Rician noise at ``snr``, an arbitrary scale ``10^U(log10_scale)``. The defaults are the default
+    cohort's; an :class:`InputProtocol` passes its own."""
     signal = np.tensordot(sequence.signal(*relaxation).astype(np.float32), fractions, axes=1)
     brain = (
         fractions[TISSUE_INDEX["csf"]] + fractions[TISSUE_INDEX["gm"]] + fractions[TISSUE_INDEX["wm"]] > 0.5
     )
-    sigma = float(np.abs(signal[brain]).mean()) / SNR
-    signal *= np.exp(0.2 * smooth_random_field(rng, signal.shape, spacing_mm, 80.0))
+    sigma = float(np.abs(signal[brain]).mean()) / snr
+    signal *= np.exp(bias * smooth_random_field(rng, signal.shape, spacing_mm, 80.0))
     real = signal + rng.normal(0.0, sigma, signal.shape).astype(np.float32)
     imaginary = rng.normal(0.0, sigma, signal.shape).astype(np.float32)
-    scale = 10.0 ** rng.uniform(2.5, 3.5)  # scanners report arbitrary units
+    scale = 10.0 ** rng.uniform(*log10_scale)  # scanners report arbitrary units
     return (np.hypot(real, imaginary) * scale).astype(np.float32)
 
 
@@ -419,14 +650,20 @@ def simulate_ct(
 
 
 def simulate_subject(
-    index: int, spacing_mm: float = 1.0, seed: int = 0
+    index: int, spacing_mm: float = 1.0, seed: int = 0, protocol: str = DEFAULT_PROTOCOL
 ) -> tuple[dict[str, Volume], SubjectDraw]:
     """The four contrasts and the CT of subject ``index`` (0-based), keyed by modality, on one grid.
 
     Everything random comes from ``np.random.default_rng((seed, index))`` and, for the CT's HU jitter and
     noise, ``np.random.default_rng((seed, index, 1))``: a subject does not depend on how many others are
     generated or in which order, and the MR volumes are those of the cohort before it had a CT.
+
+    Another ``protocol`` (:data:`PROTOCOLS`) replaces the T1w with its own acquisition of the same
+    subject (same anatomy and tissue jitter), its bias, noise and scale drawn from a fourth Generator,
+    ``(seed, index, 3)``. The default T1w is still simulated first, because the draws of the other
+    contrasts follow its draws: that keeps them bit-identical to the default cohort's.
     """
+    site = input_protocol(protocol)
     base = anatomy(spacing_mm)
     rng = np.random.default_rng((seed, index))
     coords, draw = warp_coordinates(base, rng)
@@ -440,6 +677,16 @@ def simulate_subject(
         )
         for seq in SEQUENCES
     }
+    if site.name != DEFAULT_PROTOCOL:
+        site_rng = np.random.default_rng((seed, index, 3))
+        volumes[site.sequence.modality] = Volume(
+            simulate_contrast(
+                site.sequence, fractions, site.relaxation(relaxation), spacing_mm, site_rng,
+                bias=site.bias, snr=site.snr, log10_scale=site.log10_scale,
+            ),
+            base.affine,
+            {"format": "nifti", "path": "<demo>", "protocol": site.sequence},
+        )  # fmt: skip
     ct_rng = np.random.default_rng((seed, index, 1))
     diploe = warp(base.diploe[None], coords)[0]
     volumes[CT_PROTOCOL.modality] = Volume(
@@ -646,7 +893,7 @@ def _write_dicom(volumes: Mapping[str, Volume], folder: Path, subject_id: str) -
 
     study_uid, frame_uid = generate_uid(), generate_uid()
     for number, volume in enumerate(volumes.values(), start=1):
-        protocol: Sequence | CTProtocol = volume.meta["protocol"]
+        protocol: Sequence | GradientEcho | MPRAGE | CTProtocol = volume.meta["protocol"]
         write_dicom_series(
             volume,
             folder / f"{number:02d}_{protocol.suffix}",
@@ -669,6 +916,7 @@ def make_demo_cohort(
     progress: bool = True,
     misregister: tuple[float, float] | None = None,
     reference: str = "t1",
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> list[Path]:
     """Write a paired T1w/T2w/PDw/FLAIR + CT cohort in a BIDS-like layout and return the subject folders.
 
@@ -685,13 +933,22 @@ def make_demo_cohort(
     be aligned, for comparing paired with unpaired training. The draws go to ``participants.tsv`` and
     ``dataset_description.json``; without it the files are those of the plain cohort.
 
+    ``protocol`` (a name of :data:`PROTOCOLS`) acquires the T1w as another site would (spoiled gradient
+    echo, MPRAGE, 1.5 T; other bias, noise and scale) and leaves every other file of the default cohort
+    as it is: a second site to score a model against. It is recorded in ``participants.tsv``
+    (``t1w_protocol``) and ``dataset_description.json`` (``MedsynthDemo.protocol``); the default
+    protocol writes neither, so its cohort is byte-identical to the one before protocols existed.
+
     Example:
         >>> make_demo_cohort("demo_off", n_subjects=2, spacing_mm=4.0, misregister=(4.0, 4.0))  # doctest: +SKIP
+        >>> make_demo_cohort("site_b", n_subjects=2, spacing_mm=4.0, protocol="mprage")  # doctest: +SKIP
     """
     if isinstance(n_subjects, bool) or not isinstance(n_subjects, int) or n_subjects < 1:
         raise MedsynthError(f"n_subjects must be a positive integer, got {n_subjects!r}")
     _check_spacing(spacing_mm)
     misregister, reference = _check_misregister(misregister, reference)
+    site = input_protocol(protocol)
+    other_site = site.name != DEFAULT_PROTOCOL
     out = Path(out)
     _prepare_output(out)
     width = max(2, len(str(n_subjects)))
@@ -699,6 +956,8 @@ def make_demo_cohort(
     if misregister is not None:
         centre_mm = head_centre_mm(spacing_mm)
         header += "\t" + "\t".join(MISREGISTER_COLUMNS)
+    if other_site:
+        header += "\tt1w_protocol"
     rows = [header]
     subject_dirs = []
     first: dict[str, Volume] = {}
@@ -706,19 +965,21 @@ def make_demo_cohort(
         range(n_subjects), desc="demo subjects", unit="subject", disable=None if progress else True
     ):
         subject_id = f"{index + 1:0{width}d}"
-        volumes, draw = simulate_subject(index, spacing_mm, seed)
+        volumes, draw = simulate_subject(index, spacing_mm, seed, site.name)
         row = f"sub-{subject_id}\t{draw.head_scale:.4f}\t{draw.rotation_deg:.2f}\t{draw.max_displacement_mm:.2f}"
         if misregister is not None:
             motion = draw_misregistration(index, seed, *misregister, centre_mm)
             volumes = misregister_subject(volumes, motion, reference)
             row += "\t" + "\t".join(_misregister_fields(motion))
+        if other_site:
+            row += f"\t{site.name}"
         anat = out / f"sub-{subject_id}" / "anat"
         for volume in volumes.values():
-            protocol: Sequence | CTProtocol = volume.meta["protocol"]
-            stem = f"sub-{subject_id}_{protocol.suffix}"
-            ct = isinstance(protocol, CTProtocol)
+            acquisition: Sequence | GradientEcho | MPRAGE | CTProtocol = volume.meta["protocol"]
+            stem = f"sub-{subject_id}_{acquisition.suffix}"
+            ct = isinstance(acquisition, CTProtocol)
             _write_nifti(volume, anat / f"{stem}.nii.gz", np.int16 if ct else np.float32)
-            atomic_write_text(anat / f"{stem}.json", json.dumps(protocol.sidecar(), indent=2) + "\n")
+            atomic_write_text(anat / f"{stem}.json", json.dumps(acquisition.sidecar(), indent=2) + "\n")
         if dicom:
             _write_dicom(volumes, out / "dicom" / f"sub-{subject_id}", subject_id)
         rows.append(row)
@@ -745,6 +1006,8 @@ def make_demo_cohort(
             "numpy default_rng((seed, subject index, 2)); per-subject values in participants.tsv "
             "(misregister_*); fill: 0 in MR, -1024 HU in CT",
         }
+    if other_site:
+        info["protocol"] = site.describe()
     description = {
         "Name": DATASET_NAME,
         "BIDSVersion": "1.9.0",
