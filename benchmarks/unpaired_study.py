@@ -21,12 +21,19 @@ real target's, and the correlation of their gradient magnitudes inside the head 
 image has none, or none where it has them, lower it); for a CT target also the bone Dice and range error
 ``medsynth evaluate`` reports.
 
+With ``--methods`` it also answers misregistration the other two ways (issue 32): ``gan_registered``
+trains the paired GAN on a copy of each misregistered cohort made by ``medsynth data register`` (rigid,
+mutual information; the copy is built once, beside the cohort), ``reggan`` trains the registration-aware
+objective (``train.objective: reggan``) on the cohort as it is, and ``reggan_registered`` both together.
+
 Runs are resumable (finished ones skipped, interrupted ones resumed); ``--parallel 2`` trains two runs at
 a time with one thread each (the next starts when one ends), so every run shares the machine alike.
 
     python benchmarks/unpaired_study.py --work /tmp/study --minutes 10 --parallel 2
     python benchmarks/unpaired_study.py --work /tmp/study --minutes 10 --misregister 2,2 --misregister 8,8
     python benchmarks/unpaired_study.py --work /tmp/study --minutes 10 --report-only --docs docs
+    python benchmarks/unpaired_study.py --work /tmp/reg --minutes 8 --methods gan,gan_registered,reggan \
+        --misregister 4,4 --misregister 12,12
 
 It writes ``unpaired_study.md`` (tables, commands, machine) and ``unpaired_<task>.png`` (one test
 subject: input, real target, every run's synthetic image and its error) into ``--work`` and, with
@@ -57,12 +64,19 @@ OPEN_EPOCHS = ["train.epochs=100000", "train.decay_epochs=100000"]
 #: task -> (paired recipe, unpaired recipe); both share the generator, its context and the split sizes.
 RECIPES = {"t1->t2": ("demo_cpu", "demo_cyclegan"), "t1->ct": ("demo_ct", "demo_ct_cyclegan")}
 NAMES = {"t1": "T1w", "t2": "T2w", "ct": "CT"}
-METHODS = ("gan", "cyclegan", "cyclegan_long")
+METHODS = ("gan", "gan_registered", "reggan", "reggan_registered", "cyclegan", "cyclegan_long")
 METHOD_NAMES = {
     "gan": "paired GAN (pix2pix)",
+    "gan_registered": "paired GAN after `data register`",
+    "reggan": "registration-aware GAN (reggan)",
+    "reggan_registered": "reggan after `data register`",
     "cyclegan": "CycleGAN (unpaired)",
     "cyclegan_long": "CycleGAN, longer (`--long-factor`)",
 }
+#: What the study trains without ``--methods`` (the unpaired study as first measured).
+DEFAULT_METHODS = ("gan", "cyclegan", "cyclegan_long")
+#: Suffix of a cohort's registered copy (``medsynth data register``), and of the methods that train on it.
+REGISTERED = "_registered"
 
 
 @dataclass(frozen=True)
@@ -90,8 +104,11 @@ def misregistered_name(value: str) -> str:
     return f"misregistered_{mm:g}mm_{deg:g}deg"
 
 
-def build_cohorts(work: Path, subjects: int, misregister: list[str]) -> dict[str, Path]:
-    """The aligned cohort, one misregistered cohort per ``--misregister``, and the disjoint cohort."""
+def build_cohorts(
+    work: Path, subjects: int, misregister: list[str], registered: bool = False
+) -> dict[str, Path]:
+    """The aligned cohort, one misregistered cohort per ``--misregister`` (and, with ``registered``, its copy
+    registered by ``medsynth data register``), and the disjoint cohort."""
     from medsynth.data.demo import make_demo_cohort
     from medsynth.data.splits import make_splits
 
@@ -104,6 +121,13 @@ def build_cohorts(work: Path, subjects: int, misregister: list[str]) -> dict[str
         if not (folder / "participants.tsv").is_file():
             make_demo_cohort(folder, n_subjects=subjects, spacing_mm=2.0, seed=0, misregister=(mm, deg))
         cohorts[misregistered_name(value)] = folder
+        if registered:
+            copy = work / (misregistered_name(value) + REGISTERED)
+            if not (copy / "participants.tsv").is_file():
+                subprocess.run(
+                    medsynth("data", "register", str(folder), "--out", str(copy), "--quiet"), check=True
+                )
+            cohorts[misregistered_name(value) + REGISTERED] = copy
     ids = sorted(p.name for p in cohorts["aligned"].glob("sub-*"))
     splits_path = work / "splits.json"
     if not splits_path.is_file():
@@ -137,14 +161,14 @@ def train_and_evaluate(run: Run, cohorts: dict[str, Path], args: argparse.Namesp
     run_dir = args.work / "runs" / run.name
     state = run_state(run_dir)
     if state != "finished":
-        paired, unpaired = RECIPES[run.task]
-        recipe = paired if run.method == "gan" else unpaired
+        recipe, recipe_sets = method_recipe(run.task, run.method)
+        data = cohorts[run.cohort + REGISTERED if run.method.endswith(REGISTERED) else run.cohort]
         if state == "partial" and (run_dir / "checkpoint_latest.pt").is_file():
             command = medsynth("train", "--resume", str(run_dir), "--quiet")
         else:
-            command = medsynth("train", "--data", str(cohorts[run.cohort]), "--config", recipe, "--runs-dir",
+            command = medsynth("train", "--data", str(data), "--config", recipe, "--runs-dir",
                                str(args.work / "runs"), "--name", run.name, "--quiet")  # fmt: skip
-            for item in [*OPEN_EPOCHS, f"train.max_minutes={minutes(args, run.task, run.method):g}", f"train.num_threads={args.threads}",
+            for item in [*OPEN_EPOCHS, *recipe_sets, f"train.max_minutes={minutes(args, run.task, run.method):g}", f"train.num_threads={args.threads}",
                          f"data.splits_file={args.work / 'splits.json'}"]:  # fmt: skip
                 command += ["--set", item]
         print(f"{run.name}: training {minutes(args, run.task, run.method):g} min", flush=True)
@@ -154,6 +178,14 @@ def train_and_evaluate(run: Run, cohorts: dict[str, Path], args: argparse.Namesp
         (run_dir / "study.json").write_text(json.dumps({"wall_minutes": (time.perf_counter() - started) / 60,
                                                         "threads": args.threads}))  # fmt: skip
     evaluate_run(run, cohorts, args)
+
+
+def method_recipe(task: str, method: str) -> tuple[str, list[str]]:
+    """The recipe a method trains with, and its overrides: reggan is the paired recipe with its objective."""
+    paired, unpaired = RECIPES[task]
+    if method.startswith("cyclegan"):
+        return unpaired, []
+    return paired, (["train.objective=reggan"] if method.startswith("reggan") else [])
 
 
 def minutes(args: argparse.Namespace, task: str, method: str = "gan") -> float:
@@ -186,6 +218,11 @@ def planned_runs(args: argparse.Namespace, cohorts: dict[str, Path]) -> list[Run
     first = misregistered_name(args.misregister[0])
 
     def planned(task: str, cohort: str, method: str) -> bool:
+        if method not in args.methods or cohort.endswith(REGISTERED):
+            return False
+        swept = task in args.sweep_tasks and method in args.sweep_methods
+        if method.endswith(REGISTERED):  # a registered copy of a misregistered cohort
+            return cohort.startswith("misregistered") and (cohort == first or swept)
         if method == "cyclegan_long":  # how far more minutes take it, on the first task's aligned data
             return bool(args.long_factor) and cohort == "aligned" and task == args.tasks[0]
         if cohort == "disjoint":
@@ -194,7 +231,7 @@ def planned_runs(args: argparse.Namespace, cohorts: dict[str, Path]) -> list[Run
             return True
         if method == "cyclegan":
             return cohort == first and task in args.sweep_tasks
-        return cohort == first or task in args.sweep_tasks
+        return cohort == first or swept
 
     return [
         Run(task, cohort, method)
@@ -393,7 +430,7 @@ def figure(task: str, results: dict[Run, dict[str, Any]], cohorts: list[str], pa
 def report(args: argparse.Namespace, cohorts: dict[str, Path], results: dict[Run, dict[str, Any]]) -> str:
     names = list(cohorts)
     parts = [
-        "# Paired GAN vs CycleGAN on aligned, misregistered and disjoint training data",
+        "# Paired GAN, registration and CycleGAN on aligned, misregistered and disjoint training data",
         "",
         f"{machine.describe('cpu')}.",
         "Every run of a task trains for the same minutes (`train.max_minutes`: "
@@ -412,6 +449,7 @@ def report(args: argparse.Namespace, cohorts: dict[str, Path], results: dict[Run
         + f"--parallel {args.parallel} "
         + " ".join(f"--misregister {m}" for m in args.misregister)
         + (f" --long-factor {args.long_factor:g}" if args.long_factor else "")
+        + (f" --methods {','.join(args.methods)}" if args.methods != list(DEFAULT_METHODS) else "")
         + "`",
     ]
     for task in args.tasks:
@@ -432,8 +470,12 @@ def main() -> int:
     parser.add_argument(
         "--sweep-tasks", default=None, help="tasks whose paired GAN trains on every misregistered cohort"
     )
+    parser.add_argument("--sweep-methods", default=None,
+                        help="methods trained on the misregistered cohorts after the first (default: all)")  # fmt: skip
     parser.add_argument("--long-factor", type=float, default=0.0,
                         help="also train CycleGAN on the first task's aligned data for this many times the minutes")  # fmt: skip
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma list of {', '.join(METHODS)}")  # fmt: skip
     parser.add_argument("--subjects", type=int, default=12)
     parser.add_argument("--parallel", type=int, default=2, choices=(1, 2))
     parser.add_argument("--report-only", action="store_true")
@@ -444,11 +486,17 @@ def main() -> int:
         k.strip(): float(v) for k, _, v in (i.partition("=") for i in args.task_minutes.split(",") if i)
     }
     args.misregister = args.misregister or ["4,4"]
+    args.methods = [m.strip() for m in args.methods.split(",")]
+    args.sweep_methods = args.sweep_methods.split(",") if args.sweep_methods else args.methods
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     args.sweep_tasks = args.sweep_tasks.split(",") if args.sweep_tasks else args.tasks[:1]
     args.threads = 1 if args.parallel > 1 else 2
     args.work.mkdir(parents=True, exist_ok=True)
     print(machine.describe("cpu"), flush=True)
-    cohorts = build_cohorts(args.work, args.subjects, args.misregister)
+    registered = any(m.endswith(REGISTERED) for m in args.methods)
+    cohorts = build_cohorts(args.work, args.subjects, args.misregister, registered=registered)
     runs = planned_runs(args, cohorts)
     if not args.report_only:
         run_all(runs, cohorts, args)

@@ -38,7 +38,12 @@ def test_the_disjoint_cohort_leaves_no_training_pair_and_held_out_subjects_whole
 
 def test_planned_runs_skip_what_cannot_or_need_not_train() -> None:
     args = argparse.Namespace(
-        tasks=["t1->t2", "t1->ct"], misregister=["4,4", "12,12"], sweep_tasks=["t1->t2"], long_factor=0.0
+        tasks=["t1->t2", "t1->ct"],
+        misregister=["4,4", "12,12"],
+        sweep_tasks=["t1->t2"],
+        long_factor=0.0,
+        methods=list(study.DEFAULT_METHODS),
+        sweep_methods=list(study.DEFAULT_METHODS),
     )
     cohorts = {
         "aligned": Path(),
@@ -58,6 +63,29 @@ def test_planned_runs_skip_what_cannot_or_need_not_train() -> None:
     assert [(r.task, r.cohort) for r in longer] == [("t1->t2", "aligned")]
     args.minutes, args.task_minutes = 15.0, {"t1->ct": 10.0}
     assert study.minutes(args, "t1->t2", "cyclegan_long") == 30.0 and study.minutes(args, "t1->ct") == 10.0
+
+
+def test_the_registration_methods_train_on_registered_copies_of_misregistered_cohorts() -> None:
+    args = argparse.Namespace(
+        tasks=["t1->t2", "t1->ct"],
+        misregister=["4,4", "12,12"],
+        sweep_tasks=["t1->t2"],
+        long_factor=0.0,
+        methods=["gan", "gan_registered", "reggan"],
+        sweep_methods=["gan_registered"],
+    )
+    cohorts = {name: Path() for name in ("aligned", "misregistered_4mm_4deg", "misregistered_4mm_4deg_registered",
+                                         "misregistered_12mm_12deg", "misregistered_12mm_12deg_registered",
+                                         "disjoint")}  # fmt: skip
+    runs = {(r.task, r.cohort, r.method) for r in study.planned_runs(args, cohorts)}
+    assert ("t1->t2", "aligned", "reggan") in runs and ("t1->t2", "aligned", "gan_registered") not in runs
+    assert ("t1->ct", "misregistered_4mm_4deg", "gan_registered") in runs
+    assert ("t1->t2", "misregistered_12mm_12deg", "gan_registered") in runs  # the sweep's one method
+    assert ("t1->t2", "misregistered_12mm_12deg", "reggan") not in runs
+    assert not [r for r in runs if r[1].endswith("_registered") or r[2].startswith("cyclegan")]
+    assert len(runs) == 6 + 5
+    assert study.method_recipe("t1->ct", "reggan") == ("demo_ct", ["train.objective=reggan"])
+    assert study.method_recipe("t1->t2", "gan_registered") == ("demo_cpu", [])
 
 
 def test_table_and_figure_of_a_real_run(tiny_run: Path, tiny_cohort: Path, tmp_path: Path) -> None:
