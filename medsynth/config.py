@@ -175,6 +175,10 @@ class TrainConfig:
     checkpoint_every: int = 0
     #: Limit validation to this many held-out subjects (None = all).
     val_subjects: int | None = None
+    #: Register each held-out target onto its source (rigid, mutual information) once before validation
+    #: scores it, so that pairs that are not aligned do not choose checkpoint_best.pt. Objectives that
+    #: train through misalignment (``reggan``) always do.
+    register_validation: bool = False
     inference_batch_size: int = 16
 
     def validate(self) -> None:

@@ -109,6 +109,7 @@ def assemble(
         direction_models,
         train.inference_batch_size,
         quiet=quiet or not dist.is_main,
+        register_targets=train.register_validation or objective.registers_validation,
     )
     optimizers = [opt_g, *objective.optimizers]
     for optimizer in optimizers:

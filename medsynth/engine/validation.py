@@ -9,6 +9,11 @@ What is scored depends on the data:
 
 * ``target``: subjects that have the run's inputs and its target are scored against the real target (a
   unified model on every modality of the subject, from all the others);
+* ``registered target``: as ``target``, after each held-out target was registered onto the subject's
+  (first) source once (rigid, mutual information: :func:`medsynth.data.registration.register_pair` on
+  the cached normalised volumes), for methods that train through misalignment or when
+  ``train.register_validation`` asks: a misaligned held-out pair would otherwise score a blurred
+  synthesis above a sharp one and choose ``checkpoint_best.pt`` for it;
 * ``round trip``: when no validation subject has both sides (unpaired data whose held-out subjects have one
   image each), a model whose objective also trained the reverse direction is scored on the round trip
   ``x -> G -> F`` for a subject's source and ``y -> F -> G`` for its target. That checks consistency, not
@@ -17,6 +22,7 @@ What is scored depends on the data:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -25,9 +31,12 @@ import numpy as np
 
 from ..data.cache import Cohort
 from ..errors import MedsynthError
+from ..io.volume import Volume
 from ..metrics import mae, psnr, ssim_3d
 from ..model.synthesis import SynthesisModel
 from ..task import Task
+
+log = logging.getLogger("medsynth")
 
 #: (modality, synthetic, truth, mask, inputs): slice-first normalised arrays of one scored case.
 Case = tuple[str, np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]
@@ -54,11 +63,18 @@ class Validation:
         batch_size: int,
         *,
         quiet: bool = False,
+        register_targets: bool = False,
     ) -> None:
         self.task, self.cohort, self.model = task, cohort, model
         self.direction_models, self.batch_size, self.quiet = list(direction_models), batch_size, quiet
-        #: ``target`` (synthetic vs real target) or ``round trip``.
-        self.kind = "target"
+        if register_targets and task.is_unified:
+            raise MedsynthError(
+                "registered validation needs a source to register onto; a unified task has none"
+            )
+        #: ``target`` (synthetic vs real target), ``registered target`` or ``round trip``.
+        self.kind = "registered target" if register_targets else "target"
+        #: Held-out targets registered onto their sources, by subject (slice-first, normalised).
+        self._registered: dict[str, np.ndarray] = {}
 
     def run(self, subject_ids: Sequence[str]) -> tuple[dict[str, float], list[Any]]:
         """Mean PSNR / SSIM / MAE over the scored cases, and the first case for the sample figure."""
@@ -148,4 +164,32 @@ class Validation:
                 images, _to_volume(mask), target, batch_size=self.batch_size
             )
             inputs = [_to_slices(images[m]) for m in sources]
-            yield target, _to_slices(prediction), np.asarray(cached.image(target)), mask, inputs
+            truth = (
+                self.registered_target(subject_id)
+                if self.kind == "registered target"
+                else np.asarray(cached.image(target))
+            )
+            yield target, _to_slices(prediction), truth, mask, inputs
+
+    def registered_target(self, subject_id: str) -> np.ndarray:
+        """The subject's target registered onto its first source, computed once per run session.
+
+        Mutual information needs no common intensity scale, so the cached normalised volumes register
+        as the originals would; a registration that fails leaves the target as it is, said once.
+        """
+        if subject_id not in self._registered:
+            from ..data.registration import RegistrationError, RegistrationSettings, register_pair
+
+            cached = self.cohort.subject(subject_id)
+            target, source = str(self.task.target), self.task.sources[0]
+            # Shifted by +1 so that the [-1, 1] space's background is 0, the value an MR gets outside
+            # the moved field of view (mutual information ignores the shift; it is undone after).
+            reference = Volume(_to_volume(cached.image(source)) + 1.0, cached.affine)
+            moving = Volume(_to_volume(cached.image(target)) + 1.0, cached.affine)
+            try:
+                pair = register_pair(reference, moving, ct=False, settings=RegistrationSettings())
+                self._registered[subject_id] = _to_slices(pair.after.array) - 1.0
+            except RegistrationError as exc:
+                log.warning("validation subject %s scored without registration: %s", subject_id, exc)
+                self._registered[subject_id] = np.asarray(cached.image(target))
+        return self._registered[subject_id]

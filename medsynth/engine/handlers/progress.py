@@ -49,7 +49,9 @@ class Progress(Handler):
 
     def epoch_done(self, loop: Loop, record: EpochRecord) -> None:
         row, metrics = epoch_row(record), record.metrics
-        kind = ", round trip" if loop.validation.kind == "round trip" else ""
+        kind = {"round trip": ", round trip", "registered target": ", target registered"}.get(
+            loop.validation.kind, ""
+        )
         val = (
             f"val PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.3f}  MAE {metrics['mae']:.4f} "
             f"([-1,1] space, in mask{kind})  "

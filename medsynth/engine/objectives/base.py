@@ -32,6 +32,9 @@ class Objective(Protocol):
     inputs: tuple[str, ...]
     #: Whether the step may be captured in a CUDA graph (no host-side decisions inside it).
     capturable: bool
+    #: Whether validation registers each held-out target onto its source before scoring it (a method
+    #: that trains through misalignment; ``train.register_validation`` asks it of any paired method).
+    registers_validation: bool
 
     @staticmethod
     def check_config(config: Config) -> None:

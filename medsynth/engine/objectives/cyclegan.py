@@ -129,6 +129,8 @@ class CycleGANObjective:
     #: The image pools decide on the host which image each critic sees: a captured graph would replay
     #: one decision for ever.
     capturable = False
+    #: Unpaired: validation scores complete held-out subjects as they are, or the round trip.
+    registers_validation = False
 
     @staticmethod
     def check_config(config: Config) -> None:

@@ -20,6 +20,8 @@ class _PairedStep:
 
     inputs = ("source", "target", "mask")
     capturable = True
+    #: Validation scores against held-out targets as they are (they are assumed aligned).
+    registers_validation = False
     #: ``train.objective`` of the class, and the recipe keys that set it: it has no ``objective_args``.
     name: str
     settings: tuple[str, ...]

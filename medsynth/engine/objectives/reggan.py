@@ -140,6 +140,9 @@ class RegGANObjective(GANObjective):
 
     loss_names = ("loss_critic", "loss_adv", "loss_l1", "loss_smooth", "reg_shift_px")
     name = "reggan"
+    #: Trained on targets assumed misaligned: validation registers each held-out target onto its source
+    #: first, or misaligned held-out pairs would choose checkpoint_best.pt (engine/validation.py).
+    registers_validation = True
 
     @classmethod
     def check_config(cls, config: Config) -> None:
