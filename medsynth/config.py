@@ -70,6 +70,9 @@ class DataConfig:
     unified_subsets: str = "uniform"
     #: ``paired`` (aligned source and target of one subject per sample) or ``unpaired`` (see PAIRINGS).
     pairing: str = "paired"
+    #: Per-sample changes of the source images (never the target), as another site's scanner would make
+    #: them: null (off), ``robust``, or {intensity, bias, noise, blur: bool, probability} (data/augment.py).
+    augment: dict[str, Any] | str | bool | None = None
 
     def validate(self) -> None:
         if self.pairing not in PAIRINGS:
@@ -92,6 +95,10 @@ class DataConfig:
             value = getattr(self, name)
             if value < 0:
                 raise ConfigError(f"data.{name} must be >= 0 (a fraction or a subject count), got {value}")
+        if self.augment is not None:
+            from .data.augment import AugmentSpec  # torch: loaded only when a recipe augments
+
+            AugmentSpec.from_config(self.augment)
 
 
 @dataclass

@@ -8,7 +8,7 @@ per-sample Python, which is why ``__getitems__`` exists and why :func:`make_load
 processes. ``PatchDataset`` reads 3D patches from the memory-mapped cache instead, since whole volumes
 of a large cohort would not fit.
 
-Randomness (shuffling, unified-mode modality draws, patch centres) is a pure function of
+Randomness (shuffling, unified-mode modality draws, patch centres, ``data.augment``) is a pure function of
 ``(seed, epoch, index)``, so a run is reproducible whatever the batch size or resume point.
 
 **Unified mode** trains one network for every "available subset -> missing modality" pair; the channel
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from ..errors import ConfigError, MedsynthError
 from ..model.layout import assemble_fixed, assemble_unified
 from ..model.memory import GIB, device_memory, release_memory
 from .cache import CachedSubject, Cohort
+
+if TYPE_CHECKING:
+    from .augment import SourceAugmentation
 
 log = logging.getLogger("medsynth")
 
@@ -150,6 +153,9 @@ class SliceDataset(Dataset):
     volume end repeat the end slice. In unified mode ``source`` follows :mod:`medsynth.model.layout` and items
     also carry ``target_index`` and ``available`` (M,).
 
+    ``augmentation`` (``data.augment``, :mod:`medsynth.data.augment`) changes each sample's source after
+    the gather, drawn per ``(seed, epoch, index)``; targets and masks are never touched.
+
     ``axis`` is the canonical slicing axis: 2 axial (default, the cache's storage order), 0 sagittal,
     1 coronal (transposed once per subject at load). ``crop_size=None`` takes the largest in-plane
     foreground box over these subjects, rounded up to ``size_multiple``; each subject is cropped around
@@ -173,6 +179,7 @@ class SliceDataset(Dataset):
         seed: int = 0,
         unified_subsets: str = "uniform",
         target_stack: bool = False,
+        augmentation: SourceAugmentation | None = None,
     ) -> None:
         if context < 1 or context % 2 == 0:
             raise ConfigError(f"context must be an odd number of slices (1, 3, 5, ...), got {context}")
@@ -189,6 +196,10 @@ class SliceDataset(Dataset):
             )
         #: How unified mode draws each sample's available inputs (:func:`draw_unified`).
         self.unified_subsets = unified_subsets
+        if augmentation is not None and self.unified:
+            raise ConfigError("data.augment changes fixed sources; unified mode is not augmented (yet)")
+        #: Per-sample changes of the source (``data.augment``; :mod:`medsynth.data.augment`), or None.
+        self.augmentation = augmentation
         if self.unified:
             self.modalities = tuple(unified_modalities or ())
             if len(self.modalities) < 2:
@@ -339,10 +350,15 @@ class SliceDataset(Dataset):
         centre = self._selected[index]
         neighbours = self._neighbours[index]  # (B, context)
         if self._resident is not None:
-            return self._gather_resident(index, centre, neighbours)
-        if self.pin_memory:
-            return _pinned(self._gather(index, centre, neighbours))
-        return self._gather(index, centre, neighbours)
+            batch = self._gather_resident(index, centre, neighbours)
+        else:
+            batch = self._gather(index, centre, neighbours)
+        if self.augmentation is not None:
+            size, _, height, width = batch["source"].shape
+            stack = batch["source"].reshape(size, len(self.sources), self.context, height, width)
+            changed = self.augmentation(stack, seed=self.seed, epoch=self.epoch, index=index)
+            batch["source"] = changed.reshape(batch["source"].shape)
+        return _pinned(batch) if self.pin_memory else batch
 
     def _gather(self, index: np.ndarray, centre: np.ndarray, neighbours: np.ndarray) -> dict[str, Any]:
         """The numpy gather from host RAM (the default, and the reference of the device path)."""
@@ -553,6 +569,7 @@ class PatchDataset(Dataset):
         foreground_weighted: bool = True,
         seed: int = 0,
         foreground_fraction: float = 1.0,
+        augmentation: SourceAugmentation | None = None,
     ) -> None:
         if not subject_ids:
             raise MedsynthError("no subjects to draw patches from; check the split")
@@ -589,6 +606,8 @@ class PatchDataset(Dataset):
         self._cumulative = [np.cumsum(m.reshape(len(m), -1).sum(axis=1, dtype=np.int64)) for m in self._masks]
         #: Return batches in page-locked memory (set by :func:`place_on_device` for a CUDA run).
         self.pin_memory = False
+        #: Per-sample changes of the source patches (``data.augment``), or None.
+        self.augmentation = augmentation
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -627,10 +646,14 @@ class PatchDataset(Dataset):
             sources.append([images[m][box].transpose(1, 2, 0) for m in self.sources])
             targets.append(images[self.target][box].transpose(1, 2, 0)[None])
             masks.append(self._masks[number][box].transpose(1, 2, 0)[None])
-        batch = {
+        batch: dict[str, Any] = {
             "source": torch.from_numpy(np.asarray(sources, dtype=np.float32)),
             "target": torch.from_numpy(np.asarray(targets, dtype=np.float32)),
             "mask": torch.from_numpy(np.asarray(masks, dtype=np.float32)),
             "subject": [self._subjects[n].id for n in numbers],
         }
+        if self.augmentation is not None:
+            stack = batch["source"][:, :, None]  # one channel per source: (B, S, 1, *patch)
+            changed = self.augmentation(stack, seed=self.seed, epoch=self.epoch, index=index)
+            batch["source"] = changed[:, :, 0]
         return _pinned(batch) if self.pin_memory else batch

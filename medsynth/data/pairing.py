@@ -20,7 +20,7 @@ validation and evaluation score against real targets wherever the data allow it.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ import torch
 from ..errors import MedsynthError
 from .cache import Cohort
 from .datasets import SliceDataset, foreground_crop_size, uniform_draws
+
+if TYPE_CHECKING:
+    from .augment import SourceAugmentation
 
 #: Counter stream of the target draws (the slice datasets' own draws use streams below it).
 _TARGET_STREAM = 101
@@ -128,9 +131,11 @@ def unpaired_slices(
     axis: int = 2,
     min_foreground: int = 1,
     seed: int = 0,
+    augmentation: SourceAugmentation | None = None,
 ) -> UnpairedSamples:
     """2D/2.5D unpaired samples of the training subjects: every subject with the source gives source
-    slices, every subject with the target gives target slices, all framed by one crop."""
+    slices, every subject with the target gives target slices, all framed by one crop. ``augmentation``
+    changes the source slices only (the target side's dataset holds the target as its "source")."""
     subjects = {s: cohort.subject(s) for s in subject_ids}
     with_source = [s for s, c in subjects.items() if source in c.modalities]
     with_target = [s for s, c in subjects.items() if target in c.modalities]
@@ -152,6 +157,6 @@ def unpaired_slices(
         "min_foreground": min_foreground,
         "seed": seed,
     }
-    sources = SliceDataset(cohort, with_source, (source,), None, **common)
+    sources = SliceDataset(cohort, with_source, (source,), None, augmentation=augmentation, **common)
     targets = SliceDataset(cohort, with_target, (target,), None, **common)
     return UnpairedSamples(sources, targets, seed=seed, context=context)

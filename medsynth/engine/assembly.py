@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..config import Config
+from ..data.augment import source_augmentation
 from ..data.datasets import PatchDataset, SliceDataset, make_loader, place_on_device
 from ..data.pairing import UnpairedSamples, unpaired_slices
 from ..errors import ConfigError, MedsynthError
@@ -137,6 +138,7 @@ def make_dataset(config: Config, task: Task, data: RunData) -> Dataset:
     settings, seed = config.data, config.train.seed
     crop = tuple(settings.crop_size) if settings.crop_size else None
     spatial_dims = config.model.spatial_dims
+    augmentation = source_augmentation(settings.augment, spatial_dims)
     if settings.pairing == "unpaired":
         if task.is_unified or len(task.sources) != 1:
             raise ConfigError(f"data.pairing=unpaired draws one source and one target; {task} has more")
@@ -147,6 +149,7 @@ def make_dataset(config: Config, task: Task, data: RunData) -> Dataset:
         return unpaired_slices(
             data.cohort, data.splits["train"], task.sources[0], str(task.target), context=settings.context,
             crop_size=crop, axis=settings.axis, min_foreground=settings.min_foreground, seed=seed,
+            augmentation=augmentation,
         )  # fmt: skip
     if spatial_dims == 3:
         if task.is_unified:
@@ -157,7 +160,7 @@ def make_dataset(config: Config, task: Task, data: RunData) -> Dataset:
             return PatchDataset(
                 data.cohort, data.splits["train"], task.sources, str(task.target),
                 patch_size=crop or (64, 64, 64), samples_per_epoch=settings.patches_per_epoch, seed=seed,
-                foreground_fraction=settings.foreground_fraction,
+                foreground_fraction=settings.foreground_fraction, augmentation=augmentation,
             )  # fmt: skip
         except ConfigError as exc:  # users set the patch as data.crop_size
             raise ConfigError(f"data.crop_size: {exc}") from exc
@@ -166,6 +169,7 @@ def make_dataset(config: Config, task: Task, data: RunData) -> Dataset:
         crop_size=crop, unified_modalities=task.modalities or None, axis=settings.axis,
         min_foreground=settings.min_foreground, seed=seed, unified_subsets=settings.unified_subsets,
         target_stack="target_stack" in objective_class(config.train.objective).inputs,
+        augmentation=augmentation,
     )  # fmt: skip
 
 
