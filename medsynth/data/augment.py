@@ -13,16 +13,18 @@ applied to a sample's source with probability ``probability``:
   tissues may change their spacing (a spin echo against an MPRAGE), but an inverted contrast (a T2w as
   the input) would change the task;
 * ``bias``: a smooth multiplicative field ``exp(sum c_k P_k)`` over the degree-3 Legendre products of the
-  image axes (MONAI's ``RandBiasField``; ``c_k`` uniform in +-0.1: peaks of about 15-35 % across a
-  slice, the spread of the demo protocols), centred to a geometric mean of 1 over the source's foreground,
-  because a global gain is what per-volume normalisation removes;
+  image axes (MONAI's ``RandBiasField``; ``c_k`` uniform in +-0.1: log-field peaks of 0.18-0.39 across
+  a 96 x 112 slice, 10th to 90th percentile, where the demo protocols' fields peak at 0.1-0.35), centred to
+  a geometric mean of 1 over the source's foreground, because a global gain is what per-volume
+  normalisation removes;
 * ``noise``: Rician noise ``sqrt((u + n1)^2 + n2^2)``, ``n ~ N(0, s)``, ``s`` uniform up to 0.04 of the
   normalised range (MONAI's ``RandRicianNoise``; SNR down to about 12 in brain tissue);
 * ``blur``: a resolution change, one of two: a Gaussian blur (MONAI's ``RandGaussianSmooth``, sigma
   0.3-1.0 voxels per axis) or nearest down- then linear up-sampling (MONAI's
   ``RandSimulateLowResolution``, zoom 0.5-1.0).
 
-They run in that order (the object, the coil, the resolution, the thermal noise) in ``u = (x + 1) / 2``,
+They run as intensity, bias, blur, noise (the object, the coil, the resolution, then the thermal noise), in
+``u = (x + 1) / 2``,
 where the normaliser's floor ``x = -1`` is 0: the intensity, bias and noise changes keep the floor where
 it is (inference clips a scan's background to -1 the same way, whatever its protocol) and move no voxel
 above it onto it, so the source's foreground is kept. The result is clipped to [-1, 1], the range every
@@ -31,8 +33,8 @@ normalised input has.
 Why not MONAI's random transforms themselves: each draws from its own ``RandomState`` and transforms one
 image per call, which cost 95-100 ms per ``demo_cpu`` batch on two loaded cores (a third of a training
 step). These are the same definitions, applied to the whole batch at once with per-sample parameters:
-about a tenth of that, and the same code gathers on a GPU without a host round trip (only the noise is
-drawn on the host).
+17-20 ms on the same cores, and the same code runs on a GPU's resident slices without a host round trip
+(only the noise is drawn on the host).
 
 **Seeded like every draw of the data layer**: whether and how sample ``index`` of epoch ``epoch`` is
 changed is a pure function of ``(seed, epoch, index, source)`` (counter streams of
