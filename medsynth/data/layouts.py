@@ -209,8 +209,8 @@ def ct_grid_problem(modality: str, volume: Volume, reference: str, target: Volum
     mr, mr_volume = (modality, volume) if reference == "ct" else (reference, target)
     return (
         f"the CT is not on the grid of the {mr} image {mr_volume.source} ({mismatch}); medsynth does not "
-        f"interpolate a CT: resample or register the CT onto the {mr} grid first (e.g. SimpleITK "
-        f"Resample with the {mr} image as reference and -1024 as default value)"
+        f"interpolate a CT: resample or register the CT onto the {mr} grid first (medsynth data register "
+        f"DATA_DIR --out REGISTERED --reference {mr} does it, in HU with air outside the CT)"
     )
 
 

@@ -71,9 +71,17 @@ class QCRow:
     def from_pair(
         cls, subject: str, modality: str, reference: str, transform: str, pair: RegisteredPair
     ) -> QCRow:
-        size = pair.size
-        return cls(subject, modality, reference, transform, round(pair.nmi_before, 4), round(pair.nmi_after, 4),
-                   round(size.translation_mm, 3), round(size.max_displacement_mm, 3), round(size.rotation_deg, 3))  # fmt: skip
+        return cls(
+            subject,
+            modality,
+            reference,
+            transform,
+            nmi_before=round(pair.nmi_before, 4),
+            nmi_after=round(pair.nmi_after, 4),
+            translation_mm=round(pair.size.translation_mm, 3),
+            max_displacement_mm=round(pair.size.max_displacement_mm, 3),
+            rotation_deg=round(pair.size.rotation_deg, 3),
+        )
 
 
 @dataclass
@@ -87,7 +95,7 @@ class RegistrationReport:
     def render(self) -> str:
         """The QC table, then one summary line naming the failed subjects."""
         header = ("subject", "modality", "NMI before", "NMI after", "shift mm", "max mm", "rot deg", "status")
-        table = [header]
+        table: list[tuple[str, ...]] = [header]
         for row in self.rows:
             numbers = (
                 row.nmi_before,
@@ -96,7 +104,8 @@ class RegistrationReport:
                 row.max_displacement_mm,
                 row.rotation_deg,
             )
-            table.append((row.subject, row.modality, *("-" if v is None else f"{v:.3f}" for v in numbers), row.status))  # fmt: skip
+            cells = ("-" if value is None else f"{value:.3f}" for value in numbers)
+            table.append((row.subject, row.modality, *cells, row.status))
         widths = [max(len(r[c]) for r in table) for c in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table]
         subjects = len({row.subject for row in self.rows})
@@ -201,9 +210,8 @@ def _claim(
     path = out / QC_FOLDER / "args.json"
     if path.exists():
         earlier = json.loads(path.read_text(encoding="utf-8"))
-        earlier["settings"] = asdict(RegistrationSettings(**{k: tuple(v) if isinstance(v, list) else v
-                                                             for k, v in earlier["settings"].items()}))  # fmt: skip
-        if {key: earlier.get(key) for key in args} != args:
+        current = json.loads(json.dumps(args))  # tuples as lists, as the file holds them
+        if {key: earlier.get(key) for key in current} != current:
             raise MedsynthError(
                 f"was registered with other settings ({path}); rerun with the same options to resume, or "
                 "choose a new --out",

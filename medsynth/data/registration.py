@@ -27,17 +27,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from ..errors import MedsynthError
 from ..io.geometry import volume_to_sitk
-from ..io.volume import Volume
+from ..io.volume import LPS_TO_RAS, Volume
 from .alignment import normalised_mutual_information
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
+
+    #: The rigid or affine stage's result (both have a matrix and a centre).
+    Linear = sitk.Euler3DTransform | sitk.AffineTransform
 
 #: ``--transform`` choices; each one starts from the rigid result.
 TRANSFORMS = ("rigid", "affine", "bspline")
@@ -69,6 +72,9 @@ class RegistrationSettings:
     learning_rate: float = 1.0
     iterations: int = 200
     bspline_mesh_mm: float = 60.0
+    #: The B-spline stage samples fewer voxels: its gradient (hundreds of parameters) costs far more per
+    #: sample, and 2 % of a 2 mm head (20 000 voxels) lands where 20 % does (0.3 mm), 15 times faster.
+    bspline_sampling: float = 0.02
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -80,8 +86,10 @@ class RegistrationSettings:
             raise MedsynthError(
                 f"unknown interpolation {self.interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}"
             )
-        if not 0.0 < self.sampling <= 1.0:
-            raise MedsynthError(f"sampling is a fraction of the voxels (0 to 1], got {self.sampling}")
+        if not (0.0 < self.sampling <= 1.0 and 0.0 < self.bspline_sampling <= 1.0):
+            raise MedsynthError(
+                f"sampling is a fraction of the voxels (0 to 1], got {self.sampling}, {self.bspline_sampling}"
+            )
         if len(self.shrink_factors) != len(self.smoothing_mm) or not self.shrink_factors:
             raise MedsynthError(
                 f"one smoothing per pyramid level: shrink {self.shrink_factors}, smoothing {self.smoothing_mm}"
@@ -134,14 +142,17 @@ def _as_registration_image(volume: Volume) -> sitk.Image:
     return volume_to_sitk(volume.with_array(volume.array - volume.array.min()))
 
 
-def _method(settings: RegistrationSettings, levels: int | None = None) -> sitk.ImageRegistrationMethod:
-    """Mattes MI, seeded random sampling, a pyramid of the last ``levels`` levels (default: all)."""
+def _method(
+    settings: RegistrationSettings, levels: int | None = None, sampling: float | None = None
+) -> sitk.ImageRegistrationMethod:
+    """Mattes MI, seeded random sampling (``sampling``, default the settings'), a pyramid of the last
+    ``levels`` levels (default: all)."""
     import SimpleITK as sitk
 
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.bins)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(settings.sampling, settings.seed)
+    method.SetMetricSamplingPercentage(sampling or settings.sampling, settings.seed)
     method.SetInterpolator(sitk.sitkLinear)
     chosen = slice(-levels, None) if levels else slice(None)
     method.SetShrinkFactorsPerLevel(list(settings.shrink_factors[chosen]))
@@ -161,7 +172,7 @@ def _metric(
 
 def initial_transform(
     fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings
-) -> sitk.Transform:
+) -> sitk.Euler3DTransform:
     """The rigid start: the headers as they are, or the images' centres of mass put together.
 
     Scans of one session share the scanner's frame and their headers are right to within the patient's
@@ -174,8 +185,8 @@ def initial_transform(
     moments = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
+    moments = cast("sitk.Euler3DTransform", moments.Downcast())
     headers = sitk.Euler3DTransform()
-    moments = moments.Downcast()
     headers.SetCenter(moments.GetCenter())
     candidates = [headers, moments]
     return min(candidates, key=lambda t: _metric(fixed, moving, t, settings))
@@ -184,9 +195,9 @@ def initial_transform(
 def _optimise(
     fixed: sitk.Image,
     moving: sitk.Image,
-    start: sitk.Transform,
+    start: Linear,
     settings: RegistrationSettings,
-) -> sitk.Transform:
+) -> Linear:
     """One linear stage (rigid or affine) through the whole pyramid; returns the optimised transform."""
     method = _method(settings)
     method.SetOptimizerAsRegularStepGradientDescent(
@@ -200,10 +211,10 @@ def _optimise(
     method.SetInitialTransform(start, inPlace=False)
     result = method.Execute(fixed, moving)
     result.FlattenTransform()
-    return result.GetNthTransform(result.GetNumberOfTransforms() - 1).Downcast()
+    return cast("Linear", result.GetNthTransform(result.GetNumberOfTransforms() - 1).Downcast())
 
 
-def _affine_from(rigid: sitk.Euler3DTransform) -> sitk.AffineTransform:
+def _affine_from(rigid: Linear) -> sitk.AffineTransform:
     import SimpleITK as sitk
 
     affine = sitk.AffineTransform(3)
@@ -222,7 +233,7 @@ def _bspline_stage(
     extent = np.asarray(fixed.GetSize()) * np.asarray(fixed.GetSpacing())
     mesh = [max(1, round(e / settings.bspline_mesh_mm)) for e in extent]
     bspline = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
-    method = _method(settings, levels=2)
+    method = _method(settings, levels=2, sampling=settings.bspline_sampling)
     method.SetOptimizerAsLBFGSB(
         gradientConvergenceTolerance=1e-5,
         numberOfIterations=settings.iterations,
@@ -236,7 +247,7 @@ def _bspline_stage(
 
 def find_transform(
     fixed: Volume, moving: Volume, settings: RegistrationSettings
-) -> tuple[sitk.Transform, sitk.Transform]:
+) -> tuple[sitk.Transform, Linear]:
     """The transform from ``fixed``'s points to ``moving``'s, and its rigid or affine part.
 
     Raises:
@@ -250,7 +261,7 @@ def find_transform(
         )
         if settings.transform == "affine":
             linear = _optimise(fixed_image, moving_image, _affine_from(linear), settings)
-        full = linear
+        full: sitk.Transform = linear
         if settings.transform == "bspline":
             full = _bspline_stage(fixed_image, moving_image, linear, settings)
     except RuntimeError as exc:
@@ -269,13 +280,14 @@ def _rotation_deg(matrix: np.ndarray) -> float:
 
 
 def transform_size(
-    transform: sitk.Transform, linear: sitk.Transform, reference: Volume, points: int = 5
+    transform: sitk.Transform, linear: Linear, reference: Volume, points: int = 5
 ) -> TransformSize:
     """Measure ``transform`` on ``reference``'s field of view (``points`` per axis, corners included)."""
-    image = volume_to_sitk(reference)
-    steps = [np.linspace(0.0, n - 1.0, points) for n in image.GetSize()]
-    lattice = [image.TransformContinuousIndexToPhysicalPoint([float(v) for v in index])
-               for index in np.array(np.meshgrid(*steps, indexing="ij")).reshape(3, -1).T]  # fmt: skip
+    steps = [np.linspace(0.0, n - 1.0, points) for n in reference.shape]
+    ijk = np.array(np.meshgrid(*steps, indexing="ij")).reshape(3, -1)
+    # voxel -> RAS -> LPS (SimpleITK's points); the flip is its own inverse
+    lps = LPS_TO_RAS @ reference.affine @ np.vstack([ijk, np.ones(ijk.shape[1])])
+    lattice = [tuple(point) for point in lps[:3].T.tolist()]
     centre = tuple(linear.GetCenter())
 
     def shift(point: tuple[float, ...]) -> float:
