@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -244,23 +245,27 @@ def test_a_failed_subject_is_one_line_and_the_rest_go_on(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """An unreadable image (sub-01) and a missing reference (sub-03): one line each, sub-02 is registered."""
     source, _, _, _, _ = registered
     broken = tmp_path / "broken"
-    for path in source.rglob("*"):
-        if path.is_file() and "sub-03" not in path.name:
-            (broken / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
-            (broken / path.relative_to(source)).write_bytes(path.read_bytes())
-    (broken / "sub-02/anat/sub-02_T2w.nii.gz").write_bytes(b"\x1f\x8b truncated")
-    (broken / "sub-02/anat/sub-02_T1w.nii.gz").unlink()  # no reference either: still one line
-    (broken / "sub-01/anat/sub-01_CT.nii.gz").unlink()
+    shutil.copytree(source, broken)
+    (broken / "sub-01/anat/sub-01_T2w.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    (broken / "sub-03/anat/sub-03_T1w.nii.gz").unlink()
     code = main(["data", "register", str(broken), "--out", str(tmp_path / "out"), "--modalities", "t1,t2"])
     printed = capsys.readouterr().out
     assert code == 1
     failures = [line for line in printed.splitlines() if "FAILED" in line]
-    assert len(failures) == 1 and failures[0].startswith("[2/2] sub-02: FAILED:") and "t1" in failures[0]
-    assert "[1/2] sub-01: registered to t1 (t2" in printed and "failed: sub-02" in printed
-    assert not (tmp_path / "out" / "sub-02").exists()
-    assert [r.id for r in scan_dataset(tmp_path / "out")] == ["sub-01"]
+    assert len(failures) == 2
+    assert failures[0].startswith("[1/3] sub-01: FAILED: ") and "sub-01_T2w.nii.gz" in failures[0]
+    assert failures[1].startswith("[3/3] sub-03: FAILED: ") and "no t1 image, the reference" in failures[1]
+    assert "[2/3] sub-02: registered to t1 (t2" in printed and "failed: sub-01, sub-03" in printed
+    assert [r.id for r in scan_dataset(tmp_path / "out")] == ["sub-02"]
+    rows = list(csv.DictReader((tmp_path / "out" / "registration" / "qc.csv").open()))
+    assert [(r["subject"], r["status"]) for r in rows] == [
+        ("sub-01", "failed"),
+        ("sub-02", "ok"),
+        ("sub-03", "failed"),
+    ]
 
 
 @pytest.mark.parametrize("where", ["same", "inside"])
