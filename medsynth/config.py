@@ -184,7 +184,7 @@ class TrainConfig:
     val_subjects: int | None = None
     #: Register each held-out target onto its source (rigid, mutual information) once before validation
     #: scores it, so that pairs that are not aligned do not choose checkpoint_best.pt. Objectives that
-    #: train through misalignment (``reggan``) always do.
+    #: train through misalignment always do (their ``registers_validation``).
     register_validation: bool = False
     inference_batch_size: int = 16
 

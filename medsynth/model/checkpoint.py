@@ -114,8 +114,8 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     # equal bytes.
     buffer = io.BytesIO()
     try:
-        torch.save(stamped, buffer)
         with atomic_path(path) as temp, open(temp, "wb") as stream:
+            torch.save(stamped, buffer)
             stream.write(buffer.getbuffer())
     except (OSError, RuntimeError, MedsynthError) as exc:
         # torch reports a failed write as RuntimeError wrapping the OS error text; atomic_path reports
