@@ -6,6 +6,10 @@ real checkpoints. Sizes are chosen so the whole suite stays fast on 2 CPU cores.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ import torch
 from medsynth.config import load_config
 from medsynth.data.demo import make_demo_cohort
 from medsynth.engine.run import claim_run_dir, train
+from medsynth.model.checkpoint import LATEST, load_checkpoint
 
 #: 6 mm voxels: 33 x 39 x 32 volumes, large enough for 11-voxel SSIM windows.
 TINY_SPACING_MM = 6.0
@@ -66,3 +71,24 @@ def tiny_run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     claim_run_dir(run_dir, config)
     train(config, run_dir, quiet=True)
     return run_dir
+
+
+def train_until_sigterm(
+    cohort: Path, runs: Path, name: str, overrides: list[str], *, at_step: int = 1
+) -> str:
+    """``medsynth train`` (demo_cpu + TINY_OVERRIDES + ``overrides``) in a process of its own, stopped by
+    SIGTERM once its ``checkpoint_latest.pt`` holds ``at_step`` steps; asserts the 128 + 15 exit and
+    returns what it printed. The resume tests of every objective start here."""
+    command = [sys.executable, "-m", "medsynth", "train", "t1->t2", "--data", str(cohort), "--config",
+               "demo_cpu", "--runs-dir", str(runs), "--name", name, "--quiet"]  # fmt: skip
+    for item in [*TINY_OVERRIDES, *overrides]:
+        command += ["--set", item]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    latest, deadline = runs / name / LATEST, time.time() + 120
+    while not latest.exists() or load_checkpoint(latest)["global_step"] < at_step:
+        assert process.poll() is None, process.stderr.read().decode()  # type: ignore[union-attr]
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    return process.stdout.read().decode()  # type: ignore[union-attr]

@@ -10,17 +10,15 @@ import csv
 import json
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, tiny_config
+from conftest import TINY_OVERRIDES, tiny_config, train_until_sigterm
 
 from medsynth.cli import main
 from medsynth.config import load_config
@@ -367,21 +365,7 @@ def test_resume_after_sigterm_matches_uninterrupted_run(unpaired_cohort: Path, t
     train(config, reference, quiet=True)
 
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "medsynth", "train", "t1->t2", "--data", str(unpaired_cohort), "--config",
-               "demo_cpu", "--runs-dir", str(tmp_path), "--name", "killed", "--quiet"]  # fmt: skip
-    for item in [*TINY_OVERRIDES, *extra]:
-        command += ["--set", item]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while (
-        not (killed / "checkpoint_latest.pt").exists()
-        or load_checkpoint(killed / "checkpoint_latest.pt")["global_step"] < 2
-    ):
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.time() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    train_until_sigterm(unpaired_cohort, tmp_path, "killed", extra, at_step=2)
     state = load_checkpoint(killed / "checkpoint_latest.pt")
     assert state["epoch"] < 2 and len(state["objective_state"]["pools"]["target"]["images"]) > 0
 

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import csv
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import TINY_OVERRIDES, tiny_config
+from conftest import TINY_OVERRIDES, tiny_config, train_until_sigterm
 
 from medsynth.cli import main
 from medsynth.engine.run import claim_run_dir, train
@@ -59,19 +57,7 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tiny_cohort: Path, tmp_p
     train(config, reference, quiet=True)
 
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "medsynth", "train", "t1->t2", "--data", str(tiny_cohort), "--config",
-               "demo_cpu", "--runs-dir", str(tmp_path), "--name", "killed", "--quiet"]  # fmt: skip
-    for item in [*TINY_OVERRIDES, *extra]:
-        command += ["--set", item]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (killed / "checkpoint_latest.pt").exists():
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.time() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 128 + signal.SIGTERM
-    said = process.stdout.read().decode()
+    said = train_until_sigterm(tiny_cohort, tmp_path, "killed", extra)
     assert "stopped by SIGTERM" in said and f"continue with: medsynth train --resume {killed}" in said, said
     state = load_checkpoint(killed / "checkpoint_latest.pt")
     assert state["step_in_epoch"] > 0 and state["epoch"] < 2  # stopped mid-epoch
