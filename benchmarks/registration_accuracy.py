@@ -70,7 +70,7 @@ def residual_mm(tfm: Path, reference: Volume, motion: demo.Misregistration, brai
         sitk.ReadTransform(str(tfm)), sitk.sitkVectorFloat64, grid.GetSize(), grid.GetOrigin(),
         grid.GetSpacing(), grid.GetDirection(),
     )  # fmt: skip
-    displacement = sitk.GetArrayFromImage(field).transpose(2, 1, 0, 3)[brain] * [-1.0, -1.0, 1.0]  # LPS -> RAS
+    displacement = sitk.GetArrayFromImage(field).transpose(2, 1, 0, 3)[brain] * np.diag(LPS_TO_RAS)[:3]
     ijk = np.argwhere(brain)
     world = ijk @ reference.affine[:3, :3].T + reference.affine[:3, 3]
     truth = world @ motion.matrix()[:3, :3].T + motion.matrix()[:3, 3]
@@ -88,6 +88,8 @@ def measure(registered: Path, aligned: Path) -> dict[str, list[dict[str, float]]
     reference = info["misregistration"]["reference"]
     results: dict[str, list[dict[str, float]]] = {}
     for index, (subject, motion) in enumerate(motions.items()):
+        if not (registered / "registration" / f"{subject}.json").exists():
+            continue  # failed, or not registered yet: the subjects done are measured
         brain = brain_mask(index, float(info["spacing_mm"]), int(info["seed"]))
         ref = read_volume(registered / subject / "anat" / f"{subject}_{SUFFIX[reference]}.nii.gz")
         for modality, suffix in SUFFIX.items():
@@ -124,7 +126,9 @@ def render(results: dict[str, list[dict[str, float]]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--registered", type=Path, required=True, help="output of medsynth data register")
-    parser.add_argument("--aligned", type=Path, required=True, help="the demo cohort of the same seed, aligned")
+    parser.add_argument(
+        "--aligned", type=Path, required=True, help="the demo cohort of the same seed, aligned"
+    )
     args = parser.parse_args()
     print(render(measure(args.registered, args.aligned)))
     return 0
