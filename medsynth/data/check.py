@@ -286,10 +286,10 @@ def _check_subject(
         ref_name, ref_volume = reference
         mismatch = grid_mismatch(volume, ref_volume)
         if mismatch is None:
-            message = _misaligned(root, ref_name, ref_volume, volume) if paired else None
-            if message:
+            shifted = _misaligned(root, ref_name, ref_volume, volume) if paired else None
+            if shifted:
                 item.status = "misaligned"
-                problems.append(Problem(record.id, message, blocking=False, modality=modality))
+                problems.append(Problem(record.id, shifted, blocking=False, modality=modality))
             continue
         overlap = overlap_fraction(volume, ref_volume)
         off_grid = ct_grid_problem(modality, volume, ref_name, ref_volume)
