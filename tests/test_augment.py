@@ -26,6 +26,9 @@ from medsynth.errors import ConfigError
 from medsynth.model.checkpoint import load_checkpoint
 
 FLOOR = -1.0
+#: Every kind on half the samples (the ``robust`` preset leaves noise and blur out).
+ALL = AugmentSpec(intensity=True, bias=True, noise=True, blur=True, probability=0.5)
+ALL_RECIPE = "data.augment={intensity: true, bias: true, noise: true, blur: true, probability: 0.5}"
 
 
 def _stack(
@@ -79,6 +82,9 @@ def test_demo_robust_is_demo_cpu_plus_augmentation() -> None:
     robust, plain = load_config("demo_robust").to_dict(), load_config("demo_cpu").to_dict()
     assert robust["data"].pop("augment") == "robust" and plain["data"].pop("augment") is None
     assert robust == plain
+    assert PRESETS["robust"] == AugmentSpec(intensity=True, bias=True, probability=0.5)
+    assert source_augmentation(None, 2) is None
+    assert source_augmentation("robust", 2).spec == PRESETS["robust"]  # type: ignore[union-attr]
 
 
 # ------------------------------------------------------------------ each change, and nothing else
@@ -141,7 +147,7 @@ def test_blur_smooths_and_keeps_the_mean() -> None:
 
 def test_3d_patches() -> None:
     stack = _stack(spatial=(16, 16, 12), batch=3, channels=1)
-    augment = SourceAugmentation(PRESETS["robust"], spatial_dims=3)
+    augment = SourceAugmentation(ALL, spatial_dims=3)
     out = augment(stack, seed=0, epoch=0, index=np.arange(3))
     assert out.shape == stack.shape and torch.isfinite(out).all()
     for kind in KINDS:
@@ -160,7 +166,7 @@ def test_probability_leaves_some_samples_unchanged() -> None:
 # ------------------------------------------------------------------------------------- seeding
 def test_a_sample_is_a_function_of_seed_epoch_and_index() -> None:
     stack = _stack(batch=8, sources=2)
-    augment = SourceAugmentation(PRESETS["robust"], spatial_dims=2)
+    augment = SourceAugmentation(ALL, spatial_dims=2)
     index = np.arange(100, 108)
     full = augment(stack, seed=7, epoch=3, index=index)
     assert torch.equal(full, augment(stack, seed=7, epoch=3, index=index))
@@ -191,9 +197,7 @@ def test_slice_dataset_changes_the_source_only(cohort: Cohort) -> None:
     ids = list(cohort.ids)[:2]
     kwargs = {"context": 3, "seed": 5}
     plain = SliceDataset(cohort, ids, ("t1",), "t2", **kwargs)
-    augmented = SliceDataset(
-        cohort, ids, ("t1",), "t2", augmentation=source_augmentation("robust", 2), **kwargs
-    )
+    augmented = SliceDataset(cohort, ids, ("t1",), "t2", augmentation=SourceAugmentation(ALL, 2), **kwargs)
     index = np.arange(0, len(plain), 3)
     for epoch in (0, 1):
         plain.set_epoch(epoch)
@@ -215,15 +219,13 @@ def test_patch_and_unpaired_datasets_change_the_source_only(cohort: Cohort) -> N
     ids = list(cohort.ids)[:2]
     kwargs = {"patch_size": (16, 16, 16), "samples_per_epoch": 4, "seed": 1}
     plain = PatchDataset(cohort, ids, ("t1",), "t2", **kwargs)
-    augmented = PatchDataset(
-        cohort, ids, ("t1",), "t2", augmentation=source_augmentation("robust", 3), **kwargs
-    )
+    augmented = PatchDataset(cohort, ids, ("t1",), "t2", augmentation=SourceAugmentation(ALL, 3), **kwargs)
     a, b = plain.__getitems__(np.arange(4)), augmented.__getitems__(np.arange(4))
     assert torch.equal(a["target"], b["target"]) and torch.equal(a["mask"], b["mask"])
     assert a["source"].shape == b["source"].shape and not torch.equal(a["source"], b["source"])
 
     pairs = [unpaired_slices(cohort, ids, "t1", "t2", seed=2, augmentation=aug)
-             for aug in (None, source_augmentation("robust", 2))]  # fmt: skip
+             for aug in (None, SourceAugmentation(ALL, 2))]  # fmt: skip
     a, b = (p.__getitems__(np.arange(6)) for p in pairs)
     assert torch.equal(a["target"], b["target"]) and not torch.equal(a["source"], b["source"])
 
@@ -231,12 +233,12 @@ def test_patch_and_unpaired_datasets_change_the_source_only(cohort: Cohort) -> N
 def test_unified_mode_refuses_augmentation(cohort: Cohort) -> None:
     with pytest.raises(ConfigError, match="unified mode is not augmented"):
         SliceDataset(cohort, list(cohort.ids)[:2], (), None, unified_modalities=("t1", "t2"),
-                     augmentation=source_augmentation("robust", 2))  # fmt: skip
+                     augmentation=SourceAugmentation(ALL, 2))  # fmt: skip
 
 
 # ------------------------------------------------------------------ a killed run resumes exactly
 def test_augmented_run_resumes_to_the_same_weights(tiny_cohort: Path, tmp_path: Path) -> None:
-    extra = ["data.augment=robust", "train.batch_size=2", "train.checkpoint_every=2", "train.steps_per_epoch=6",
+    extra = [ALL_RECIPE, "train.batch_size=2", "train.checkpoint_every=2", "train.steps_per_epoch=6",
              "train.val_every=2"]  # fmt: skip
     reference = tmp_path / "reference"
     config = tiny_config(tiny_cohort, extra=extra)
@@ -258,7 +260,7 @@ def test_augmented_run_resumes_to_the_same_weights(tiny_cohort: Path, tmp_path: 
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     state = load_checkpoint(killed / "checkpoint_latest.pt")
     assert state["step_in_epoch"] > 0 and state["epoch"] < 2  # stopped mid-epoch
-    assert state["config"]["data"]["augment"] == "robust"
+    assert AugmentSpec.from_config(state["config"]["data"]["augment"]) == ALL
 
     assert main(["train", "--resume", str(killed), "--quiet"]) == 0
     done, expected = (load_checkpoint(r / "checkpoint_latest.pt") for r in (killed, reference))

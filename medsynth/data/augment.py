@@ -154,10 +154,12 @@ class AugmentSpec:
         return asdict(self)
 
 
-#: Named specs a recipe can ask for. ``robust``: every kind, each on half the samples, so a sample
-#: usually sees two kinds of change and the unchanged appearance stays common.
+#: Named specs a recipe can ask for. ``robust``: the intensity warp and the bias field, each on half the
+#: samples. Measured on 4 mm demo cohorts (504 steps of demo_cpu, 4 held-out subjects): within 0.14 dB of
+#: the unaugmented model on its own protocol, and 2.3 dB better on MPRAGE inputs; adding noise and blur (on
+#: half, or a quarter, of the samples) cost 0.4-1.3 dB on the own protocol and gained nothing elsewhere.
 PRESETS: dict[str, AugmentSpec] = {
-    "robust": AugmentSpec(intensity=True, bias=True, noise=True, blur=True, probability=0.5),
+    "robust": AugmentSpec(intensity=True, bias=True, probability=0.5),
 }
 
 
