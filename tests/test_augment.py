@@ -3,16 +3,12 @@ sources only, and a killed augmented run resumes to the weights of an uninterrup
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, tiny_config
+from conftest import tiny_config, train_until_sigterm
 
 from medsynth.cli import main
 from medsynth.config import load_config
@@ -246,18 +242,7 @@ def test_augmented_run_resumes_to_the_same_weights(tiny_cohort: Path, tmp_path: 
     train(config, reference, quiet=True)
 
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "medsynth", "train", "t1->t2", "--data", str(tiny_cohort), "--config",
-               "demo_cpu", "--runs-dir", str(tmp_path), "--name", "killed", "--quiet"]  # fmt: skip
-    for item in [*TINY_OVERRIDES, *extra]:
-        command += ["--set", item]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (killed / "checkpoint_latest.pt").exists():
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.time() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    train_until_sigterm(tiny_cohort, tmp_path, "killed", extra, at_step=2)
     state = load_checkpoint(killed / "checkpoint_latest.pt")
     assert state["step_in_epoch"] > 0 and state["epoch"] < 2  # stopped mid-epoch
     assert AugmentSpec.from_config(state["config"]["data"]["augment"]) == ALL
