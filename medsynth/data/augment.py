@@ -38,7 +38,7 @@ step). These are the same definitions, applied to the whole batch at once with p
 
 **Seeded like every draw of the data layer**: whether and how sample ``index`` of epoch ``epoch`` is
 changed is a pure function of ``(seed, epoch, index, source)`` (counter streams of
-:func:`~medsynth.data.datasets.uniform_draws`), so a resumed run sees the same batches, and neither the
+:func:`~medsynth.data.draws.uniform_draws`), so a resumed run sees the same batches, and neither the
 batch size nor which batch a sample falls in changes it. The channels of one source (a 2.5D context:
 neighbouring slices of one scan) share one draw; several sources get independent draws (different scans).
 
@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .datasets import uniform_draws
+from .draws import uniform_draws
 
 #: The kinds of change ``data.augment`` can switch on (applied as intensity, bias, blur, noise).
 KINDS = ("intensity", "bias", "noise", "blur")

@@ -27,7 +27,8 @@ import torch
 
 from ..errors import MedsynthError
 from .cache import Cohort
-from .datasets import SliceDataset, foreground_crop_size, uniform_draws
+from .datasets import SliceDataset, foreground_crop_size
+from .draws import uniform_draws
 
 if TYPE_CHECKING:
     from .augment import SourceAugmentation
