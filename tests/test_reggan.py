@@ -240,7 +240,7 @@ def _train(tiny_cohort: Path, tmp_path: Path, task: str, extra: list[str]) -> li
 @pytest.mark.parametrize(
     ("task", "extra", "message"),
     [
-        ("t1->t2", ["train.objective_args={smooth_wieght: 5}"], "unknown train.objective_args key 'smooth_wieght' for reggan; valid: registration_channels"),
+        ("t1->t2", ["train.objective_args={smooth_wieght: 5}"], "unknown train.objective_args key 'smooth_wieght' for reggan; valid: field_spacing, registration_channels"),
         ("t1->t2", ["train.objective_args={smooth_weight: -1}"], "smooth_weight must be a number >= 0"),
         ("t1->t2", ["train.objective_args={registration_depth: 0}"], "registration_depth must be an integer >= 1"),
         ("t1->t2", ["train.objective_args={registration_lr: 0}"], "registration_lr must be a number > 0"),
@@ -275,3 +275,17 @@ def test_only_the_objective_and_the_registry_know_the_method() -> None:
         if "reggan" in path.read_text(encoding="utf-8").lower()
     }
     assert knowing <= allowed, knowing - allowed
+
+
+def test_the_field_is_coarse_so_a_voxel_wise_pattern_cannot_pick_intensities() -> None:
+    """A field that moves each voxel on its own would let G draw every intensity and R pick the target's;
+    averaged over blocks of ``field_spacing`` voxels, a one-voxel shift is spread over its block."""
+    from medsynth.engine.objectives.reggan import coarse_field
+
+    field = torch.zeros(1, 2, 32, 32)
+    field[0, 0, 10, 10] = 1.0
+    coarse = coarse_field(field, 8)
+    assert coarse.shape == field.shape and float(coarse.abs().max()) < 0.05
+    steady = torch.full((1, 2, 32, 32), 1.5)  # a rigid shift is kept as it is
+    torch.testing.assert_close(coarse_field(steady, 8), steady)
+    assert coarse_field(field, 1) is field

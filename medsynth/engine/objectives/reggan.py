@@ -65,6 +65,13 @@ class RegistrationSettings:
     registration_channels: int = 8
     #: LocalNet's levels below the input: its field is the mean of the ``0..depth`` levels' outputs.
     registration_depth: int = 3
+    #: Voxels per control point of the field: ``R``'s field is averaged over blocks of this size and
+    #: interpolated back (a coarse grid, as a B-spline registration's). A per-voxel field lets ``G``
+    #: and ``R`` cheat together: ``G`` draws a fine pattern of every intensity, and sub-voxel shifts
+    #: pick the target's value at each voxel through the bilinear warp (measured on the demo cohort:
+    #: L1 after the warp below the ``gan`` objective's, 11.9 dB held out). Misregistration is smooth;
+    #: 8 voxels (16 mm at 2 mm) still follows a rotation of the head.
+    field_spacing: int = 8
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> RegistrationSettings:
@@ -82,7 +89,7 @@ class RegistrationSettings:
         lr = settings.registration_lr
         if lr is not None and (not _number(lr) or lr <= 0):
             raise ConfigError(f"train.objective_args.registration_lr must be a number > 0, got {lr!r}")
-        for name, low in (("registration_channels", 1), ("registration_depth", 1)):
+        for name, low in (("registration_channels", 1), ("registration_depth", 1), ("field_spacing", 1)):
             value = getattr(settings, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"train.objective_args.{name} must be an integer >= {low}, got {value!r}")
@@ -133,6 +140,21 @@ class RegistrationNetwork(nn.Module):
         if pad_h or pad_w:
             pair = F.pad(pair, (0, pad_w, 0, pad_h), mode="replicate")
         return self.net(pair)[:, :, :height, :width]
+
+
+def coarse_field(field: torch.Tensor, spacing: int) -> torch.Tensor:
+    """``field`` averaged over ``spacing`` x ``spacing`` blocks and interpolated back to its size.
+
+    Example:
+        >>> field = torch.zeros(1, 2, 16, 16)
+        >>> field[0, 0, 3, 5] = 64.0  # one voxel's shift: spread over its block
+        >>> float(coarse_field(field, 8).abs().max()) < 1.5
+        True
+    """
+    if spacing == 1:
+        return field
+    coarse = F.avg_pool2d(field, spacing, ceil_mode=True)
+    return F.interpolate(coarse, size=field.shape[2:], mode="bilinear", align_corners=False)
 
 
 class RegGANObjective(GANObjective):
@@ -211,7 +233,7 @@ class RegGANObjective(GANObjective):
         adversarial = LSGANLoss.generator(fake_scores)
         ddf = self.forward_registration(synthetic, target)
         with torch.autocast(self.ctx.device.type, enabled=False):
-            field = ddf.float()
+            field = coarse_field(ddf.float(), self.options.field_spacing)
             warped = self.warp(synthetic.float(), field)
             l1 = l1_loss(warped, target, mask)
             smooth = self.smoothness(field)
