@@ -450,6 +450,7 @@ def report(args: argparse.Namespace, cohorts: dict[str, Path], results: dict[Run
         + " ".join(f"--misregister {m}" for m in args.misregister)
         + (f" --long-factor {args.long_factor:g}" if args.long_factor else "")
         + (f" --methods {','.join(args.methods)}" if args.methods != list(DEFAULT_METHODS) else "")
+        + (f" --sweep-methods {','.join(args.sweep_methods)}" if args.sweep_methods != args.methods else "")
         + "`",
     ]
     for task in args.tasks:
