@@ -605,6 +605,8 @@ def _onnx_session(data: bytes, path: Path, device: torch.device) -> Any:
 
 
 def _load_torchscript(data: bytes, path: Path, device: torch.device) -> torch.nn.Module:
+    """``torch.jit.load`` of bytes :func:`_inspect` has checked (called only from :func:`_generator`, on the
+    very bytes read once by :func:`load_exported`: no second read of the file could swap them)."""
     try:
         with warnings.catch_warnings():  # torch.jit is deprecated; see _export_torchscript
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -632,6 +634,7 @@ def _torch_export_quiet() -> Iterator[None]:
 
 
 def _load_pt2(data: bytes, path: Path, device: torch.device) -> torch.nn.Module:
+    """``torch.export.load`` of bytes :func:`_inspect` has checked (see :func:`_load_torchscript`)."""
     try:
         with _torch_export_quiet():
             module = torch.export.load(io.BytesIO(data)).module()

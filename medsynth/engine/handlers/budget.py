@@ -31,9 +31,6 @@ class TimeBudget(Handler):
         if loop.clock_now is not None and loop.clock_now >= self.seconds:
             self.ended_run = loop.end_requested = True
 
-    def remaining(self, loop: Loop) -> float:
-        return max(self.seconds - loop.clock(), 0.0)
-
     def completed(self, loop: Loop) -> None:
         if not self.ended_run or loop.quiet:
             return
