@@ -10,15 +10,12 @@ import csv
 import json
 import re
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, tiny_config, train_until_sigterm
+from conftest import TINY_OVERRIDES, tiny_config, torchrun_two_processes, train_until_sigterm
 
 from medsynth.cli import main
 from medsynth.config import load_config
@@ -388,30 +385,11 @@ def test_time_budget_stops_and_resume_extends(unpaired_cohort: Path, tmp_path: P
     assert load_checkpoint(run / "checkpoint_latest.pt")["global_step"] > first["global_step"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_torchrun_trains_replicas_and_resumes_on_one_process(unpaired_cohort: Path, tmp_path: Path) -> None:
     """Two processes on gloo: the trainer compares every network of the objective across ranks after each
     epoch and stops on a difference, so a clean exit means the four networks stayed replicas."""
     runs = tmp_path / "runs"
-    args = ["train", "t1->t2", "--data", str(unpaired_cohort), "--config", "demo_cpu", "--device", "cpu",
-            "--runs-dir", str(runs), "--name", "cyc", "--quiet"]  # fmt: skip
-    for item in [
-        *TINY_OVERRIDES,
-        *CYCLE,
-        "train.steps_per_epoch=2",
-        "train.decay_epochs=0",
-        "train.batch_size=2",
-    ]:
-        args += ["--set", item]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), "-m", "medsynth", *args]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_two_processes(unpaired_cohort, runs, "cyc", CYCLE)
     state = load_checkpoint(runs / "cyc" / "checkpoint_latest.pt")
     assert state["distributed"]["world_size"] == 2 and (state["epoch"], state["global_step"]) == (1, 2)
     assert main(["train", "--resume", str(runs / "cyc"), "--quiet", "--set", "train.epochs=2"]) == 0

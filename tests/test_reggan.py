@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import copy
 import csv
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, tiny_config, train_until_sigterm
+from conftest import TINY_OVERRIDES, tiny_config, torchrun_two_processes, train_until_sigterm
 from torch import nn
 
 from medsynth.cli import main
@@ -200,30 +197,11 @@ def test_resume_after_sigterm_matches_uninterrupted_run(reggan_run: Path, tiny_c
         torch.testing.assert_close(ours[name], value, rtol=1e-5, atol=1e-7)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_torchrun_keeps_the_registration_network_a_replica(tiny_cohort: Path, tmp_path: Path) -> None:
     """Two processes on gloo: the loop compares G, the critic and R across ranks after each epoch and stops
     on a difference, so a clean exit means R is trained through DDP like the other networks."""
     runs = tmp_path / "runs"
-    args = ["train", "t1->t2", "--data", str(tiny_cohort), "--config", "demo_cpu", "--device", "cpu",
-            "--runs-dir", str(runs), "--name", "reg", "--quiet"]  # fmt: skip
-    for item in [
-        *TINY_OVERRIDES,
-        *REG,
-        "train.steps_per_epoch=2",
-        "train.decay_epochs=0",
-        "train.batch_size=2",
-    ]:
-        args += ["--set", item]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), "-m", "medsynth", *args]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_two_processes(tiny_cohort, runs, "reg", REG)
     state = load_checkpoint(runs / "reg" / "checkpoint_latest.pt")
     assert state["distributed"]["world_size"] == 2 and (state["epoch"], state["global_step"]) == (1, 2)
     assert any(value.abs().sum() > 0 for value in state["objective_state"]["registration_state"].values())
