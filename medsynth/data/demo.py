@@ -21,9 +21,14 @@ The model, at a field strength of 3 T (details and sources in ``docs/demo_cohort
   co-registered), relaxation-time jitter, and per contrast a smooth multiplicative bias field, Rician
   noise at a fixed SNR and an arbitrary intensity scale. The CT's HU jitter and noise come from a second
   Generator, ``(seed, subject index, 1)``, so adding the CT left every MR volume bit-identical.
-* **Misregistration (optional).** ``misregister=(mm, deg)`` moves every modality but a reference one by a
-  rigid transform drawn from a third Generator, ``(seed, subject index, 2)``, and keeps the shared header:
-  pairs that claim to be registered and are not, as after a failed registration of scans from different days.
+* **Misregistration (optional).** ``misregister=(mm, deg)`` scans every modality but a reference one with
+  the head moved by a rigid transform drawn from a third Generator, ``(seed, subject index, 2)``, and keeps
+  the shared header: pairs that claim to be registered and are not, as after a failed registration of
+  scans from different days. The head moves *before* it is imaged, as a patient does: the moved anatomy
+  is sampled once from the template like the unmoved one, and the bias field and noise stay in the
+  scanner's frame, so a moved image is no smoother than an unmoved one (resampling a finished volume
+  would blur its anatomy and its noise, an artefact no scanner makes and one that registration would
+  then be blamed for).
 
 Everything per subject runs on the output grid: the 1 mm tissue maps are reduced to ``spacing_mm`` once
 (and cached), so a 2 mm cohort costs about a second per subject.
@@ -650,7 +655,12 @@ def simulate_ct(
 
 
 def simulate_subject(
-    index: int, spacing_mm: float = 1.0, seed: int = 0, protocol: str = DEFAULT_PROTOCOL
+    index: int,
+    spacing_mm: float = 1.0,
+    seed: int = 0,
+    protocol: str = DEFAULT_PROTOCOL,
+    motion: Misregistration | None = None,
+    reference: str = "t1",
 ) -> tuple[dict[str, Volume], SubjectDraw]:
     """The four contrasts and the CT of subject ``index`` (0-based), keyed by modality, on one grid.
 
@@ -662,16 +672,28 @@ def simulate_subject(
     subject (same anatomy and tissue jitter), its bias, noise and scale drawn from a fourth Generator,
     ``(seed, index, 3)``. The default T1w is still simulated first, because the draws of the other
     contrasts follow its draws: that keeps them bit-identical to the default cohort's.
+
+    ``motion`` scans every modality but ``reference`` with the head moved (:func:`moved_coordinates`); the
+    draws are unchanged, so ``reference`` is bit-identical to the unmoved subject's.
     """
     site = input_protocol(protocol)
     base = anatomy(spacing_mm)
     rng = np.random.default_rng((seed, index))
     coords, draw = warp_coordinates(base, rng)
     fractions = warp(base.fractions, coords)
+    moved_coords, moved_fractions = coords, fractions
+    if motion is not None:
+        moved_coords = moved_coordinates(coords, base.affine, motion)
+        moved_fractions = warp(base.fractions, moved_coords)
+
+    def pose(modality: str) -> tuple[list[np.ndarray], np.ndarray]:
+        """(template coordinates, tissue fractions) of the head as ``modality`` was scanned."""
+        return (coords, fractions) if modality == reference else (moved_coords, moved_fractions)
+
     relaxation = jittered_tissues(rng)
     volumes = {
         seq.modality: Volume(
-            simulate_contrast(seq, fractions, relaxation, spacing_mm, rng),
+            simulate_contrast(seq, pose(seq.modality)[1], relaxation, spacing_mm, rng),
             base.affine,
             {"format": "nifti", "path": "<demo>", "protocol": seq},
         )
@@ -681,16 +703,17 @@ def simulate_subject(
         site_rng = np.random.default_rng((seed, index, 3))
         volumes[site.sequence.modality] = Volume(
             simulate_contrast(
-                site.sequence, fractions, site.relaxation(relaxation), spacing_mm, site_rng,
-                bias=site.bias, snr=site.snr, log10_scale=site.log10_scale,
+                site.sequence, pose(site.sequence.modality)[1], site.relaxation(relaxation),
+                spacing_mm, site_rng, bias=site.bias, snr=site.snr, log10_scale=site.log10_scale,
             ),
             base.affine,
             {"format": "nifti", "path": "<demo>", "protocol": site.sequence},
         )  # fmt: skip
     ct_rng = np.random.default_rng((seed, index, 1))
-    diploe = warp(base.diploe[None], coords)[0]
+    ct_coords, ct_fractions = pose(CT_PROTOCOL.modality)
+    diploe = warp(base.diploe[None], ct_coords)[0]
     volumes[CT_PROTOCOL.modality] = Volume(
-        simulate_ct(fractions, diploe, jittered_hu(ct_rng), ct_rng),
+        simulate_ct(ct_fractions, diploe, jittered_hu(ct_rng), ct_rng),
         base.affine,
         {"format": "nifti", "path": "<demo>", "protocol": CT_PROTOCOL},
     )
@@ -775,25 +798,24 @@ def misregister_volume(volume: Volume, motion: Misregistration, fill: float = 0.
     return Volume(moved, volume.affine.copy(), dict(volume.meta))
 
 
-def misregister_subject(
-    volumes: Mapping[str, Volume], motion: Misregistration, reference: str
-) -> dict[str, Volume]:
-    """Move every modality but ``reference`` by one ``motion``: they stay registered to each other.
+def moved_coordinates(
+    coords: list[np.ndarray], affine: np.ndarray, motion: Misregistration
+) -> list[np.ndarray]:
+    """The template coordinates a subject's voxels show once its head has moved by ``motion``.
 
-    The background fill is air as each modality stores it: 0 in MR, ``CT_RANGE_HU[0]`` (-1024 HU) in the
-    CT, whose values are rounded back to integer HU.
+    Output voxel ``v`` shows what sat at ``A^-1 T^-1 A v`` before the motion (``A`` the affine, ``T`` the
+    motion), so the subject's own warp ``coords`` is read there. The warp is an affine plus a displacement
+    of 40 mm wavelength, so linear interpolation of it is exact to a small fraction of a voxel; beyond the
+    grid its edge value is repeated, which continues the anatomy at the border (the neck) as a scanner's
+    larger field would, rather than cutting it off with air.
     """
-    moved = {}
-    for modality, volume in volumes.items():
-        if modality == reference:
-            moved[modality] = volume
-        elif modality == CT_PROTOCOL.modality:
-            ct = misregister_volume(volume, motion, fill=CT_RANGE_HU[0])
-            ct.array = np.clip(np.round(ct.array), *CT_RANGE_HU).astype(np.float32)
-            moved[modality] = ct
-        else:
-            moved[modality] = misregister_volume(volume, motion)
-    return moved
+    pull = np.linalg.inv(affine) @ np.linalg.inv(motion.matrix()) @ affine
+    grid = np.indices(coords[0].shape, dtype=np.float32).reshape(3, -1)
+    points = pull[:3, :3].astype(np.float32) @ grid + pull[:3, 3:4].astype(np.float32)
+    return [
+        ndimage.map_coordinates(c, points, order=1, mode="nearest").reshape(c.shape).astype(np.float32)
+        for c in coords
+    ]
 
 
 def parse_misregister(text: str) -> tuple[float, float]:
@@ -965,11 +987,10 @@ def make_demo_cohort(
         range(n_subjects), desc="demo subjects", unit="subject", disable=None if progress else True
     ):
         subject_id = f"{index + 1:0{width}d}"
-        volumes, draw = simulate_subject(index, spacing_mm, seed, site.name)
+        motion = None if misregister is None else draw_misregistration(index, seed, *misregister, centre_mm)
+        volumes, draw = simulate_subject(index, spacing_mm, seed, site.name, motion, reference)
         row = f"sub-{subject_id}\t{draw.head_scale:.4f}\t{draw.rotation_deg:.2f}\t{draw.max_displacement_mm:.2f}"
-        if misregister is not None:
-            motion = draw_misregistration(index, seed, *misregister, centre_mm)
-            volumes = misregister_subject(volumes, motion, reference)
+        if motion is not None:
             row += "\t" + "\t".join(_misregister_fields(motion))
         if other_site:
             row += f"\t{site.name}"
@@ -1000,11 +1021,12 @@ def make_demo_cohort(
             "reference": reference,
             "centre_mm": [round(v, 3) + 0.0 for v in centre_mm],  # + 0.0: no "-0.0"
             "note": f"every modality but {reference} is moved, per subject, by one rigid transform "
-            "x' = R (x - centre_mm) + centre_mm + t (world RAS mm) and resampled (linear) on the unchanged "
-            "grid, so the headers still claim the pairs are registered; |t| = max_mm U(0.5, 1) in a random "
+            "x' = R (x - centre_mm) + centre_mm + t (world RAS mm) before it is imaged (the moved anatomy "
+            "sampled from the template once, bias and noise in the scanner's frame) on the unchanged grid, "
+            "so the headers still claim the pairs are registered; |t| = max_mm U(0.5, 1) in a random "
             "direction, R turns by +-max_deg U(0.5, 1) about a random unit axis (right-hand rule), drawn from "
             "numpy default_rng((seed, subject index, 2)); per-subject values in participants.tsv "
-            "(misregister_*); fill: 0 in MR, -1024 HU in CT",
+            "(misregister_*)",
         }
     if other_site:
         info["protocol"] = site.describe()
