@@ -3,6 +3,7 @@ sources only, and a killed augmented run resumes to the weights of an uninterrup
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,14 @@ from conftest import tiny_config, train_until_sigterm
 
 from medsynth.cli import main
 from medsynth.config import load_config
-from medsynth.data.augment import KINDS, PRESETS, AugmentSpec, SourceAugmentation, source_augmentation
+from medsynth.data.augment import (
+    APPEARANCE_DRAWS,
+    KINDS,
+    PRESETS,
+    AugmentSpec,
+    SourceAugmentation,
+    source_augmentation,
+)
 from medsynth.data.cache import Cohort
 from medsynth.data.datasets import PatchDataset, SliceDataset
 from medsynth.data.pairing import unpaired_slices
@@ -240,6 +248,10 @@ def test_augmented_run_resumes_to_the_same_weights(tiny_cohort: Path, tmp_path: 
     config = tiny_config(tiny_cohort, extra=extra)
     claim_run_dir(reference, config)
     train(config, reference, quiet=True)
+    # The run's out-of-distribution reference includes what the augmentation showed it (source only).
+    subjects = json.loads((reference / "fingerprint.json").read_text())["subjects"].values()
+    assert all(len(s["t1"]["appearance"]["augmented_histograms"]) == APPEARANCE_DRAWS for s in subjects)
+    assert not any("augmented_histograms" in s["t2"]["appearance"] for s in subjects)
 
     killed = tmp_path / "killed"
     train_until_sigterm(tiny_cohort, tmp_path, "killed", extra, at_step=2)

@@ -158,3 +158,35 @@ def test_convert_records_the_check_per_study(tiny_run: Path, tiny_cohort: Path, 
     assert "looks like a CT" in (out / "report.csv").read_text()
     sidecars = [json.loads(p.read_text()) for p in out.rglob("t2.json")]
     assert sorted(s["ood"]["status"] for s in sidecars) == ["ok", "out_of_distribution"]
+
+
+def test_an_augmented_run_accepts_the_protocols_its_training_covered(tiny_cohort: Path) -> None:
+    """An MPRAGE T1w is a false alarm for a model trained with intensity augmentation; a T2w is not.
+
+    The plain reference (the training subjects' mean histogram) flags both held-out MPRAGE T1w; the
+    fingerprint of a ``data.augment: robust`` run keeps 16 augmented appearances per training subject and
+    compares with the nearest, which accepts them and still calls a T2w given as the T1w unlike.
+    """
+    from medsynth.data import demo
+    from medsynth.data.augment import APPEARANCE_DRAWS, appearance_draws
+    from medsynth.data.fingerprint import NormalizationSpec
+
+    def training():
+        for subject in ("sub-01", "sub-02", "sub-03"):
+            yield subject, {"t1": read_volume(_image(tiny_cohort, subject, "T1w"))}
+
+    specs = {"t1": NormalizationSpec.for_modality("t1")}
+    draws = appearance_draws("robust", ("t1",), spatial_dims=2, axis=2)
+    augmented = Fingerprint.compute(training(), specs, augmented=draws)
+    appearance = augmented.subjects["sub-01"]["t1"]["appearance"]
+    assert len(appearance["augmented_histograms"]) == APPEARANCE_DRAWS
+    assert Fingerprint.compute(training(), specs, augmented=draws).to_dict() == augmented.to_dict()
+    plain, robust = OODChecker(Fingerprint.compute(training(), specs)), OODChecker(augmented)
+    for index in (3, 4):  # sub-04 and sub-05, acquired as an MPRAGE (cohort seed 3)
+        mprage = demo.simulate_subject(index, 6.0, seed=3, protocol="mprage")[0]["t1"]
+        assert not plain.check({"t1": mprage}).ok
+        report = robust.check({"t1": mprage})
+        assert report.ok, report.reasons
+        assert "augment" in report.checks["histogram"]["t1"]["reference"]
+    t2 = robust.check({"t1": read_volume(_image(tiny_cohort, "sub-04", "T2w"))})
+    assert not t2.ok and "unlike the training T1w" in t2.summary()

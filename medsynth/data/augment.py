@@ -367,3 +367,64 @@ class SourceAugmentation:
             noisy = torch.sqrt((u[i] + noise[0]) ** 2 + noise[1] ** 2)
             out[i] = torch.where(floor[i], u[i], noisy)
         return out
+
+
+#: Whole-volume draws per training subject that an augmented run keeps for its out-of-distribution screen.
+APPEARANCE_DRAWS = 16
+#: Seed of those draws (any fixed value: they describe the augmentation, not one training run's batches).
+APPEARANCE_SEED = 20_261_207
+
+
+@dataclass(frozen=True)
+class AppearanceDraws:
+    """The appearances an augmented run's sources take, as whole volumes: what its OOD screen accepts.
+
+    The out-of-distribution screen compares an input's intensity histogram with the training images'. A
+    run trained with ``data.augment`` has seen far more than its training images: every monotone warp and
+    bias field the augmentation drew. Against the plain training histograms, a spoiled gradient echo or an
+    MPRAGE T1w that such a model synthesises as well as its own protocol is still flagged: a false alarm
+    (measured on the 4 mm protocol cohorts, README "Another site's T1w"). So the fingerprint of an augmented
+    run also keeps, per training subject and source modality, the histograms of ``draws`` augmented
+    versions of the whole volume (:mod:`medsynth.model.ood` compares an input with the nearest of them).
+
+    One draw covers the whole volume, as one scanner gives one appearance: for 2D/2.5D training
+    (``axis`` set) the slices along ``axis`` are the context channels of one sample, which share a draw
+    (the bias field is then the same in every slice, a simplification that moves no histogram much); for
+    3D (``axis`` None) the volume is one patch.
+    """
+
+    spec: AugmentSpec
+    modalities: tuple[str, ...]
+    axis: int | None
+    draws: int = APPEARANCE_DRAWS
+
+    def histograms(self, normalised: np.ndarray, mask: np.ndarray, subject: int) -> list[list[float]]:
+        """Histograms (inside ``mask``) of ``draws`` augmented versions of training subject ``subject``."""
+        from .appearance import normalised_histogram  # numpy only; keeps the module graph one-way
+
+        volume = torch.from_numpy(np.clip(normalised, -1.0, 1.0).astype(np.float32))
+        if self.axis is None:
+            stack, augment = volume[None, None, None], SourceAugmentation(self.spec, spatial_dims=3)
+        else:
+            stack = volume.movedim(self.axis, 0)[None, None]
+            augment = SourceAugmentation(self.spec, spatial_dims=2)
+        index = np.array([subject])
+        out = []
+        for draw in range(self.draws):
+            changed = augment(stack, seed=APPEARANCE_SEED, epoch=draw, index=index)
+            if self.axis is None:
+                array = changed[0, 0, 0].numpy()
+            else:
+                array = changed[0, 0].movedim(0, self.axis).numpy()
+            out.append([round(float(h), 6) for h in normalised_histogram(array[mask])])
+        return out
+
+
+def appearance_draws(
+    value: Any, modalities: tuple[str, ...], spatial_dims: int, axis: int
+) -> AppearanceDraws | None:
+    """The :class:`AppearanceDraws` of a recipe's ``data.augment`` (None when it augments nothing)."""
+    spec = AugmentSpec.from_config(value)
+    if spec is None:
+        return None
+    return AppearanceDraws(spec, tuple(modalities), None if spatial_dims == 3 else axis)

@@ -22,7 +22,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from .normalize import (
     ZScoreNormalizer,
     normalizer_from_dict,
 )
+
+if TYPE_CHECKING:  # augment.py imports torch, needed only when a run augments
+    from .augment import AppearanceDraws
 
 _FORMAT = "medsynth-fingerprint"
 _VERSION = 1
@@ -110,18 +113,21 @@ class Fingerprint:
         specs: dict[str, NormalizationSpec],
         *,
         partial: bool = False,
+        augmented: AppearanceDraws | None = None,
     ) -> Fingerprint:
         """Fit per-subject parameters on **training** subjects and take their medians.
 
         ``subjects`` yields ``(subject_id, {modality: Volume})``; it is consumed once, so a generator
         that loads one subject at a time keeps memory flat. Modalities not in ``specs`` are ignored.
         ``partial`` (unpaired data): a subject may lack some modalities; each modality's medians are
-        taken over the subjects that have it, and every modality needs at least one.
+        taken over the subjects that have it, and every modality needs at least one. ``augmented`` (a
+        run with ``data.augment``) adds each of its modalities' ``augmented_histograms`` to the
+        subject's appearance: the out-of-distribution screen's reference for that run.
         """
         if not specs:
             raise ConfigError("a fingerprint needs at least one modality's normalisation spec")
         per_subject: dict[str, dict[str, dict[str, Any]]] = {}
-        for subject_id, volumes in subjects:
+        for index, (subject_id, volumes) in enumerate(subjects):
             missing = sorted(set(specs) - set(volumes))
             if missing and not partial:
                 raise DataError(
@@ -141,6 +147,10 @@ class Fingerprint:
                     # What out-of-distribution checks compare inputs with (medsynth.model.ood).
                     "appearance": appearance_statistics(volume, normalizer, mask),
                 }
+                if augmented is not None and modality in augmented.modalities:
+                    entry[modality]["appearance"]["augmented_histograms"] = augmented.histograms(
+                        normalizer.forward(volume.array), mask, index
+                    )
             per_subject[subject_id] = entry
         if not per_subject:
             raise DataError("no training subjects to compute the normalisation fingerprint from")

@@ -131,7 +131,14 @@ def prepare_run_data(
                 available = [m for m in modalities if m in record.paths]
                 yield subject_id, load_subject(record, available, volume_index=config.data.volume_index)
 
-        fingerprint = Fingerprint.compute(training_subjects(), specs, partial=unpaired)
+        augmented = None
+        if config.data.augment:
+            from ..data.augment import appearance_draws  # torch: only when the recipe augments
+
+            augmented = appearance_draws(
+                config.data.augment, tuple(task.sources), config.model.spatial_dims, config.data.axis
+            )
+        fingerprint = Fingerprint.compute(training_subjects(), specs, partial=unpaired, augmented=augmented)
         fingerprint.save(fingerprint_path)
     used = [by_id[i] for part in ("train", "val", "test") for i in splits.get(part, []) if i in by_id]
     cohort = prepare_cohort(used, modalities, fingerprint, cache_dir, progress=progress, partial=unpaired)

@@ -12,7 +12,10 @@ field_of_view      a canonical axis' extent (mm) is outside [min / 1.5, max x 1.
 orientation        the voxel axes are > 15 degrees more oblique than the most oblique training image
 histogram          Jensen-Shannon divergence of the normalised intensity histogram inside the
                    head from the training subjects' mean > the calibrated threshold (2 x the
-                   largest leave-one-out divergence of a training subject, at least 0.015)
+                   largest leave-one-out divergence of a training subject, at least 0.015); for
+                   a run trained with ``data.augment``, from the *nearest* of the appearances
+                   its training showed (each subject and its augmented draws), the threshold
+                   from each subject's nearest other-subject appearance the same way
 contrast           the histogram lies within another modality's threshold and at most half as far
                    from it as from the expected one (e.g. a T2w given as the T1w input; a near tie is
                    not called a contrast swap), or an MR input holds air in Hounsfield units (>= 5 %
@@ -92,6 +95,51 @@ class HistogramReference:
         return cls(stack.mean(axis=0), threshold, loo)
 
 
+@dataclass(frozen=True)
+class AppearanceReference:
+    """An augmented run's training appearances: each subject's histogram and its augmented draws.
+
+    Why nearest rather than mean: augmentation spreads the training appearances over a family (gamma and
+    histogram warps, bias fields); their mean is no image the model saw, and a spoiled gradient echo
+    that lies in the family would still be far from it. So an input's divergence is to the nearest
+    appearance, and the threshold is calibrated the same way: ``HIST_MARGIN`` x the largest divergence
+    of a training subject's own histogram from the nearest appearance of any *other* subject (at least
+    ``HIST_FLOOR``). Monotone warps never invert a contrast, so a T2w given as the T1w stays far from all.
+    """
+
+    histograms: np.ndarray  # (appearances, bins)
+    subjects: np.ndarray  # (appearances,) the training subject each came from
+    threshold: float
+    count: int
+
+    @classmethod
+    def from_appearances(cls, appearances: list[dict[str, Any]]) -> AppearanceReference:
+        rows, owners, own = [], [], []
+        for subject, appearance in enumerate(appearances):
+            own.append(np.asarray(appearance["histogram"], np.float64))
+            for histogram in [appearance["histogram"], *appearance.get("augmented_histograms", [])]:
+                rows.append(np.asarray(histogram, np.float64))
+                owners.append(subject)
+        histograms, subjects = np.asarray(rows), np.asarray(owners)
+        loo = [_nearest(own[i], histograms[subjects != i]) for i in range(len(own)) if (subjects != i).any()]
+        threshold = max(HIST_FLOOR, HIST_MARGIN * max(loo, default=0.0))
+        return cls(histograms, subjects, threshold, len(rows))
+
+    def divergence(self, histogram: np.ndarray) -> float:
+        """Divergence from the nearest training appearance."""
+        return _nearest(np.asarray(histogram, np.float64), self.histograms)
+
+
+def _nearest(histogram: np.ndarray, candidates: np.ndarray) -> float:
+    """Smallest Jensen-Shannon divergence of ``histogram`` from the rows of ``candidates`` (vectorised)."""
+    p = histogram[None, :]
+    m = 0.5 * (p + candidates)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl_p = np.where(p > 0, p * np.log(p / m), 0.0).sum(axis=1)
+        kl_q = np.where(candidates > 0, candidates * np.log(candidates / m), 0.0).sum(axis=1)
+    return float(max(0.0, (0.5 * (kl_p + kl_q)).min()))
+
+
 @dataclass
 class OODReport:
     """The verdict on one input set; ``to_dict`` is the sidecar's ``ood`` block."""
@@ -135,6 +183,12 @@ class OODChecker:
         self.references = {
             m: HistogramReference.from_histograms([np.asarray(a["histogram"]) for a in items])
             for m, items in self.training.items()
+        }
+        # Modalities the run augmented: compared with the nearest training appearance instead.
+        self.appearances = {
+            m: AppearanceReference.from_appearances(items)
+            for m, items in self.training.items()
+            if any("augmented_histograms" in a for a in items)
         }
 
     def check(self, inputs: Mapping[str, Volume], names: Mapping[str, str] | None = None) -> OODReport:
@@ -223,16 +277,22 @@ class OODChecker:
     ) -> tuple[float, float, float]:
         histogram = np.asarray(stats["histogram"])
         divergences = {m: js_divergence(histogram, ref.mean) for m, ref in self.references.items()}
-        reference = self.references[modality]
+        appearances = self.appearances.get(modality)
+        if appearances is not None:
+            divergences[modality] = appearances.divergence(histogram)
+        threshold = (appearances or self.references[modality]).threshold
         own = divergences[modality]
         nearest = min(divergences, key=divergences.__getitem__)
         report.checks.setdefault("histogram", {})[modality] = {
             "js_divergence": round(own, 5),
-            "threshold": round(reference.threshold, 5),
+            "threshold": round(threshold, 5),
             "divergence_to": {m: round(d, 5) for m, d in divergences.items()},
             "training_subjects": len(self.training[modality]),
+            "reference": "training mean"
+            if appearances is None
+            else f"nearest of {appearances.count} training appearances (data.augment draws included)",
         }
-        if own > reference.threshold:
+        if own > threshold:
             wanted = DISPLAY_NAMES.get(modality, modality)
             also = _also_off(report, modality)
             swapped = _is_other_contrast(own, divergences[nearest], self.references[nearest])
@@ -248,11 +308,11 @@ class OODChecker:
                 )
                 report.reasons.append(
                     f"{name}: intensity histogram inside the head is unlike the training {wanted} images "
-                    f"(divergence {own:.3f} > threshold {reference.threshold:.3f})"
+                    f"(divergence {own:.3f} > threshold {threshold:.3f})"
                     + (f"; no other training contrast matches it clearly ({others})" if others else "")
                     + also
                 )
-        return own / reference.threshold, own, reference.threshold
+        return own / threshold, own, threshold
 
 
 def _is_other_contrast(own: float, other: float, reference: HistogramReference) -> bool:
