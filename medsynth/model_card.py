@@ -224,8 +224,9 @@ def _best(best: dict[str, Any] | None) -> str:
 
 #: Said wherever a best validation score of an unpaired run without validation targets is shown.
 ROUND_TRIP_NOTE = (
-    " (round trip source -> target -> source on held-out subjects without a target: a consistency score,"
-    " not a comparison with a real target)"
+    " (held-out subjects without a target: chosen by the divergence of the synthetic targets' intensity"
+    " histogram from the training targets', which a copy of the input cannot win; the round trip source ->"
+    " target -> source is a consistency score beside it; neither compares with a real target)"
 )
 
 

@@ -322,10 +322,39 @@ def test_without_a_complete_validation_subject_the_run_scores_the_round_trip(
     assert "round trip)" in out
     best = load_checkpoint(run / "checkpoint_best.pt")["best"]
     assert best["validation"] == "round trip" and np.isfinite(best["val_psnr"])
+    # Chosen on what a copy cannot win: the synthetic targets' distance from the training targets.
+    assert best["metric"] == "divergence" and best["value"] == best["val_divergence"] >= 0
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[-1] == "val_divergence"
     # The score is named as a round trip where it is shown: the run's last line and its model card.
     (done,) = [line for line in out.splitlines() if line.startswith("done in")]
     assert "round trip source -> target -> source" in done
-    assert "not a comparison with a real target" in (run / "model_card.md").read_text()
+    assert "neither compares with a real target" in (run / "model_card.md").read_text()
+
+
+def test_a_copy_of_the_input_cannot_win_the_round_trip_selection(unpaired_cohort: Path) -> None:
+    """The target divergence of a real held-out T2w is far below that of its T1w passed off as one."""
+    from medsynth.data.fingerprint import Fingerprint, NormalizationSpec
+    from medsynth.data.masks import foreground_mask
+    from medsynth.engine.validation import target_divergence
+
+    def volumes(subject: str) -> dict:
+        anat = unpaired_cohort / subject / "anat"
+        return {m: read_volume(anat / f"{subject}_{s}.nii.gz") for m, s in (("t1", "T1w"), ("t2", "T2w"))
+                if (anat / f"{subject}_{s}.nii.gz").exists()}  # fmt: skip
+
+    specs = {m: NormalizationSpec.for_modality(m) for m in ("t1", "t2")}
+    fingerprint = Fingerprint.compute(((s, volumes(s)) for s in ("sub-01", "sub-04", "sub-05")), specs,
+                                      partial=True)  # fmt: skip
+    held_out = volumes("sub-02")
+
+    def normalised(modality: str) -> tuple[np.ndarray, np.ndarray]:
+        array = held_out[modality].array
+        mask = foreground_mask([array])
+        return fingerprint.input_normalizer(modality, array, own_mask=mask).forward(array), mask
+
+    real, copy = (target_divergence(fingerprint, "t2", [normalised(m)]) for m in ("t2", "t1"))
+    assert real < 0.01 < copy, (real, copy)
 
 
 def test_paired_training_leaves_one_sided_subjects_out(unpaired_cohort: Path, tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ def test_a_budget_smaller_than_one_step_still_leaves_a_whole_run(
 
 def test_a_round_trip_score_is_named_as_one_on_the_card() -> None:
     best = {"metric": "psnr", "value": 11.7, "epoch": 3, "validation": "round trip"}
-    assert _best(best).endswith(ROUND_TRIP_NOTE) and "not a comparison with a real target" in _best(best)
+    assert _best(best).endswith(ROUND_TRIP_NOTE) and "neither compares with a real target" in _best(best)
     assert "round trip" not in _best({**best, "validation": "target"})
 
 

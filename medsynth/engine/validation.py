@@ -17,7 +17,11 @@ What is scored depends on the data:
 * ``round trip``: when no validation subject has both sides (unpaired data whose held-out subjects have one
   image each), a model whose objective also trained the reverse direction is scored on the round trip
   ``x -> G -> F`` for a subject's source and ``y -> F -> G`` for its target. That checks consistency, not
-  accuracy, and the run says so once.
+  accuracy, and the run says so once. A near-copy of the input wins it (``G`` and ``F`` both close to the
+  identity close the cycle best), so this mode also reports ``divergence``: the Jensen-Shannon divergence
+  of the synthetic targets' intensity histogram (inside the head, the network's space) from the training
+  targets' mean histogram, which a copy of the source cannot win, and model selection uses it
+  (:class:`~medsynth.engine.handlers.selection.BestSelection`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..data.cache import Cohort
+from ..data.fingerprint import Fingerprint
 from ..errors import MedsynthError
 from ..io.volume import Volume
 from ..metrics import mae, psnr, ssim_3d
@@ -49,6 +54,29 @@ def _to_volume(array: np.ndarray) -> np.ndarray:
 
 def _to_slices(array: np.ndarray) -> np.ndarray:
     return np.transpose(array, (2, 0, 1))
+
+
+def target_divergence(
+    fingerprint: Fingerprint, target: str, images: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> float:
+    """Divergence of synthetic ``target`` images (normalised, with their masks) from the training targets.
+
+    The images pooled into one intensity histogram (inside their masks) against the mean of the
+    fingerprint's histograms of the training subjects that have the target, in the space the network
+    writes; NaN when there is nothing to compare.
+    """
+    from ..data.appearance import normalised_histogram
+    from ..model.ood import HistogramReference, js_divergence
+
+    training = [
+        np.asarray(entry[target]["appearance"]["histogram"])
+        for entry in fingerprint.subjects.values()
+        if target in entry and "appearance" in entry[target]
+    ]
+    if not images or not training:
+        return math.nan
+    values = np.concatenate([image[mask] for image, mask in images])
+    return js_divergence(normalised_histogram(values), HistogramReference.from_histograms(training).mean)
 
 
 class Validation:
@@ -75,6 +103,8 @@ class Validation:
         self.kind = "registered target" if register_targets else "target"
         #: Held-out targets registered onto their sources, by subject (slice-first, normalised).
         self._registered: dict[str, np.ndarray] = {}
+        #: The round trip's synthetic targets of the current validation, with their masks.
+        self._synthetic_targets: list[tuple[np.ndarray, np.ndarray]] = []
 
     def run(self, subject_ids: Sequence[str]) -> tuple[dict[str, float], list[Any]]:
         """Mean PSNR / SSIM / MAE over the scored cases, and the first case for the sample figure."""
@@ -86,15 +116,21 @@ class Validation:
             cases = (case for s in subject_ids for case in self.round_trip_subject(s))
         scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "mae": []}
         samples: list[Any] = []
+        self._synthetic_targets = []
         for target, prediction, truth, mask, inputs in cases:
             scores["psnr"].append(psnr(prediction, truth, mask=mask, data_range=2.0))
             scores["ssim"].append(ssim_3d(prediction, truth, mask=mask, data_range=2.0))
             scores["mae"].append(mae(prediction, truth, mask=mask, data_range=2.0))
             if not samples:
                 samples.append((inputs, prediction, truth, mask, target))
+        if self.kind == "round trip":
+            scores["divergence"] = [self._target_divergence()]
         return {
             key: float(np.mean(values)) if values else math.nan for key, values in scores.items()
         }, samples
+
+    def _target_divergence(self) -> float:
+        return target_divergence(self.model.fingerprint, str(self.task.target), self._synthetic_targets)
 
     def _scorable(self, subject_id: str) -> bool:
         """Whether a subject has the run's inputs and target (a unified model: any two of its modalities)."""
@@ -146,6 +182,8 @@ class Validation:
             returned = back_again.synthesize_normalised(
                 {middle: halfway}, _to_volume(mask), start, batch_size=self.batch_size
             )
+            if start == source:
+                self._synthetic_targets.append((_to_slices(halfway), mask))
             yield start, _to_slices(returned), np.asarray(cached.image(start)), mask, [_to_slices(image)]
 
     def synthesize_subject(self, subject_id: str) -> Iterator[Case]:

@@ -53,7 +53,10 @@ def default_handlers(loop: Loop) -> list[Handler]:
     handlers += [writer, BestSelection(train.best_metric), checkpoints, StopOnSignal()]
     if dist.is_main:
         handlers += [
-            MetricsCsv(run_dir / "metrics.csv", metrics_fields(loop.objective.loss_names)),
+            MetricsCsv(
+                run_dir / "metrics.csv",
+                metrics_fields(loop.objective.loss_names, round_trip=bool(loop.objective.directions())),
+            ),
             TensorBoardLog(run_dir / "tensorboard"),
             Figures(run_dir, writer),
         ]

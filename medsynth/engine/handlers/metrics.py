@@ -23,9 +23,11 @@ METRICS_FIELDS = [
 ]  # fmt: skip
 
 
-def metrics_fields(loss_names: tuple[str, ...]) -> list[str]:
-    """metrics.csv's columns: :data:`METRICS_FIELDS`, then any loss of the run's objective not among them."""
-    return METRICS_FIELDS + [name for name in loss_names if name not in METRICS_FIELDS]
+def metrics_fields(loss_names: tuple[str, ...], round_trip: bool = False) -> list[str]:
+    """metrics.csv's columns: :data:`METRICS_FIELDS`, then any loss of the run's objective not among them,
+    then ``val_divergence`` for a run that can validate on the round trip (it trains the reverse direction)."""
+    extra = [name for name in loss_names if name not in METRICS_FIELDS]
+    return METRICS_FIELDS + extra + (["val_divergence"] if round_trip else [])
 
 
 def epoch_row(record: EpochRecord) -> dict[str, Any]:

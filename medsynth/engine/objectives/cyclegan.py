@@ -129,8 +129,10 @@ class CycleGANObjective:
     #: The image pools decide on the host which image each critic sees: a captured graph would replay
     #: one decision for ever.
     capturable = False
-    #: Unpaired: validation scores complete held-out subjects as they are, or the round trip.
-    registers_validation = False
+    #: Unpaired data promise no alignment, so a held-out subject with both images is scored after its
+    #: target is registered onto its source (a misaligned pair would choose a blurred checkpoint); held-out
+    #: subjects with one image each are scored on the round trip and its target divergence.
+    registers_validation = True
 
     @staticmethod
     def check_config(config: Config) -> None:
