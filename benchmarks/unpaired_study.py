@@ -23,8 +23,11 @@ image has none, or none where it has them, lower it); for a CT target also the b
 
 With ``--methods`` it also answers misregistration the other two ways (issue 32): ``gan_registered``
 trains the paired GAN on a copy of each misregistered cohort made by ``medsynth data register`` (rigid,
-mutual information; the copy is built once, beside the cohort), ``reggan`` trains the registration-aware
-objective (``train.objective: reggan``) on the cohort as it is, and ``reggan_registered`` both together.
+mutual information; built once per task, beside the cohort) with the task's **target as the reference**:
+the source is moved onto the target and the target keeps its own voxels, because a resampled target
+teaches the network the interpolation's blur (T1w -> T2w at 2-4 mm: 24.36 dB with the T2w moved onto the
+T1w, 25.58 dB the other way round, 10 minutes each); ``reggan`` trains the registration-aware objective
+(``train.objective: reggan``) on the cohort as it is, and ``reggan_registered`` both together.
 
 Runs are resumable (finished ones skipped, interrupted ones resumed); ``--parallel 2`` trains two runs at
 a time with one thread each (the next starts when one ends), so every run shares the machine alike.
@@ -47,7 +50,7 @@ import csv
 import json
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,11 +107,17 @@ def misregistered_name(value: str) -> str:
     return f"misregistered_{mm:g}mm_{deg:g}deg"
 
 
+def registered_name(cohort: str, task: str) -> str:
+    """The name of ``cohort``'s copy registered for ``task``: its source moved onto its target."""
+    return f"{cohort}{REGISTERED}_to_{task.split('->')[1]}"
+
+
 def build_cohorts(
-    work: Path, subjects: int, misregister: list[str], registered: bool = False
+    work: Path, subjects: int, misregister: list[str], registered_tasks: Sequence[str] = ()
 ) -> dict[str, Path]:
-    """The aligned cohort, one misregistered cohort per ``--misregister`` (and, with ``registered``, its copy
-    registered by ``medsynth data register``), and the disjoint cohort."""
+    """The aligned cohort, one misregistered cohort per ``--misregister`` (and, per task of
+    ``registered_tasks``, its copy registered by ``medsynth data register`` onto the task's target), and the
+    disjoint cohort."""
     from medsynth.data.demo import make_demo_cohort
     from medsynth.data.splits import make_splits
 
@@ -121,13 +130,15 @@ def build_cohorts(
         if not (folder / "participants.tsv").is_file():
             make_demo_cohort(folder, n_subjects=subjects, spacing_mm=2.0, seed=0, misregister=(mm, deg))
         cohorts[misregistered_name(value)] = folder
-        if registered:
-            copy = work / (misregistered_name(value) + REGISTERED)
+        for task in registered_tasks:
+            source, target = task.split("->")
+            name = registered_name(misregistered_name(value), task)
+            copy = work / name
             if not (copy / "participants.tsv").is_file():
-                subprocess.run(
-                    medsynth("data", "register", str(folder), "--out", str(copy), "--quiet"), check=True
-                )
-            cohorts[misregistered_name(value) + REGISTERED] = copy
+                register = medsynth("data", "register", str(folder), "--out", str(copy), "--reference", target,
+                                    "--modalities", f"{source},{target}", "--quiet")  # fmt: skip
+                subprocess.run(register, check=True)
+            cohorts[name] = copy
     ids = sorted(p.name for p in cohorts["aligned"].glob("sub-*"))
     splits_path = work / "splits.json"
     if not splits_path.is_file():
@@ -162,7 +173,9 @@ def train_and_evaluate(run: Run, cohorts: dict[str, Path], args: argparse.Namesp
     state = run_state(run_dir)
     if state != "finished":
         recipe, recipe_sets = method_recipe(run.task, run.method)
-        data = cohorts[run.cohort + REGISTERED if run.method.endswith(REGISTERED) else run.cohort]
+        data = cohorts[
+            registered_name(run.cohort, run.task) if run.method.endswith(REGISTERED) else run.cohort
+        ]
         if state == "partial" and (run_dir / "checkpoint_latest.pt").is_file():
             command = medsynth("train", "--resume", str(run_dir), "--quiet")
         else:
@@ -218,7 +231,7 @@ def planned_runs(args: argparse.Namespace, cohorts: dict[str, Path]) -> list[Run
     first = misregistered_name(args.misregister[0])
 
     def planned(task: str, cohort: str, method: str) -> bool:
-        if method not in args.methods or cohort.endswith(REGISTERED):
+        if method not in args.methods or REGISTERED in cohort:
             return False
         swept = task in args.sweep_tasks and method in args.sweep_methods
         if method.endswith(REGISTERED):  # a registered copy of a misregistered cohort
@@ -496,8 +509,8 @@ def main() -> int:
     args.threads = 1 if args.parallel > 1 else 2
     args.work.mkdir(parents=True, exist_ok=True)
     print(machine.describe("cpu"), flush=True)
-    registered = any(m.endswith(REGISTERED) for m in args.methods)
-    cohorts = build_cohorts(args.work, args.subjects, args.misregister, registered=registered)
+    registered = args.tasks if any(m.endswith(REGISTERED) for m in args.methods) else []
+    cohorts = build_cohorts(args.work, args.subjects, args.misregister, registered_tasks=registered)
     runs = planned_runs(args, cohorts)
     if not args.report_only:
         run_all(runs, cohorts, args)

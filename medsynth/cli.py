@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--out", required=True, type=Path, help="new folder for the copy (resumable)")
     register.add_argument("--manifest", type=Path, help="CSV manifest subject,modality,path")
     register.add_argument("--modalities", help="modalities to register and write, e.g. t1,t2 (default: all)")
-    register.add_argument("--reference", help="the modality the others are moved onto (default: the first of --modalities, else t1)")  # fmt: skip
+    register.add_argument("--reference", help="the modality the others are moved onto (default: the first of --modalities, else t1); for training pairs, the target: it keeps its own voxels, while a resampled target teaches the interpolation's blur")  # fmt: skip
     register.add_argument("--transform", default="rigid", choices=["rigid", "affine", "bspline"],
                           help="rigid (default); affine or bspline refine the rigid result")  # fmt: skip
     register.add_argument("--interpolation", default="linear", choices=["linear", "bspline"],

@@ -74,15 +74,17 @@ def test_the_registration_methods_train_on_registered_copies_of_misregistered_co
         methods=["gan", "gan_registered", "reggan"],
         sweep_methods=["gan_registered"],
     )
-    cohorts = {name: Path() for name in ("aligned", "misregistered_4mm_4deg", "misregistered_4mm_4deg_registered",
-                                         "misregistered_12mm_12deg", "misregistered_12mm_12deg_registered",
-                                         "disjoint")}  # fmt: skip
+    copies = [study.registered_name(c, t) for c in ("misregistered_4mm_4deg", "misregistered_12mm_12deg")
+              for t in args.tasks]  # fmt: skip
+    assert copies[:2] == ["misregistered_4mm_4deg_registered_to_t2", "misregistered_4mm_4deg_registered_to_ct"]
+    cohorts = {name: Path() for name in ("aligned", "misregistered_4mm_4deg", "misregistered_12mm_12deg",
+                                         *copies, "disjoint")}  # fmt: skip
     runs = {(r.task, r.cohort, r.method) for r in study.planned_runs(args, cohorts)}
     assert ("t1->t2", "aligned", "reggan") in runs and ("t1->t2", "aligned", "gan_registered") not in runs
     assert ("t1->ct", "misregistered_4mm_4deg", "gan_registered") in runs
     assert ("t1->t2", "misregistered_12mm_12deg", "gan_registered") in runs  # the sweep's one method
     assert ("t1->t2", "misregistered_12mm_12deg", "reggan") not in runs
-    assert not [r for r in runs if r[1].endswith("_registered") or r[2].startswith("cyclegan")]
+    assert not [r for r in runs if "_registered" in r[1] or r[2].startswith("cyclegan")]
     assert len(runs) == 6 + 5
     assert study.method_recipe("t1->ct", "reggan") == ("demo_ct", ["train.objective=reggan"])
     assert study.method_recipe("t1->t2", "gan_registered") == ("demo_cpu", [])

@@ -240,7 +240,8 @@ def _misaligned(root: str | Path, ref_name: str, reference: Volume, volume: Volu
     return (
         f"looks misaligned with {ref_name}: normalised mutual information rises from {found.identity:.3f} to "
         f"{found.shifted:.3f} when it is shifted {-found.shift:+d} voxel(s) along axis {'ijk'[found.axis]}; "
-        f"register the pairs first: medsynth data register {root} --out REGISTERED --reference {ref_name}"
+        f"register the pairs first: medsynth data register {root} --out REGISTERED --reference TARGET (the "
+        "modality you will synthesise: it keeps its own voxels, the other is moved onto it)"
     )
 
 
