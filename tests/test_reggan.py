@@ -77,6 +77,7 @@ def test_it_starts_as_the_gan_objective_and_then_trains_every_network(
     first, reference = reggan.step(source, target, None), gan.step(source, target, None)
     assert set(first) == set(reggan.loss_names) and float(first["reg_shift_px"]) == 0.0
     assert float(first["loss_smooth"]) == 0.0
+    torch.testing.assert_close(first["loss_l1_unwarped"], first["loss_l1"])  # the identity warp
     for name in ("loss_critic", "loss_adv", "loss_l1"):
         torch.testing.assert_close(first[name], reference[name], rtol=1e-5, atol=1e-6)
     for ours, theirs in zip(generator.parameters(), gan_generator.parameters(), strict=True):
@@ -218,8 +219,9 @@ def _train(tiny_cohort: Path, tmp_path: Path, task: str, extra: list[str]) -> li
 @pytest.mark.parametrize(
     ("task", "extra", "message"),
     [
-        ("t1->t2", ["train.objective_args={smooth_wieght: 5}"], "unknown train.objective_args key 'smooth_wieght' for reggan; valid: field_spacing, registration_channels"),
+        ("t1->t2", ["train.objective_args={smooth_wieght: 5}"], "unknown train.objective_args key 'smooth_wieght' for reggan; valid: anchor_weight, field_spacing, registration_channels"),
         ("t1->t2", ["train.objective_args={smooth_weight: -1}"], "smooth_weight must be a number >= 0"),
+        ("t1->t2", ["train.objective_args={anchor_weight: -0.1}"], "anchor_weight must be a number >= 0"),
         ("t1->t2", ["train.objective_args={registration_depth: 0}"], "registration_depth must be an integer >= 1"),
         ("t1->t2", ["train.objective_args={registration_lr: 0}"], "registration_lr must be a number > 0"),
         ("t1->t2", ["model.spatial_dims=3"], "reggan learns an in-plane field (2D and 2.5D); set model.spatial_dims=2"),
