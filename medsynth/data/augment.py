@@ -156,8 +156,10 @@ class AugmentSpec:
 
 #: Named specs a recipe can ask for. ``robust``: the intensity warp and the bias field, each on half the
 #: samples. Measured on 4 mm demo cohorts (504 steps of demo_cpu, 4 held-out subjects): within 0.14 dB of
-#: the unaugmented model on its own protocol, and 2.3 dB better on MPRAGE inputs; adding noise and blur (on
-#: half, or a quarter, of the samples) cost 0.4-1.3 dB on the own protocol and gained nothing elsewhere.
+#: the unaugmented model on its own protocol, and 2.3 dB better on MPRAGE inputs; at 2 mm and 7.5 minutes,
+#: 0.70 dB behind on its own protocol and 1.6 dB better on MPRAGE (README "Another site's T1w"). Adding
+#: noise and blur (on half, or a quarter, of the samples) cost 0.4-1.3 dB on the own protocol and gained
+#: nothing elsewhere.
 PRESETS: dict[str, AugmentSpec] = {
     "robust": AugmentSpec(intensity=True, bias=True, probability=0.5),
 }
