@@ -13,12 +13,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from medsynth.config import load_config
 from medsynth.data.demo import make_demo_cohort
 from medsynth.engine.run import claim_run_dir, train
+from medsynth.io.volume import Volume
 from medsynth.model.checkpoint import LATEST, load_checkpoint
 
 #: 6 mm voxels: 33 x 39 x 32 volumes, large enough for 11-voxel SSIM windows.
@@ -116,3 +119,17 @@ def torchrun_two_processes(cohort: Path, runs: Path, name: str, overrides: list[
                str(port), "-m", "medsynth", *args]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def resample_moved(volume: Volume, motion, fill: float = 0.0) -> Volume:
+    """``volume`` moved by ``motion`` (a ``demo.Misregistration``) and resampled (linear) on its own grid.
+
+    What the demo did to a finished volume before it simulated the motion before the scan: the tests use
+    it to move small synthetic volumes for the registration tests, and to show the blur it caused.
+    Output voxel ``v`` samples the input at ``A^-1 T^-1 A v``; voxels from outside the grid get ``fill``.
+    """
+    pull = np.linalg.inv(volume.affine) @ np.linalg.inv(motion.matrix()) @ volume.affine
+    moved = ndimage.affine_transform(
+        volume.array, pull[:3, :3], pull[:3, 3], order=1, mode="constant", cval=fill
+    )
+    return Volume(moved, volume.affine.copy(), dict(volume.meta))

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import resample_moved
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
@@ -132,7 +133,7 @@ def test_a_moved_head_is_scanned_not_resampled(cohorts: tuple[Path, Path]) -> No
             unmoved = np.asarray(before.dataobj, dtype=np.float64)
             assert sharpness(after) > 0.93 * sharpness(unmoved), (subject, modality)
             air = -1024.0 if modality == "ct" else 0.0
-            resampled = demo.misregister_volume(Volume(unmoved, before.affine), motion, fill=air).array
+            resampled = resample_moved(Volume(unmoved, before.affine), motion, fill=air).array
             assert sharpness(resampled) < 0.9 * sharpness(unmoved)  # what the test would catch
 
 
@@ -144,7 +145,7 @@ def test_a_moved_head_is_scanned_not_resampled(cohorts: tuple[Path, Path]) -> No
     ],
     ids=["ras", "permuted-flipped"],
 )
-def test_misregister_volume_is_exact_for_a_linear_ramp(affine: np.ndarray) -> None:
+def test_the_resampling_helper_is_exact_for_a_linear_ramp(affine: np.ndarray) -> None:
     """Linear interpolation reproduces a linear field exactly, so moved(y) == f(T^-1 y) in world mm."""
     gradient = np.array([0.3, -0.7, 1.1])
     shape = (20, 22, 18)
@@ -152,7 +153,7 @@ def test_misregister_volume_is_exact_for_a_linear_ramp(affine: np.ndarray) -> No
     world = ijk @ affine[:3, :3].T + affine[:3, 3]
     volume = Volume(world @ gradient + 100.0, affine)
     motion = demo.Misregistration((1.5, -2.0, 0.7), (0.6, 0.0, 0.8), 7.0, tuple(world.mean(axis=(0, 1, 2))))
-    moved = demo.misregister_volume(volume, motion, fill=-1.0)
+    moved = resample_moved(volume, motion, fill=-1.0)
     rotation = Rotation.from_rotvec(np.deg2rad(motion.angle_deg) * np.array(motion.axis)).as_matrix()
     centre = np.array(motion.centre_mm)
     source = (world - centre - motion.translation_mm) @ rotation + centre  # R^T (y - c - t) + c

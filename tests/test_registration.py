@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import resample_moved
 from scipy import ndimage
 
 from medsynth.cli import main
@@ -65,8 +66,8 @@ def phantom(spacing: float, shape: tuple[int, int, int], seed: int = 0) -> dict[
 def moved(volume: Volume, motion: demo.Misregistration, modality: str) -> Volume:
     """``volume`` moved by ``motion`` as the demo moves its misregistered images (air fill, integer HU)."""
     if modality != "ct":
-        return demo.misregister_volume(volume, motion)
-    ct = demo.misregister_volume(volume, motion, fill=-1024.0)
+        return resample_moved(volume, motion)
+    ct = resample_moved(volume, motion, fill=-1024.0)
     return ct.with_array(np.rint(ct.array))
 
 

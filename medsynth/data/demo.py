@@ -785,19 +785,6 @@ def draw_misregistration(
     )
 
 
-def misregister_volume(volume: Volume, motion: Misregistration, fill: float = 0.0) -> Volume:
-    """``volume`` moved by ``motion`` and resampled (linear) on its own grid; the affine is kept.
-
-    Output voxel ``v`` samples the input at ``A^-1 T^-1 A v`` (``A`` the affine, ``T`` the motion), so
-    any affine, oblique or flipped, is handled. Voxels moved in from outside the field of view get ``fill``.
-    """
-    pull = np.linalg.inv(volume.affine) @ np.linalg.inv(motion.matrix()) @ volume.affine
-    moved = ndimage.affine_transform(
-        volume.array, pull[:3, :3], pull[:3, 3], order=1, mode="constant", cval=fill
-    )
-    return Volume(moved, volume.affine.copy(), dict(volume.meta))
-
-
 def moved_coordinates(
     coords: list[np.ndarray], affine: np.ndarray, motion: Misregistration
 ) -> list[np.ndarray]:

@@ -124,13 +124,13 @@ class Validation:
             if not samples:
                 samples.append((inputs, prediction, truth, mask, target))
         if self.kind == "round trip":
-            scores["divergence"] = [self._target_divergence()]
+            target = str(self.task.target)
+            scores["divergence"] = [
+                target_divergence(self.model.fingerprint, target, self._synthetic_targets)
+            ]
         return {
             key: float(np.mean(values)) if values else math.nan for key, values in scores.items()
         }, samples
-
-    def _target_divergence(self) -> float:
-        return target_divergence(self.model.fingerprint, str(self.task.target), self._synthetic_targets)
 
     def _scorable(self, subject_id: str) -> bool:
         """Whether a subject has the run's inputs and target (a unified model: any two of its modalities)."""

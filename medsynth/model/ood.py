@@ -69,12 +69,17 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
     >>> js_divergence(np.array([0.5, 0.5]), np.array([0.5, 0.5]))
     0.0
     """
-    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    return float(js_divergences(p, np.asarray(q)[None])[0])
+
+
+def js_divergences(p: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """:func:`js_divergence` of ``p`` from each row of ``candidates`` at once, ``(rows,)``."""
+    p, q = np.asarray(p, np.float64)[None, :], np.asarray(candidates, np.float64)
     m = 0.5 * (p + q)
     with np.errstate(divide="ignore", invalid="ignore"):
-        kl_p = np.where(p > 0, p * np.log(p / m), 0.0).sum()
-        kl_q = np.where(q > 0, q * np.log(q / m), 0.0).sum()
-    return float(max(0.0, 0.5 * (kl_p + kl_q)))
+        kl_p = np.where(p > 0, p * np.log(p / m), 0.0).sum(axis=1)
+        kl_q = np.where(q > 0, q * np.log(q / m), 0.0).sum(axis=1)
+    return np.maximum(0.0, 0.5 * (kl_p + kl_q))
 
 
 @dataclass(frozen=True)
@@ -107,37 +112,27 @@ class AppearanceReference:
     ``HIST_FLOOR``). Monotone warps never invert a contrast, so a T2w given as the T1w stays far from all.
     """
 
-    histograms: np.ndarray  # (appearances, bins)
-    subjects: np.ndarray  # (appearances,) the training subject each came from
+    histograms: np.ndarray  # (appearances, bins): every training subject's own and augmented ones
     threshold: float
-    count: int
 
     @classmethod
     def from_appearances(cls, appearances: list[dict[str, Any]]) -> AppearanceReference:
-        rows, owners, own = [], [], []
+        rows, owners = [], []
         for subject, appearance in enumerate(appearances):
-            own.append(np.asarray(appearance["histogram"], np.float64))
             for histogram in [appearance["histogram"], *appearance.get("augmented_histograms", [])]:
                 rows.append(np.asarray(histogram, np.float64))
                 owners.append(subject)
         histograms, subjects = np.asarray(rows), np.asarray(owners)
-        loo = [_nearest(own[i], histograms[subjects != i]) for i in range(len(own)) if (subjects != i).any()]
-        threshold = max(HIST_FLOOR, HIST_MARGIN * max(loo, default=0.0))
-        return cls(histograms, subjects, threshold, len(rows))
+        loo = [
+            float(js_divergences(appearance["histogram"], histograms[subjects != i]).min())
+            for i, appearance in enumerate(appearances)
+            if (subjects != i).any()
+        ]
+        return cls(histograms, max(HIST_FLOOR, HIST_MARGIN * max(loo, default=0.0)))
 
     def divergence(self, histogram: np.ndarray) -> float:
         """Divergence from the nearest training appearance."""
-        return _nearest(np.asarray(histogram, np.float64), self.histograms)
-
-
-def _nearest(histogram: np.ndarray, candidates: np.ndarray) -> float:
-    """Smallest Jensen-Shannon divergence of ``histogram`` from the rows of ``candidates`` (vectorised)."""
-    p = histogram[None, :]
-    m = 0.5 * (p + candidates)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kl_p = np.where(p > 0, p * np.log(p / m), 0.0).sum(axis=1)
-        kl_q = np.where(candidates > 0, candidates * np.log(candidates / m), 0.0).sum(axis=1)
-    return float(max(0.0, (0.5 * (kl_p + kl_q)).min()))
+        return float(js_divergences(histogram, self.histograms).min())
 
 
 @dataclass
@@ -290,7 +285,7 @@ class OODChecker:
             "training_subjects": len(self.training[modality]),
             "reference": "training mean"
             if appearances is None
-            else f"nearest of {appearances.count} training appearances (data.augment draws included)",
+            else f"nearest of {len(appearances.histograms)} training appearances (data.augment draws included)",
         }
         if own > threshold:
             wanted = DISPLAY_NAMES.get(modality, modality)
