@@ -440,6 +440,51 @@ def figure(task: str, results: dict[Run, dict[str, Any]], cohorts: list[str], pa
     return path
 
 
+#: Per task, the validation column drawn against minutes (the one its recipes select the best checkpoint on).
+CURVE_COLUMNS = {
+    "t1->t2": ("val_psnr", "validation PSNR dB"),
+    "t1->ct": ("val_mae", "validation MAE (normalised)"),
+}
+
+
+def curve(task: str, work: Path, runs: list[Run], path: Path) -> Path | None:
+    """Quality against training minutes: each run's validation score at every epoch it validated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    column, label = CURVE_COLUMNS[task]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    drawn = 0
+    for run in (r for r in runs if r.task == task):
+        table = work / "runs" / run.name / "metrics.csv"
+        if not table.is_file():
+            continue
+        with open(table, newline="", encoding="utf-8") as stream:
+            rows = list(csv.DictReader(stream))
+        minutes_done = np.cumsum([float(r["seconds"] or 0) for r in rows]) / 60
+        points = [
+            (m, float(r[column])) for m, r in zip(minutes_done, rows, strict=True) if _is_number(r[column])
+        ]
+        if points:
+            xs, ys = np.array(points).T
+            ax.plot(xs, ys, marker=".", label=f"{run.cohort.replace('_', ' ')}: {run.method}")
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel(label)
+    ax.set_title(f"{task}: validation during training", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def report(args: argparse.Namespace, cohorts: dict[str, Path], results: dict[Run, dict[str, Any]]) -> str:
     names = list(cohorts)
     parts = [
@@ -521,6 +566,7 @@ def main() -> int:
         (folder / "unpaired_study.md").write_text(text, encoding="utf-8")
         for task in args.tasks:
             figure(task, results, list(cohorts), folder / f"unpaired_{task.replace('->', '_to_')}.png")
+            curve(task, args.work, runs, folder / f"unpaired_{task.replace('->', '_to_')}_curve.png")
     print(text)
     return 0
 
