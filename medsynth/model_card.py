@@ -219,7 +219,7 @@ def _best(best: dict[str, Any] | None) -> str:
     if not best or "value" not in best:
         return "no validation score recorded"
     text = f"best validation {best.get('metric')} {_num(best['value'])} at epoch {best.get('epoch')}"
-    return text + ROUND_TRIP_NOTE if best.get("validation") == "round trip" else text
+    return text + validation_note(best)
 
 
 #: Said wherever a best validation score of an unpaired run without validation targets is shown.
@@ -228,6 +228,19 @@ ROUND_TRIP_NOTE = (
     " histogram from the training targets', which a copy of the input cannot win; the round trip source ->"
     " target -> source is a consistency score beside it; neither compares with a real target)"
 )
+#: Said wherever a best validation score against registered held-out targets is shown.
+REGISTERED_TARGET_NOTE = (
+    " (against the held-out subjects' real targets, each first registered rigidly onto its source: unpaired or"
+    " misaligned data promise no alignment)"
+)
+
+
+def validation_note(best: dict[str, Any]) -> str:
+    """How a run's best validation score was measured, when it was not a plain comparison with aligned targets
+    (``best["validation"]``, recorded by the loop's model selection)."""
+    return {"round trip": ROUND_TRIP_NOTE, "registered target": REGISTERED_TARGET_NOTE}.get(
+        str(best.get("validation")), ""
+    )
 
 
 def _num(value: Any) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from medsynth.evaluate import evaluate
 from medsynth.model.checkpoint import file_digest
 from medsynth.model.synthesis import SynthesisModel
-from medsynth.model_card import CARD_JSON, CARD_MD
+from medsynth.model_card import CARD_JSON, CARD_MD, _best
 
 
 def test_training_writes_the_card(tiny_run: Path) -> None:
@@ -38,3 +38,12 @@ def test_evaluate_refreshes_the_card_with_the_table(
     assert methods == {"model", "identity", "lut"}
     text = (run / CARD_MD).read_text()
     assert "| model | t1 -> t2 | 1 |" in text and "| lut | t1 -> t2 | 1 |" in text
+
+
+def test_the_card_says_how_the_best_score_was_measured() -> None:
+    """Unpaired runs score held-out targets registered onto their sources, or the round trip: the card says
+    which; a plain comparison with aligned targets needs no note."""
+    best = {"metric": "psnr", "value": 18.4, "epoch": 29}
+    assert _best({**best, "validation": "target"}) == "best validation psnr 18.400 at epoch 29"
+    assert "registered rigidly onto its source" in _best({**best, "validation": "registered target"})
+    assert "neither compares with a real target" in _best({**best, "validation": "round trip"})

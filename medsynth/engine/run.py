@@ -16,7 +16,7 @@ from ..config import Config, load_config
 from ..errors import MedsynthError
 from ..io.atomic import disk_full_error, is_disk_full, remove_stale_partials
 from ..model.checkpoint import BEST, LATEST
-from ..model_card import ROUND_TRIP_NOTE, refresh_model_card
+from ..model_card import refresh_model_card, validation_note
 from ..task import Task
 from . import distributed
 from .lock import LOCK_NAME, RunFolderLock
@@ -81,9 +81,13 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
         try:
             if not args.resume:
                 dist.on_main(lambda: claim_run_dir(run_dir, config))
-            return train(
+            best = train(
                 config, run_dir, resume=bool(args.resume), quiet=args.quiet, runs_root=run_dir.parent
             )
+            # Leave together: rank 0 still writes the card and figures after the loop, and a rank that tears
+            # its gloo group down and exits meanwhile was seen to abort (SIGABRT) under a loaded machine.
+            dist.barrier()
+            return best
         except (OSError, RuntimeError) as exc:  # a full disk at any write of the run is one line
             if not is_disk_full(exc):
                 raise
@@ -207,7 +211,7 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, quiet: bool = 
     minutes = (time.perf_counter() - started) / 60
     value = best.get("value")
     if isinstance(value, (int, float)) and (run_dir / BEST).is_file():
-        kind = ROUND_TRIP_NOTE if best.get("validation") == "round trip" else ""
+        kind = validation_note(best)
         print(
             f"done in {minutes:.1f} min: best validation {best['metric']} {value:.4g}{kind} "
             f"at epoch {best.get('epoch')} -> {run_dir / BEST}"
