@@ -53,37 +53,6 @@ def l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None 
     return (error * weights).sum() / weights.sum().clamp_min(torch.finfo(error.dtype).tiny)
 
 
-def quantile_l1(
-    pred: torch.Tensor,
-    reference: torch.Tensor,
-    pred_mask: torch.Tensor | None = None,
-    reference_mask: torch.Tensor | None = None,
-    n_quantiles: int = 64,
-) -> torch.Tensor:
-    """Mean absolute difference of ``n_quantiles`` evenly spaced quantiles of two intensity distributions.
-
-    The 1D Wasserstein-1 distance between the values of ``pred`` and of ``reference`` (each inside its own
-    mask, when given): the images need not be of the same subject or position, only their intensities are
-    compared, so it serves unpaired training as a direct signal that a batch of synthetic images has the
-    target domain's intensities. Sorting is differentiable in the values, so the gradient moves each
-    synthetic voxel towards the reference value of its rank. ``reference`` is not differentiated (real
-    images); either side empty gives 0.
-    """
-
-    def quantiles(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        values = image.float().flatten() if mask is None else image.float()[mask.expand_as(image).bool()]
-        if values.numel() == 0:
-            return values
-        ranked, _ = torch.sort(values)
-        index = torch.linspace(0, ranked.numel() - 1, n_quantiles, device=ranked.device).round().long()
-        return ranked[index]
-
-    synthetic, real = quantiles(pred, pred_mask), quantiles(reference.detach(), reference_mask)
-    if synthetic.numel() == 0 or real.numel() == 0:
-        return pred.sum() * 0.0
-    return (synthetic - real).abs().mean()
-
-
 class GeneratorLossTerms(NamedTuple):
     """The generator's loss and its parts (parts detached, for logging)."""
 

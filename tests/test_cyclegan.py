@@ -135,12 +135,11 @@ def _context(config, channels: int, plan: SynthesisPlan) -> dict:
             "plan": plan}  # fmt: skip
 
 
-@pytest.mark.parametrize(("context", "histogram"), [(1, 0.0), (3, 0.0), (3, 10.0)])
-def test_a_step_trains_both_generators_and_both_critics(
-    tiny_cohort: Path, context: int, histogram: float
-) -> None:
-    args = f"train.objective_args={{pool_size: 2, histogram_weight: {histogram}}}"
-    config = tiny_config(tiny_cohort, extra=[*CYCLE, f"data.context={context}", args])
+@pytest.mark.parametrize("context", [1, 3])
+def test_a_step_trains_both_generators_and_both_critics(tiny_cohort: Path, context: int) -> None:
+    config = tiny_config(
+        tiny_cohort, extra=[*CYCLE, f"data.context={context}", "train.objective_args={pool_size: 2}"]
+    )
     plan = SynthesisPlan(
         task=Task(("t1",), "t2"), generator=NetworkSpec("unet", {}), context=context, window=(32, 32)
     )
@@ -155,7 +154,6 @@ def test_a_step_trains_both_generators_and_both_critics(
         losses = objective.step(source, stack[:, context // 2 : context // 2 + 1], None, stack, None)
     assert set(losses) == set(objective.loss_names) and all(torch.isfinite(v) for v in losses.values())
     assert (float(losses["loss_identity"]) > 0) == (context == 1)  # identity only where channels allow
-    assert (float(losses["loss_histogram"]) > 0) == (histogram > 0)
     for network, old in zip(networks, before, strict=True):
         assert any(not torch.equal(a, b) for a, b in zip(old, network.parameters(), strict=True))
     assert len(objective.pool_target.images) == len(objective.pool_source.images) == 2  # pools hold 2
@@ -168,7 +166,6 @@ def test_a_step_trains_both_generators_and_both_critics(
     [
         (["train.objective_args={cycle_wieght: 5}"], "unknown train.objective_args key 'cycle_wieght'"),
         (["train.objective_args={pool_size: -1}"], "pool_size must be an integer >= 0"),
-        (["train.objective_args={histogram_weight: -1}"], "histogram_weight must be a number >= 0"),
         (["model.predict_scale=true"], "predict_scale is not available"),
     ],
 )

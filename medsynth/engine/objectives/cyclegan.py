@@ -7,9 +7,7 @@ critics, ``D_target`` on target-domain images and ``D_source`` on source-domain 
 1. generators: ``LSGAN(D_target(G(x))) + LSGAN(D_source(F(y)))``
    ``+ cycle_weight * (|F(G(x)) - x| + |G(F(y)) - y|)``
    ``+ identity_weight * cycle_weight * (|G(y) - y| + |F(x) - x|)`` (only where a generator's input and
-   output hold the same channels: one source, no 2.5D context)
-   ``+ histogram_weight * (W1(G(x), y) + W1(F(y), x))`` (optional; intensity quantiles inside the heads,
-   see :class:`CycleSettings`), with both critics frozen;
+   output hold the same channels: one source, no 2.5D context), with both critics frozen;
 2. critics: each on real images vs a synthetic image drawn from its pool of the last ``pool_size``
    synthetic images (Shrivastava et al. 2017): half the time the new image, half an older one, so the
    critics do not chase the generators' latest state.
@@ -41,7 +39,7 @@ from torch import nn
 
 from ...config import Config
 from ...errors import ConfigError
-from ...losses import LSGANLoss, l1_loss, quantile_l1
+from ...losses import LSGANLoss, l1_loss
 from ...model.plan import NetworkSpec, SynthesisPlan
 from ...nets.registry import build_critic, build_generator
 from ...task import Task
@@ -58,12 +56,6 @@ class CycleSettings:
     identity_weight: float = 0.5
     #: Synthetic images each critic draws from (0: always the newest).
     pool_size: int = 50
-    #: Weight of the intensity-distribution term (0: off, the paper's objective): the L1 between the
-    #: intensity quantiles of each batch of synthetic images and of the real batch of that domain
-    #: (:func:`~medsynth.losses.quantile_l1`), inside the heads. An unconditional critic judges patches
-    #: and, with instance norm, hardly sees a global intensity offset; this term states directly which
-    #: intensities the domain has and in what proportions.
-    histogram_weight: float = 0.0
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> CycleSettings:
@@ -74,7 +66,7 @@ class CycleSettings:
                 f"unknown train.objective_args key {unknown[0]!r} for cyclegan; valid: {', '.join(sorted(known))}"
             )
         settings = cls(**args)
-        for name in ("cycle_weight", "identity_weight", "histogram_weight"):
+        for name in ("cycle_weight", "identity_weight"):
             value = getattr(settings, name)
             if (
                 isinstance(value, bool)
@@ -132,7 +124,7 @@ class ImagePool:
 class CycleGANObjective:
     """Two generators, two critics, cycle consistency; see the module docstring."""
 
-    loss_names = ("loss_critic", "loss_adv", "loss_cycle", "loss_identity", "loss_histogram")
+    loss_names = ("loss_critic", "loss_adv", "loss_cycle", "loss_identity")
     inputs = ("source", "target", "mask", "target_stack", "target_mask")
     #: The image pools decide on the host which image each critic sees: a captured graph would replay
     #: one decision for ever.
@@ -242,13 +234,6 @@ class CycleGANObjective:
                 total = total + self.settings.identity_weight * weight * identity
             else:
                 identity = torch.zeros((), device=source.device)
-            if self.settings.histogram_weight > 0:
-                histogram = quantile_l1(synthetic_target, target, mask, target_mask) + quantile_l1(
-                    synthetic_source, source_centre, target_mask, mask
-                )
-                total = total + self.settings.histogram_weight * histogram
-            else:
-                histogram = torch.zeros((), device=source.device)
         ctx.optimizer.zero_grad(set_to_none=True)
         self.optimizer_reverse.zero_grad(set_to_none=True)
         ctx.backward(total)
@@ -274,7 +259,6 @@ class CycleGANObjective:
             "loss_adv": adversarial.detach(),
             "loss_cycle": cycle.detach(),
             "loss_identity": identity.detach(),
-            "loss_histogram": histogram.detach(),
         }
 
     def _reverse_stack(self, stack: torch.Tensor, centre_image: torch.Tensor, centre: int) -> torch.Tensor:
