@@ -24,7 +24,6 @@ from medsynth.data.augment import (
 from medsynth.data.cache import Cohort
 from medsynth.data.datasets import PatchDataset, SliceDataset
 from medsynth.data.pairing import unpaired_slices
-from medsynth.engine.handlers.augmentation import AugmentationFade
 from medsynth.engine.run import claim_run_dir, train
 from medsynth.engine.setup import prepare_run_data
 from medsynth.errors import ConfigError
@@ -34,8 +33,6 @@ FLOOR = -1.0
 #: Every kind on half the samples (the ``robust`` preset leaves noise and blur out).
 ALL = AugmentSpec(intensity=True, bias=True, noise=True, blur=True, probability=0.5)
 ALL_RECIPE = "data.augment={intensity: true, bias: true, noise: true, blur: true, probability: 0.5}"
-FADING = AugmentSpec(intensity=True, bias=True, noise=True, blur=True, probability=0.5, fade=True)
-FADING_RECIPE = ALL_RECIPE.replace("}", ", fade: true}")
 
 
 def _stack(
@@ -63,7 +60,6 @@ def _only(kind: str, dims: int = 2) -> SourceAugmentation:
         (True, PRESETS["robust"]),
         ("robust", PRESETS["robust"]),
         ({"noise": True, "probability": 0.8}, AugmentSpec(noise=True, probability=0.8)),
-        ({"bias": True, "fade": True}, AugmentSpec(bias=True, fade=True)),
     ],
 )
 def test_recipe_values(value: object, expected: AugmentSpec | None) -> None:
@@ -76,7 +72,6 @@ def test_recipe_values(value: object, expected: AugmentSpec | None) -> None:
         ("data.augment=strong", "unknown data.augment preset 'strong'; choose one of robust"),
         ("data.augment={nois: true}", "unknown key data.augment.nois; valid keys: intensity"),
         ("data.augment={noise: 1}", "data.augment.noise must be true or false"),
-        ("data.augment={noise: true, fade: 1}", "data.augment.fade must be true or false"),
         ("data.augment={noise: true, probability: 0}", "probability must be in (0, 1]"),
         ("data.augment={}", "switches on none of intensity, bias, noise, blur"),
     ],
@@ -248,9 +243,8 @@ def test_unified_mode_refuses_augmentation(cohort: Cohort) -> None:
 # ------------------------------------------------------------------ a killed run resumes exactly
 def test_augmented_run_resumes_to_the_same_weights(tiny_cohort: Path, tmp_path: Path) -> None:
     # 6 epochs of 6 steps: long enough that the SIGTERM sent after step 2 lands before the run ends on a loaded
-    # machine (with 12 steps a CI run once finished first). The augmentation fades with the rate's decay
-    # (epochs 4-6), so the resumed run also passes through epochs of changing strength.
-    extra = [FADING_RECIPE, "train.batch_size=2", "train.checkpoint_every=2", "train.steps_per_epoch=6",
+    # machine (with 12 steps a CI run once finished first).
+    extra = [ALL_RECIPE, "train.batch_size=2", "train.checkpoint_every=2", "train.steps_per_epoch=6",
              "train.val_every=2", "train.epochs=3", "train.decay_epochs=3"]  # fmt: skip
     reference = tmp_path / "reference"
     config = tiny_config(tiny_cohort, extra=extra)
@@ -265,68 +259,10 @@ def test_augmented_run_resumes_to_the_same_weights(tiny_cohort: Path, tmp_path: 
     train_until_sigterm(tiny_cohort, tmp_path, "killed", extra, at_step=2)
     state = load_checkpoint(killed / "checkpoint_latest.pt")
     assert state["step_in_epoch"] > 0 and state["global_step"] < 36  # stopped mid-epoch, before the end
-    assert AugmentSpec.from_config(state["config"]["data"]["augment"]) == FADING
+    assert AugmentSpec.from_config(state["config"]["data"]["augment"]) == ALL
 
     assert main(["train", "--resume", str(killed), "--quiet"]) == 0
     done, expected = (load_checkpoint(r / "checkpoint_latest.pt") for r in (killed, reference))
     assert done["global_step"] == expected["global_step"]
     for name, weight in expected["generator_state"].items():
         torch.testing.assert_close(done["generator_state"][name], weight, rtol=0, atol=0, msg=name)
-
-
-# ------------------------------------------------------------------------------------- fading
-class _Loop:
-    """What :class:`AugmentationFade` reads of the loop: the epoch and an optimiser's rate."""
-
-    def __init__(self, epoch: int, factor: float) -> None:
-        self.epoch = epoch
-        parameter = torch.nn.Parameter(torch.zeros(1))
-        self.optimizers = [torch.optim.SGD([parameter], lr=0.1 * factor)]
-        self.optimizers[0].param_groups[0]["initial_lr"] = 0.1
-
-
-def test_fading_follows_the_rate_and_a_resumed_epoch_keeps_its_strength() -> None:
-    augment = SourceAugmentation(FADING, spatial_dims=2)
-    fade = AugmentationFade(augment)
-    fade.epoch_started(_Loop(epoch=4, factor=0.5))  # type: ignore[arg-type]
-    assert augment.strength == pytest.approx(0.5)
-    saved = fade.state_dict()
-    # Resumed mid-epoch 4 with the clock further on (the rate says less): the epoch's strength is kept.
-    resumed = AugmentationFade(SourceAugmentation(FADING, spatial_dims=2))
-    resumed.load_state_dict(saved)
-    resumed.epoch_started(_Loop(epoch=4, factor=0.4))  # type: ignore[arg-type]
-    assert resumed.augmentation.strength == pytest.approx(0.5)
-    resumed.epoch_started(_Loop(epoch=5, factor=0.25))  # type: ignore[arg-type]
-    assert resumed.augmentation.strength == pytest.approx(0.25)
-    resumed.load_state_dict({})  # a checkpoint from before fading existed changes nothing
-    assert resumed.augmentation.strength == pytest.approx(0.25)
-
-
-def test_strength_scales_the_probability_and_zero_changes_nothing() -> None:
-    stack = _stack(batch=64, spatial=(12, 12), channels=1)
-    augment = SourceAugmentation(AugmentSpec(bias=True, probability=1.0, fade=True), spatial_dims=2)
-
-    def changed() -> int:
-        out = augment(stack, seed=0, epoch=0, index=np.arange(64))
-        return sum(not torch.equal(a, b) for a, b in zip(out, stack, strict=True))
-
-    assert changed() == 64
-    augment.strength = 0.25
-    assert 4 < changed() < 28
-    augment.strength = 0.0
-    assert changed() == 0
-
-
-def test_only_a_fading_recipe_attaches_the_fade(tiny_cohort: Path, tmp_path: Path) -> None:
-    extra = ["train.batch_size=2", "train.steps_per_epoch=2", "train.epochs=1", "train.decay_epochs=2",
-             "train.val_every=3"]  # fmt: skip
-    for name, recipe in (("fading", FADING_RECIPE), ("constant", ALL_RECIPE)):
-        run = tmp_path / name
-        config = tiny_config(tiny_cohort, extra=[recipe, *extra])
-        claim_run_dir(run, config)
-        train(config, run, quiet=True)
-        state = load_checkpoint(run / "checkpoint_latest.pt")
-        if name == "fading":  # the last of 1 + 2 epochs trained at pix2pix's factor 1 - 2/3
-            assert state["augmentation_fade"] == {"epoch": 2, "strength": pytest.approx(1 / 3)}
-        else:
-            assert "augmentation_fade" not in state

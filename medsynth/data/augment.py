@@ -104,8 +104,8 @@ class AugmentSpec:
     """Which kinds of change are on, and the chance that each is applied to a sample.
 
     A recipe's ``data.augment`` is ``null`` / ``false`` (off, the default), ``true`` or a preset name
-    (:data:`PRESETS`), or a mapping of :data:`KINDS` to booleans plus ``probability`` and ``fade`` (kinds
-    left out are off): ``{intensity: true, bias: true, noise: true, blur: true, probability: 0.5}``.
+    (:data:`PRESETS`), or a mapping of :data:`KINDS` to booleans plus ``probability`` (kinds left out are
+    off): ``{intensity: true, bias: true, noise: true, blur: true, probability: 0.5}``.
     """
 
     intensity: bool = False
@@ -113,13 +113,9 @@ class AugmentSpec:
     noise: bool = False
     blur: bool = False
     probability: float = 0.5
-    #: Scale ``probability`` by the learning-rate schedule's factor at each epoch's start (1 while the rate
-    #: is constant, falling to 0 with its decay): the model learns the invariance at the full rate and ends
-    #: on its own protocol's images (:class:`~medsynth.engine.handlers.schedule.AugmentationFade`).
-    fade: bool = False
 
     def __post_init__(self) -> None:
-        for kind in (*KINDS, "fade"):
+        for kind in KINDS:
             if not isinstance(getattr(self, kind), bool):
                 raise ConfigError(f"data.augment.{kind} must be true or false, got {getattr(self, kind)!r}")
         p = self.probability
@@ -207,8 +203,6 @@ class SourceAugmentation:
                 f"augmentation works on 2D slices or 3D patches, got spatial_dims={spatial_dims}"
             )
         self.spec, self.spatial_dims = spec, spatial_dims
-        #: The fraction of ``spec.probability`` in force (set per epoch when ``spec.fade``; 1 otherwise).
-        self.strength = 1.0
         self._basis: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
 
     def __repr__(self) -> str:
@@ -230,8 +224,8 @@ class SourceAugmentation:
             batch * count, _STREAMS
         )
         images = stack.reshape(batch * count, *stack.shape[2:]).to(torch.float32)
-        spec, probability = self.spec, self.spec.probability * self.strength
-        on = {kind: bool(getattr(spec, kind)) & (draws[:, _APPLY + i] < probability)
+        spec = self.spec
+        on = {kind: bool(getattr(spec, kind)) & (draws[:, _APPLY + i] < spec.probability)
               for i, kind in enumerate(KINDS)}  # fmt: skip
         u = (images + 1.0) / 2.0
         floor = u <= 0.0

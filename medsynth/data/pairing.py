@@ -73,11 +73,6 @@ class UnpairedSamples:
     def crop_size(self) -> tuple[int, ...] | None:
         return getattr(self.sources, "crop_size", None)
 
-    @property
-    def augmentation(self) -> SourceAugmentation | None:
-        """The sources' ``data.augment`` (targets are never augmented)."""
-        return getattr(self.sources, "augmentation", None)
-
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.sources.set_epoch(epoch)

@@ -7,7 +7,6 @@ display only without ``--quiet``), in the order their decisions feed each other:
 ==========================  =====================================================================
 :mod:`.budget`              ``train.max_minutes``: ends the run at the step the clock passes it
 :mod:`.schedule`            pix2pix's constant-then-linear learning rate (epochs or budget, first wins)
-:mod:`.augmentation`        ``data.augment.fade``: the augmentation's probability follows that rate
 :mod:`.backoff`             out of device memory in the first steps: halve the batch and train on
 :mod:`.replicas`            torchrun: every process holds the same weights after an epoch
 :mod:`.background`          the writer thread for checkpoints and figures; its errors surface here
@@ -23,7 +22,6 @@ display only without ``--quiet``), in the order their decisions feed each other:
 from __future__ import annotations
 
 from ..events import Handler, Loop
-from .augmentation import AugmentationFade
 from .background import BackgroundWriter
 from .backoff import BatchBackoff
 from .budget import TimeBudget
@@ -48,9 +46,6 @@ def default_handlers(loop: Loop) -> list[Handler]:
         LinearDecay(train.epochs, train.decay_epochs, budget),
         BatchBackoff(checkpoints),
     ]
-    augmentation = getattr(loop.loader.dataset, "augmentation", None)
-    if augmentation is not None and augmentation.spec.fade:
-        handlers.append(AugmentationFade(augmentation))  # after the schedule: it reads the rate it set
     if dist.enabled:
         handlers.append(ReplicaCheck())
     # At an epoch's end: earlier writes' errors, then the best, then the files that record both; at a
