@@ -86,7 +86,7 @@ def test_demo_robust_is_demo_cpu_plus_augmentation() -> None:
     robust, plain = load_config("demo_robust").to_dict(), load_config("demo_cpu").to_dict()
     assert robust["data"].pop("augment") == "robust" and plain["data"].pop("augment") is None
     assert robust == plain
-    assert PRESETS["robust"] == AugmentSpec(intensity=True, bias=True, probability=0.5)
+    assert PRESETS["robust"] == AugmentSpec(intensity=True, bias=True, probability=0.1)
     assert source_augmentation(None, 2) is None
     assert source_augmentation("robust", 2).spec == PRESETS["robust"]  # type: ignore[union-attr]
 

@@ -180,6 +180,9 @@ def test_an_augmented_run_accepts_the_protocols_its_training_covered(tiny_cohort
     augmented = Fingerprint.compute(training(), specs, augmented=draws)
     appearance = augmented.subjects["sub-01"]["t1"]["appearance"]
     assert len(appearance["augmented_histograms"]) == APPEARANCE_DRAWS
+    # The reference samples the recipe's kinds, not how often the recipe applies them.
+    rare = appearance_draws({"intensity": True, "bias": True, "probability": 0.02}, ("t1",), 2, axis=2)
+    assert Fingerprint.compute(training(), specs, augmented=rare).to_dict() == augmented.to_dict()
     assert Fingerprint.compute(training(), specs, augmented=draws).to_dict() == augmented.to_dict()
     plain, robust = OODChecker(Fingerprint.compute(training(), specs)), OODChecker(augmented)
     for index in (3, 4):  # sub-04 and sub-05, acquired as an MPRAGE (cohort seed 3)
