@@ -156,9 +156,9 @@ class AugmentSpec:
 
 #: Named specs a recipe can ask for. ``robust``: the intensity warp and the bias field, each on a tenth of
 #: the samples. Rarely is enough: measured on the demo's protocol cohorts (README "Another site's T1w"; 2 mm,
-#: 1596 steps of demo_cpu, seeds 0-2), a model trained on the spin echo scores on MPRAGE inputs within 0.1
-#: dB, and on 1.5 T within 0.4 dB, of one that augmented half its samples, and pays 0.3 dB on its own
-#: protocol instead of 0.8 (4 mm: 0.08 dB instead of 0.14). Noise and blur (on half, or a quarter, of the
+#: 1596 steps of demo_cpu, 2-3 seeds), a model trained on the spin echo scores on MPRAGE inputs within 0.1
+#: dB, and on 1.5 T within 0.5 dB, of one that augmented half its samples, and pays 0.34 dB on its own
+#: protocol instead of 0.76 (4 mm: 0.08 dB instead of 0.14). Noise and blur (on half, or a quarter, of the
 #: samples) cost 0.4-1.3 dB on the own protocol and gained nothing elsewhere.
 PRESETS: dict[str, AugmentSpec] = {
     "robust": AugmentSpec(intensity=True, bias=True, probability=0.1),
