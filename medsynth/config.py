@@ -54,7 +54,8 @@ class DataConfig:
     split_seed: int = 0
     #: A user-provided splits.json (subject ids under "train", "val", "test").
     splits_file: str | None = None
-    #: Per-modality normalisation: {"t1": {"scheme": "percentile", "lower_percentile": 0.5, ...}}.
+    #: Per-modality normalisation: {"t1": {"scheme": "percentile", "lower_percentile": 0.5, ...}}; schemes
+    #: percentile (MR default), histogram (sources from several protocols), zscore, window (CT default).
     normalization: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Pick one volume of 4D inputs.
     volume_index: int | None = None

@@ -95,3 +95,30 @@ def test_bad_files_and_specs(tmp_path, cohort) -> None:
         Fingerprint.compute(cohort.items(), {"pd": NormalizationSpec()})
     with pytest.raises(DataError, match="no training subjects"):
         Fingerprint.compute([], SPECS)
+
+
+def test_histogram_spec_fits_the_standard_on_training_subjects(cohort) -> None:
+    """Two passes (standard, then each subject onto it): a one-shot generator is refused, a function is
+    not; the screen's appearance statistics stay the percentile scheme's."""
+    specs = {"t1": NormalizationSpec(scheme="histogram"), "ct": SPECS["ct"]}
+    train = sorted(cohort)[:6]
+    with pytest.raises(TypeError, match="subjects twice"):
+        Fingerprint.compute(((sid, cohort[sid]) for sid in train), specs)
+    fingerprint = Fingerprint.compute(lambda: ((sid, cohort[sid]) for sid in train), specs)
+    standard = fingerprint.cohort["t1"]["standard"]
+    assert len(standard) == 11 and standard[0] == -1.0 and standard[-1] == 1.0
+    assert (
+        Fingerprint.from_dict(json.loads(json.dumps(fingerprint.to_dict()))).digest() == fingerprint.digest()
+    )
+    cohort[sorted(cohort)[-1]] = _subject(1000.0, 99)  # not a training subject: the standard ignores it
+    again = Fingerprint.compute([(sid, cohort[sid]) for sid in train], specs)
+    assert again.cohort["t1"]["standard"] == standard
+    warped = np.abs(cohort["sub-01"]["t1"].array) ** 1.5  # another contrast of a training subject
+    normalizer = fingerprint.input_normalizer("t1", warped)
+    np.testing.assert_allclose(normalizer.forward(normalizer.landmarks), standard, atol=1e-6)
+    plain = Fingerprint.compute(cohort.items(), {"t1": NormalizationSpec()})
+    histogram = Fingerprint.compute(cohort.items(), {"t1": NormalizationSpec(scheme="histogram")})
+    assert histogram.subjects["sub-01"]["t1"]["appearance"] == plain.subjects["sub-01"]["t1"]["appearance"]
+    assert histogram.output_normalizer("t1").inverse(np.array([1.0]))[0] == pytest.approx(
+        np.median([e["t1"]["normalizer"]["landmarks"][-1] for e in histogram.subjects.values()]), rel=1e-6
+    )

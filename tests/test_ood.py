@@ -193,3 +193,20 @@ def test_an_augmented_run_accepts_the_protocols_its_training_covered(tiny_cohort
         assert "augment" in report.checks["histogram"]["t1"]["reference"]
     t2 = robust.check({"t1": read_volume(_image(tiny_cohort, "sub-04", "T2w"))})
     assert not t2.ok and "unlike the training T1w" in t2.summary()
+
+
+def test_histogram_standardisation_leaves_the_screen_its_view(tiny_cohort: Path) -> None:
+    """A ``histogram`` spec would match any input's deciles to the training ones, a T2w given as the
+    T1w included; the screen compares the percentile scheme's view, so its verdicts do not change."""
+    from medsynth.data.fingerprint import NormalizationSpec
+
+    training = [
+        (s, {"t1": read_volume(_image(tiny_cohort, s, "T1w"))}) for s in ("sub-01", "sub-02", "sub-03")
+    ]
+    plain = OODChecker(Fingerprint.compute(training, {"t1": NormalizationSpec()}))
+    standardised = OODChecker(Fingerprint.compute(training, {"t1": NormalizationSpec(scheme="histogram")}))
+    for suffix in ("T1w", "T2w"):
+        volume = read_volume(_image(tiny_cohort, "sub-04", suffix))
+        expected, report = plain.check({"t1": volume}), standardised.check({"t1": volume})
+        assert (report.ok, report.score) == (expected.ok, expected.score)
+        assert report.ok is (suffix == "T1w")

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +32,13 @@ from ..io.volume import Volume
 from .appearance import appearance_statistics
 from .masks import foreground_mask
 from .normalize import (
+    INNER_LANDMARKS,
+    HistogramNormalizer,
     Normalizer,
     PercentileNormalizer,
     WindowNormalizer,
     ZScoreNormalizer,
+    fit_standard,
     normalizer_from_dict,
 )
 
@@ -44,12 +47,20 @@ if TYPE_CHECKING:  # augment.py imports torch, needed only when a run augments
 
 _FORMAT = "medsynth-fingerprint"
 _VERSION = 1
-_SCHEMES = ("percentile", "zscore", "window")
+_SCHEMES = ("percentile", "zscore", "window", "histogram")
+#: ``(subject_id, {modality: Volume})`` pairs of the training subjects.
+Subjects = Iterable[tuple[str, dict[str, Volume]]]
 
 
 @dataclass(frozen=True)
 class NormalizationSpec:
-    """How one modality is normalised (a config value; the fitted numbers live in the Fingerprint)."""
+    """How one modality is normalised (a config value; the fitted numbers live in the Fingerprint).
+
+    ``percentile`` (MR default): the foreground's ``lower_percentile`` .. ``upper_percentile`` onto [-1, 1].
+    ``histogram``: the same outer percentiles plus the deciles mapped onto the training cohort's
+    (:class:`~medsynth.data.normalize.HistogramNormalizer`): for sources that come from several protocols.
+    ``zscore``: foreground mean and standard deviation. ``window`` (CT default): a fixed HU ``window``.
+    """
 
     scheme: str = "percentile"
     lower_percentile: float = 0.5
@@ -76,22 +87,57 @@ class NormalizationSpec:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "window": list(self.window)}
 
-    def make(self) -> Normalizer:
-        """A fresh (unfitted, except for the fixed window) normaliser following this spec."""
+    def for_screen(self) -> NormalizationSpec:
+        """The spec whose view of an image the out-of-distribution screen compares (:mod:`medsynth.model.ood`).
+
+        Itself, except for ``histogram``: standardisation maps every input's deciles onto the training
+        cohort's, whatever its contrast (a T2w given as the T1w included), so its histograms would all
+        match; the screen compares the percentile scheme's view instead, with the same outer percentiles.
+        """
+        return replace(self, scheme="percentile") if self.scheme == "histogram" else self
+
+    def make(self, standard: list[float] | None = None) -> Normalizer:
+        """A fresh (unfitted, except for the fixed window) normaliser following this spec; ``standard``:
+        the cohort's landmarks a ``histogram`` normaliser maps onto (ignored by the other schemes)."""
         if self.scheme == "percentile":
             return PercentileNormalizer(self.lower_percentile, self.upper_percentile)
+        if self.scheme == "histogram":
+            percentiles = (self.lower_percentile, *INNER_LANDMARKS, self.upper_percentile)
+            return HistogramNormalizer(percentiles, standard=standard)
         if self.scheme == "zscore":
             return ZScoreNormalizer()
         return WindowNormalizer(self.window)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _cohort_normalizer(per_subject: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median of each numeric parameter over subjects (non-numeric ones are shared by construction)."""
+    """Median of each numeric parameter over subjects, element-wise for lists of numbers (a histogram
+    normaliser's landmarks); non-numeric ones are shared by construction."""
     merged = dict(per_subject[0])
     for key, value in per_subject[0].items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if _is_number(value):
             merged[key] = float(np.median([entry[key] for entry in per_subject]))
+        elif isinstance(value, list) and value and all(_is_number(v) for v in value):
+            merged[key] = np.median(
+                np.array([entry[key] for entry in per_subject], dtype=np.float64), axis=0
+            ).tolist()
     return merged
+
+
+def _fit_standards(subjects: Subjects, specs: dict[str, NormalizationSpec]) -> dict[str, list[float]]:
+    """The standard landmarks of each ``histogram`` modality, over the training subjects that have it."""
+    relative: dict[str, list[np.ndarray]] = {m: [] for m, spec in specs.items() if spec.scheme == "histogram"}
+    for _, volumes in subjects:
+        for modality, found in relative.items():
+            if modality in volumes:
+                array = volumes[modality].array
+                normalizer = specs[modality].make().fit(array, foreground_mask([array]))
+                assert isinstance(normalizer, HistogramNormalizer)
+                found.append(normalizer.relative_landmarks())
+    return {modality: fit_standard(found) for modality, found in relative.items() if found}
 
 
 @dataclass
@@ -109,7 +155,7 @@ class Fingerprint:
     @classmethod
     def compute(
         cls,
-        subjects: Iterable[tuple[str, dict[str, Volume]]],
+        subjects: Subjects | Callable[[], Subjects],
         specs: dict[str, NormalizationSpec],
         *,
         partial: bool = False,
@@ -117,8 +163,10 @@ class Fingerprint:
     ) -> Fingerprint:
         """Fit per-subject parameters on **training** subjects and take their medians.
 
-        ``subjects`` yields ``(subject_id, {modality: Volume})``; it is consumed once, so a generator
-        that loads one subject at a time keeps memory flat. Modalities not in ``specs`` are ignored.
+        ``subjects`` yields ``(subject_id, {modality: Volume})``, or is a function returning such an
+        iterable; a generator that loads one subject at a time keeps memory flat. A ``histogram`` spec
+        needs two passes (the cohort's standard landmarks first, then each subject mapped onto them), so
+        with one, ``subjects`` must be a function or a sequence. Modalities not in ``specs`` are ignored.
         ``partial`` (unpaired data): a subject may lack some modalities; each modality's medians are
         taken over the subjects that have it, and every modality needs at least one. ``augmented`` (a
         run with ``data.augment``) adds each of its modalities' ``augmented_histograms`` to the
@@ -126,8 +174,16 @@ class Fingerprint:
         """
         if not specs:
             raise ConfigError("a fingerprint needs at least one modality's normalisation spec")
+        passes: Callable[[], Subjects] = subjects if callable(subjects) else lambda: subjects
+        standards: dict[str, list[float]] = {}
+        if any(spec.scheme == "histogram" for spec in specs.values()):
+            if not callable(subjects) and iter(subjects) is subjects:
+                raise TypeError(
+                    "a histogram normalisation spec needs the subjects twice: pass a function or a list"
+                )
+            standards = _fit_standards(passes(), specs)
         per_subject: dict[str, dict[str, dict[str, Any]]] = {}
-        for index, (subject_id, volumes) in enumerate(subjects):
+        for index, (subject_id, volumes) in enumerate(passes()):
             missing = sorted(set(specs) - set(volumes))
             if missing and not partial:
                 raise DataError(
@@ -139,17 +195,22 @@ class Fingerprint:
                     continue
                 volume = volumes[modality]
                 mask = foreground_mask([volume.array])
-                normalizer = spec.make().fit(volume.array, mask)
+                normalizer = spec.make(standards.get(modality)).fit(volume.array, mask)
+                screen = (
+                    normalizer
+                    if spec.for_screen() == spec
+                    else spec.for_screen().make().fit(volume.array, mask)
+                )
                 entry[modality] = {
                     "normalizer": normalizer.to_dict(),
                     "spacing": [round(s, 6) for s in volume.spacing],
                     "shape": list(volume.shape),
                     # What out-of-distribution checks compare inputs with (medsynth.model.ood).
-                    "appearance": appearance_statistics(volume, normalizer, mask),
+                    "appearance": appearance_statistics(volume, screen, mask),
                 }
                 if augmented is not None and modality in augmented.modalities:
                     entry[modality]["appearance"]["augmented_histograms"] = augmented.histograms(
-                        normalizer.forward(volume.array), mask, index
+                        screen.forward(volume.array), mask, index
                     )
             per_subject[subject_id] = entry
         if not per_subject:
@@ -188,7 +249,8 @@ class Fingerprint:
         joint mask of several inputs, which would scale each input differently from training.
         """
         spec = self._spec(modality)
-        return spec.make().fit(array, foreground_mask([array]) if own_mask is None else own_mask)
+        normalizer = spec.make(self.cohort[modality].get("standard"))
+        return normalizer.fit(array, foreground_mask([array]) if own_mask is None else own_mask)
 
     def output_normalizer(self, modality: str) -> Normalizer:
         """Cohort-level normaliser whose ``inverse`` maps a synthetic ``modality`` back to intensities."""

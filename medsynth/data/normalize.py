@@ -189,8 +189,117 @@ class ZScoreNormalizer(Normalizer):
         return {"mean": self.mean, "std": self.std}
 
 
+#: Inner landmarks of :class:`HistogramNormalizer`: the foreground's deciles (Nyul and Udupa's choice,
+#: and TorchIO's ``HistogramStandardization`` default); the outer two are the spec's percentiles.
+INNER_LANDMARKS = tuple(float(p) for p in range(10, 100, 10))
+
+
+def _strictly_increasing(values: np.ndarray) -> np.ndarray:
+    """Landmarks nudged apart where intensities tie (quantised or near-constant images), so the
+    piecewise-linear map and its inverse stay functions; a constant foreground gets a unit range, as
+    :class:`PercentileNormalizer` gives it."""
+    values = np.asarray(values, dtype=np.float64)
+    span = values[-1] - values[0]
+    ramp = np.linspace(0.0, 1.0, len(values))
+    if not span > 0:
+        return values[0] + ramp
+    values = np.maximum.accumulate(values)
+    return values + ramp * (1e-6 * span) if np.any(np.diff(values) <= 0) else values
+
+
+class HistogramNormalizer(Normalizer):
+    """MR from several protocols: the foreground's percentile landmarks mapped onto the training cohort's.
+
+    :class:`PercentileNormalizer` removes a scanner's gain and offset; it cannot remove a change in
+    *contrast*: an MPRAGE or a 1.5 T T1w spaces grey matter, white matter and CSF differently from the
+    spin echo a model was trained on, and the network sees tissue intensities it never met. Histogram
+    standardisation (Nyul and Udupa 2000; TorchIO's ``HistogramStandardization``) takes, per volume,
+    ``landmarks`` at the ``percentiles`` of its foreground (its 0.5th, its deciles, its 99.5th: tissue
+    classes whose share of a head barely changes between people) and maps them piecewise-linearly onto the
+    cohort's ``standard`` landmarks, which :class:`~medsynth.data.fingerprint.Fingerprint` fits on the
+    training subjects (the median of their landmarks, each subject's first scaled to [-1, 1] between its
+    outer ones). Intensities outside the outer landmarks are clipped, as the percentile scheme clips them,
+    so the outer landmarks land on -1 and 1 and the map is that scheme's plus a monotone correction.
+
+    Both maps are monotone and piecewise linear through the same points, so ``inverse(forward(x)) == x``
+    between the outer landmarks, to float32 rounding.
+    """
+
+    scheme = "histogram"
+
+    def __init__(
+        self,
+        percentiles: tuple[float, ...] | list[float] = (0.5, *INNER_LANDMARKS, 99.5),
+        standard: list[float] | None = None,
+        landmarks: list[float] | None = None,
+    ) -> None:
+        self.percentiles = tuple(float(p) for p in percentiles)
+        if len(self.percentiles) < 2 or not all(
+            0.0 <= a < b <= 100.0 for a, b in zip(self.percentiles, self.percentiles[1:], strict=False)
+        ):
+            raise ConfigError(
+                f"landmark percentiles must increase within [0, 100], got {list(self.percentiles)}"
+            )
+        self.standard = None if standard is None else self._checked(standard, "standard")
+        self.landmarks = None if landmarks is None else self._checked(landmarks, "landmarks")
+
+    def _checked(self, values: list[float], name: str) -> np.ndarray:
+        array = np.asarray(values, dtype=np.float64)
+        if array.shape != (len(self.percentiles),) or np.any(np.diff(array) <= 0):
+            raise ConfigError(
+                f"{name} must be {len(self.percentiles)} increasing numbers (one per percentile), got {values}"
+            )
+        return array
+
+    def fit(self, array: np.ndarray, mask: np.ndarray | None = None) -> HistogramNormalizer:
+        self.landmarks = _strictly_increasing(
+            np.percentile(_foreground_values(array, mask), self.percentiles)
+        )
+        return self
+
+    def relative_landmarks(self) -> np.ndarray:
+        """This volume's landmarks scaled to [-1, 1] between the outer two: what a standard is fitted on."""
+        landmarks = self._fitted()[0]
+        return (landmarks - landmarks[0]) * (2.0 / (landmarks[-1] - landmarks[0])) - 1.0
+
+    def _fitted(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.landmarks is None:
+            raise RuntimeError("HistogramNormalizer is not fitted; call fit() first")
+        return self.landmarks, self.standard
+
+    def _maps(self) -> tuple[np.ndarray, np.ndarray]:
+        landmarks, standard = self._fitted()
+        if standard is None:
+            raise RuntimeError("HistogramNormalizer has no standard landmarks; the fingerprint fits them")
+        return landmarks, standard
+
+    def forward(self, array: np.ndarray) -> np.ndarray:
+        landmarks, standard = self._maps()  # np.interp clips beyond the outer landmarks
+        return np.interp(np.asarray(array, dtype=np.float64), landmarks, standard).astype(np.float32)
+
+    def inverse(self, array: np.ndarray) -> np.ndarray:
+        landmarks, standard = self._maps()
+        return np.interp(np.asarray(array, dtype=np.float64), standard, landmarks).astype(np.float32)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "percentiles": list(self.percentiles),
+            "standard": None if self.standard is None else self.standard.tolist(),
+            "landmarks": None if self.landmarks is None else self.landmarks.tolist(),
+        }
+
+
+def fit_standard(relative_landmarks: list[np.ndarray]) -> list[float]:
+    """The cohort's standard landmarks: the median over subjects of each one's relative landmarks.
+
+    Medians, as for every cohort-level number of the fingerprint, so one odd subject cannot move it;
+    the median of increasing sequences increases, and the outer ones are exactly -1 and 1.
+    """
+    return _strictly_increasing(np.median(np.stack(relative_landmarks), axis=0)).tolist()
+
+
 _SCHEMES: dict[str, type[Normalizer]] = {
-    cls.scheme: cls for cls in (PercentileNormalizer, ZScoreNormalizer, WindowNormalizer)
+    cls.scheme: cls for cls in (PercentileNormalizer, ZScoreNormalizer, WindowNormalizer, HistogramNormalizer)
 }
 
 

@@ -138,7 +138,7 @@ def prepare_run_data(
             augmented = appearance_draws(
                 config.data.augment, tuple(task.sources), config.model.spatial_dims, config.data.axis
             )
-        fingerprint = Fingerprint.compute(training_subjects(), specs, partial=unpaired, augmented=augmented)
+        fingerprint = Fingerprint.compute(training_subjects, specs, partial=unpaired, augmented=augmented)
         fingerprint.save(fingerprint_path)
     used = [by_id[i] for part in ("train", "val", "test") for i in splits.get(part, []) if i in by_id]
     cohort = prepare_cohort(used, modalities, fingerprint, cache_dir, progress=progress, partial=unpaired)

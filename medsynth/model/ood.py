@@ -206,7 +206,7 @@ class OODChecker:
                 )
                 continue
             mask = foreground_mask([array])
-            normalizer = self.fingerprint.specs[modality].make().fit(array, mask)
+            normalizer = self.fingerprint.specs[modality].for_screen().make().fit(array, mask)
             stats = appearance_statistics(volume, normalizer, mask, with_depth=False)
             self._check_geometry(report, modality, name, stats)
             scores.append(self._check_histogram(report, modality, name, stats))
