@@ -91,6 +91,18 @@ def test_demo_robust_is_demo_cpu_plus_augmentation() -> None:
     assert source_augmentation("robust", 2).spec == PRESETS["robust"]  # type: ignore[union-attr]
 
 
+def test_a_run_saves_the_preset_spelled_out(tiny_cohort: Path, tmp_path: Path) -> None:
+    """Resumed after ``robust`` changes meaning, a run trains on with the augmentation it started with."""
+    config = tiny_config(tiny_cohort, extra=["data.augment=robust"])
+    claim_run_dir(tmp_path / "run", config)
+    saved = load_config(tmp_path / "run" / "config.yaml").data.augment
+    assert saved == PRESETS["robust"].to_dict() and set(saved) == {*KINDS, "probability"}
+    assert AugmentSpec.from_config(saved) == PRESETS["robust"]
+    plain = tiny_config(tiny_cohort)
+    claim_run_dir(tmp_path / "plain", plain)
+    assert load_config(tmp_path / "plain" / "config.yaml").data.augment is None
+
+
 # ------------------------------------------------------------------ each change, and nothing else
 @pytest.mark.parametrize("kind", ["intensity", "bias", "noise"])
 def test_intensity_changes_keep_the_floor_and_the_foreground(kind: str) -> None:

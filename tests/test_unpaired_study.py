@@ -76,7 +76,10 @@ def test_the_registration_methods_train_on_registered_copies_of_misregistered_co
     )
     copies = [study.registered_name(c, t) for c in ("misregistered_4mm_4deg", "misregistered_12mm_12deg")
               for t in args.tasks]  # fmt: skip
-    assert copies[:2] == ["misregistered_4mm_4deg_registered_to_t2", "misregistered_4mm_4deg_registered_to_ct"]
+    assert copies[:2] == [
+        "misregistered_4mm_4deg_registered_to_t2",
+        "misregistered_4mm_4deg_registered_to_ct",
+    ]
     cohorts = {name: Path() for name in ("aligned", "misregistered_4mm_4deg", "misregistered_12mm_12deg",
                                          *copies, "disjoint")}  # fmt: skip
     runs = {(r.task, r.cohort, r.method) for r in study.planned_runs(args, cohorts)}

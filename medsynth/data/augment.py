@@ -165,6 +165,13 @@ PRESETS: dict[str, AugmentSpec] = {
 }
 
 
+def pinned_augment(value: Any) -> dict[str, Any] | None:
+    """A recipe's ``data.augment`` spelled out (every kind and the probability), for a run's saved config:
+    what a preset name means can change between releases; what a run trains with must not."""
+    spec = AugmentSpec.from_config(value)
+    return None if spec is None else spec.to_dict()
+
+
 @contextlib.contextmanager
 def _one_host_thread(device: torch.device) -> Iterator[None]:
     """Run host tensor work on one thread, then give the training step its threads back.

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from ..config import Config, load_config
+from ..data.augment import pinned_augment
 from ..errors import MedsynthError
 from ..io.atomic import disk_full_error, is_disk_full, remove_stale_partials
 from ..model.checkpoint import BEST, LATEST
@@ -147,6 +148,9 @@ def claim_run_dir(run_dir: Path, config: Config) -> None:
     (the user fixed a ``--set``), the splits and fingerprint derived from the old one are dropped.
     """
     saved = run_dir / "config.yaml"
+    # A preset is saved as what it means today: a run started before a preset changes (``robust`` went
+    # from half the samples to a tenth) and resumed after it trains on as it started.
+    config.data.augment = pinned_augment(config.data.augment)
     if (run_dir / LATEST).exists():
         raise MedsynthError(
             f"this folder already holds a run; continue it with --resume {run_dir} or pick another --name",
@@ -217,7 +221,9 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, quiet: bool = 
             f"at epoch {best.get('epoch')} -> {run_dir / BEST}"
         )
     else:
-        print(f"done in {minutes:.1f} min: nothing validated yet, so no {BEST}; continue with --resume {run_dir}")
+        print(
+            f"done in {minutes:.1f} min: nothing validated yet, so no {BEST}; continue with --resume {run_dir}"
+        )
     refresh_model_card(run_dir)  # model_card.md/.json; `medsynth evaluate` adds the held-out results
     return best
 
