@@ -210,3 +210,21 @@ def test_histogram_standardisation_leaves_the_screen_its_view(tiny_cohort: Path)
         expected, report = plain.check({"t1": volume}), standardised.check({"t1": volume})
         assert (report.ok, report.score) == (expected.ok, expected.score)
         assert report.ok is (suffix == "T1w")
+
+
+def test_a_standardised_source_is_screened_against_the_protocols_it_covers() -> None:
+    """Without ``data.augment``, a ``histogram`` source's reference still spans the robust preset's
+    appearances (the changes standardisation takes out); a percentile source's does not."""
+    from medsynth.config import load_config
+    from medsynth.data.augment import PRESETS
+    from medsynth.engine.setup import normalization_specs, screen_draws
+    from medsynth.task import Task
+
+    histogram = load_config("demo_cpu", ["data.normalization={t1: {scheme: histogram}}"])
+    task = Task.parse(histogram.task)
+    draws = screen_draws(histogram, task, normalization_specs(histogram, ("t1", "t2")))
+    assert draws is not None and draws.modalities == ("t1",) and draws.spec == PRESETS["robust"]
+    plain = load_config("demo_cpu")
+    assert screen_draws(plain, task, normalization_specs(plain, ("t1", "t2"))) is None
+    augmented = load_config("demo_robust")
+    assert screen_draws(augmented, task, normalization_specs(augmented, ("t1", "t2"))).modalities == ("t1",)

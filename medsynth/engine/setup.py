@@ -9,6 +9,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..data.cache import Cohort, prepare_cohort
@@ -20,6 +21,9 @@ from ..errors import MedsynthError
 from ..io.atomic import atomic_write_text
 from ..modalities import DISPLAY_NAMES
 from ..task import Task
+
+if TYPE_CHECKING:  # augment.py imports torch, loaded only when a run needs appearance draws
+    from ..data.augment import AppearanceDraws
 
 log = logging.getLogger("medsynth")
 
@@ -95,6 +99,26 @@ def normalization_specs(config: Config, modalities: tuple[str, ...]) -> dict[str
     return specs
 
 
+def screen_draws(config: Config, task: Task, specs: dict[str, NormalizationSpec]) -> AppearanceDraws | None:
+    """The appearances beyond its training images that a run's out-of-distribution screen accepts.
+
+    A run with ``data.augment``: what its augmentation showed it. A source normalised with ``histogram``
+    (no augmentation): the protocol changes standardisation takes out, the ``robust`` preset's monotone
+    intensity warps and bias fields; without them the screen, comparing the percentile view, would flag
+    the SPGR and MPRAGE T1w the standardised model handles as well as its own (README "Another site's
+    T1w"), while a T2w given as the T1w still lies beyond them.
+    """
+    standardised = tuple(m for m in task.sources if specs[m].scheme == "histogram")
+    if not config.data.augment and not standardised:
+        return None
+    from ..data.augment import appearance_draws  # torch: only when the run needs draws
+
+    value, modalities = (
+        (config.data.augment, tuple(task.sources)) if config.data.augment else ("robust", standardised)
+    )
+    return appearance_draws(value, modalities, config.model.spatial_dims, config.data.axis)
+
+
 def prepare_run_data(
     config: Config, task: Task, run_dir: Path, *, cache_dir: Path, progress: bool = True
 ) -> RunData:
@@ -131,13 +155,7 @@ def prepare_run_data(
                 available = [m for m in modalities if m in record.paths]
                 yield subject_id, load_subject(record, available, volume_index=config.data.volume_index)
 
-        augmented = None
-        if config.data.augment:
-            from ..data.augment import appearance_draws  # torch: only when the recipe augments
-
-            augmented = appearance_draws(
-                config.data.augment, tuple(task.sources), config.model.spatial_dims, config.data.axis
-            )
+        augmented = screen_draws(config, task, specs)
         fingerprint = Fingerprint.compute(training_subjects, specs, partial=unpaired, augmented=augmented)
         fingerprint.save(fingerprint_path)
     used = [by_id[i] for part in ("train", "val", "test") for i in splits.get(part, []) if i in by_id]
