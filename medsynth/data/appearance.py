@@ -97,12 +97,20 @@ def obliquity_degrees(affine: np.ndarray) -> float:
 
 
 def appearance_statistics(
-    volume: Volume, normalizer: Normalizer, mask: np.ndarray, *, with_depth: bool = True
+    volume: Volume,
+    normalizer: Normalizer,
+    mask: np.ndarray,
+    *,
+    with_depth: bool = True,
+    depth_normalizer: Normalizer | None = None,
 ) -> dict[str, Any]:
     """The statistics of one image (``normalizer`` fitted on it inside ``mask``, its foreground).
 
     ``with_depth=False`` leaves out ``depth_histogram`` (a distance transform: seconds at 1 mm), which
-    the whole-volume checks of an input do not use.
+    the whole-volume checks of an input do not use. ``depth_normalizer``: the network's normaliser, when
+    it is not ``normalizer``: the depth histogram says which intensities the *network* saw where
+    (:mod:`medsynth.model.support`), while a histogram-standardised source's screen compares the
+    percentile view (:meth:`~medsynth.data.fingerprint.NormalizationSpec.for_screen`).
 
     >>> import numpy as np
     >>> from medsynth.data.normalize import PercentileNormalizer
@@ -130,5 +138,6 @@ def appearance_statistics(
     }
     if with_depth:
         depth = depth_below_surface(mask, volume.spacing)[mask] if mask.any() else np.zeros(values.shape)
-        statistics["depth_histogram"] = intensity_depth_counts(normalised, depth).tolist()
+        seen = normalised if depth_normalizer is None else depth_normalizer.forward(values)
+        statistics["depth_histogram"] = intensity_depth_counts(seen, depth).tolist()
     return statistics

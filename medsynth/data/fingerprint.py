@@ -206,7 +206,9 @@ class Fingerprint:
                     "spacing": [round(s, 6) for s in volume.spacing],
                     "shape": list(volume.shape),
                     # What out-of-distribution checks compare inputs with (medsynth.model.ood).
-                    "appearance": appearance_statistics(volume, screen, mask),
+                    "appearance": appearance_statistics(
+                        volume, screen, mask, depth_normalizer=None if screen is normalizer else normalizer
+                    ),
                 }
                 if augmented is not None and modality in augmented.modalities:
                     entry[modality]["appearance"]["augmented_histograms"] = augmented.histograms(
