@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from medsynth.config import load_config
 from medsynth.data.fingerprint import Fingerprint, NormalizationSpec
 from medsynth.data.splits import make_splits
 from medsynth.errors import ConfigError, DataError, MedsynthError
@@ -124,3 +125,9 @@ def test_histogram_spec_fits_the_standard_on_training_subjects(cohort) -> None:
     assert histogram.output_normalizer("t1").inverse(np.array([1.0]))[0] == pytest.approx(
         np.median([e["t1"]["normalizer"]["landmarks"][-1] for e in histogram.subjects.values()]), rel=1e-6
     )
+
+
+def test_demo_robust_is_demo_cpu_with_a_standardised_t1() -> None:
+    robust, plain = load_config("demo_robust").to_dict(), load_config("demo_cpu").to_dict()
+    assert robust["data"].pop("normalization") == {"t1": {"scheme": "histogram"}}
+    assert plain["data"].pop("normalization") == {} and robust == plain

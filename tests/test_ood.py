@@ -226,5 +226,5 @@ def test_a_standardised_source_is_screened_against_the_protocols_it_covers() -> 
     assert draws is not None and draws.modalities == ("t1",) and draws.spec == PRESETS["robust"]
     plain = load_config("demo_cpu")
     assert screen_draws(plain, task, normalization_specs(plain, ("t1", "t2"))) is None
-    augmented = load_config("demo_robust")
+    augmented = load_config("demo_cpu", ["data.augment=robust"])
     assert screen_draws(augmented, task, normalization_specs(augmented, ("t1", "t2"))).modalities == ("t1",)
