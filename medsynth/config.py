@@ -100,6 +100,11 @@ class DataConfig:
             from .data.augment import AugmentSpec  # torch: loaded only when a recipe augments
 
             AugmentSpec.from_config(self.augment)
+        if self.normalization:
+            from .data.fingerprint import normalization_spec  # numpy only; imported late like the above
+
+            for modality, options in self.normalization.items():
+                normalization_spec(modality, options)
 
 
 @dataclass

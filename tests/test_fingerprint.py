@@ -131,3 +131,19 @@ def test_demo_robust_is_demo_cpu_with_a_standardised_t1() -> None:
     robust, plain = load_config("demo_robust").to_dict(), load_config("demo_cpu").to_dict()
     assert robust["data"].pop("normalization") == {"t1": {"scheme": "histogram"}}
     assert plain["data"].pop("normalization") == {} and robust == plain
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("{t1: {scheme: histogram, lower_percentile: 50}}", "data.normalization.t1: the histogram scheme's inner landmarks are the deciles"),
+        ("{t1: {scheme: minmax}}", "data.normalization.t1: unknown normalisation scheme 'minmax'"),
+        ("{t1: {schem: histogram}}", "data.normalization.t1: unknown key"),
+        ("{t1: histogram}", "data.normalization.t1 must be a mapping"),
+    ],
+)  # fmt: skip
+def test_bad_normalisation_is_one_line_when_the_recipe_loads(value: str, message: str) -> None:
+    """Refused with the recipe, before a run folder exists."""
+    with pytest.raises(ConfigError) as error:
+        load_config("demo_cpu", [f"data.normalization={value}"])
+    assert message in str(error.value) and "\n" not in str(error.value)

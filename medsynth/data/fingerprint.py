@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +72,13 @@ class NormalizationSpec:
             raise ConfigError(
                 f"unknown normalisation scheme {self.scheme!r}; valid schemes: {', '.join(_SCHEMES)}"
             )
+        if self.scheme == "histogram" and not (
+            self.lower_percentile < INNER_LANDMARKS[0] and self.upper_percentile > INNER_LANDMARKS[-1]
+        ):
+            raise ConfigError(
+                "the histogram scheme's inner landmarks are the deciles: lower_percentile must be below 10 and "
+                f"upper_percentile above 90, got {self.lower_percentile} and {self.upper_percentile}"
+            )
         object.__setattr__(self, "window", tuple(float(v) for v in self.window))
         self.make()  # validates the numbers with the normaliser's own checks
 
@@ -107,6 +114,21 @@ class NormalizationSpec:
         if self.scheme == "zscore":
             return ZScoreNormalizer()
         return WindowNormalizer(self.window)
+
+
+def normalization_spec(modality: str, options: Any) -> NormalizationSpec:
+    """A recipe's ``data.normalization.<modality>`` as a spec; a bad entry is one line naming it."""
+    if not isinstance(options, dict):
+        raise ConfigError(
+            f"data.normalization.{modality} must be a mapping such as {{scheme: percentile}}, got {options!r}"
+        )
+    try:
+        return NormalizationSpec(**options)
+    except TypeError as exc:
+        known = ", ".join(f.name for f in fields(NormalizationSpec))
+        raise ConfigError(f"data.normalization.{modality}: unknown key ({exc}); valid keys: {known}") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"data.normalization.{modality}: {exc}") from exc
 
 
 def _is_number(value: Any) -> bool:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..data.cache import Cohort, prepare_cohort
-from ..data.fingerprint import Fingerprint, NormalizationSpec
+from ..data.fingerprint import Fingerprint, NormalizationSpec, normalization_spec
 from ..data.layouts import SubjectRecord, load_subject, scan_dataset
 from ..data.pairing import complete_subjects, subject_role
 from ..data.splits import load_or_create_splits
@@ -92,10 +92,7 @@ def normalization_specs(config: Config, modalities: tuple[str, ...]) -> dict[str
         if not options:
             specs[modality] = NormalizationSpec.for_modality(modality)
             continue
-        try:
-            specs[modality] = NormalizationSpec(**options)
-        except TypeError as exc:
-            raise MedsynthError(f"data.normalization.{modality}: {exc}") from exc
+        specs[modality] = normalization_spec(modality, options)
     return specs
 
 
