@@ -180,10 +180,6 @@ class TrainConfig:
     #: Time budget of the whole training job in minutes (None: run all epochs). The learning-rate
     #: schedule is mapped onto the budget; ``--resume`` with a larger value extends a stopped run.
     max_minutes: float | None = None
-    #: Serve an exponential moving average of the generators' weights with this decay (e.g. 0.999; its
-    #: start is shortened while few steps were taken); validation and checkpoints use the average, training
-    #: goes on from the live weights (engine/handlers/averaging.py). None: serve the last step's weights.
-    ema_decay: float | None = None
     #: Validate (and draw figures, choose checkpoint_best.pt) every this many epochs and at the end.
     val_every: int = 1
     #: Validation metric that chooses checkpoint_best.pt.
@@ -227,8 +223,6 @@ class TrainConfig:
             raise ConfigError(
                 f"train.max_minutes must be a positive number of minutes, got {self.max_minutes}"
             )
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ConfigError(f"train.ema_decay must be a number in (0, 1) or null, got {self.ema_decay!r}")
         for name in ("val_every", "inference_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

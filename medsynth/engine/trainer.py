@@ -11,10 +11,9 @@ Losses stay on the device and are read only when logged, so a GPU step never wai
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -28,7 +27,6 @@ from .assembly import assemble
 from .events import EpochRecord, Handler, Handlers
 from .failures import one_line_failures
 from .handlers import default_handlers
-from .handlers.averaging import WeightAveraging, training_weights
 from .objectives.base import step_inputs
 from .setup import RunData
 from .stats import DeviceLossSums, EpochStats
@@ -72,8 +70,6 @@ class Trainer:
         self._epoch_timer: float | None = None
         self._losses = DeviceLossSums()
         self.handlers = Handlers([*default_handlers(self), *(handlers or [])])
-        #: ``train.ema_decay``: the averaged generators are what validation scores and checkpoints serve.
-        self.averaging = cast(WeightAveraging | None, self.handlers.find(WeightAveraging))
 
     @property
     def resume_hint(self) -> str:
@@ -87,16 +83,12 @@ class Trainer:
     def state(self, *, for_inference: bool = False) -> dict[str, Any]:
         """The checkpoint payload: self-describing for inference, complete for resume (handlers' too)."""
         fingerprint = self.data.fingerprint
-        directions = self.objective.directions()
-        served = [module.state_dict() for module in (self.generator, *(m for _p, m in directions))]
-        if self.averaging is not None and self.averaging.averages:
-            served = self.averaging.served_states()  # the live weights are its resumable state
         payload: dict[str, Any] = {
-            "plan": self.plan.to_dict(), "generator_state": served[0],
+            "plan": self.plan.to_dict(), "generator_state": self.generator.state_dict(),
             "fingerprint": fingerprint.to_dict(), "objective": self.objective.describe(),
             # Further directions the objective trains (a reverse generator), each served by --target.
-            "directions": [{"plan": plan.to_dict(), "generator_state": state}
-                           for (plan, _module), state in zip(directions, served[1:], strict=True)],
+            "directions": [{"plan": plan.to_dict(), "generator_state": module.state_dict()}
+                           for plan, module in self.objective.directions()],
             "data": {"fingerprint_digest": fingerprint.digest(), "splits": self.data.splits,
                      "pairing": self.config.data.pairing},
             "config": self.config.to_dict(), "distributed": self.distributed_info(),
@@ -124,9 +116,11 @@ class Trainer:
         if saved_plan.task != self.task:
             raise MedsynthError(f"the run in {path.parent} trains {saved_plan.task}, not {self.task}")
         try:
-            networks = (self.generator, *(module for _plan, module in self.objective.directions()))
-            for module, weights in zip(networks, training_weights(state), strict=True):
-                module.load_state_dict(weights)
+            self.generator.load_state_dict(state["generator_state"])
+            for (_plan, module), saved in zip(
+                self.objective.directions(), state.get("directions", []), strict=True
+            ):
+                module.load_state_dict(saved["generator_state"])
             self.objective.load_state_dict(state["objective_state"])
             self.opt_g.load_state_dict(state["optimizer_generator"])
         except (KeyError, RuntimeError, ValueError) as exc:
@@ -233,11 +227,9 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Whole-volume synthesis of the validation subjects (:class:`.validation.Validation`)."""
         started = time.perf_counter()
-        averaged = self.averaging.averages_in_place() if self.averaging else contextlib.nullcontext()
-        with averaged:
-            metrics, self.samples = self.validation.run(
-                self.data.splits["val"][: self.config.train.val_subjects or None]
-            )
+        metrics, self.samples = self.validation.run(
+            self.data.splits["val"][: self.config.train.val_subjects or None]
+        )
         for module in (self.generator, *(model.generator for model in self.direction_models)):
             module.train()
         self._val_seconds = time.perf_counter() - started

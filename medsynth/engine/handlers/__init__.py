@@ -5,7 +5,6 @@
 display only without ``--quiet``), in the order their decisions feed each other:
 
 ==========================  =====================================================================
-:mod:`.averaging`           ``train.ema_decay``: the moving average of the generators that is served
 :mod:`.budget`              ``train.max_minutes``: ends the run at the step the clock passes it
 :mod:`.schedule`            pix2pix's constant-then-linear learning rate (epochs or budget, first wins)
 :mod:`.backoff`             out of device memory in the first steps: halve the batch and train on
@@ -23,7 +22,6 @@ display only without ``--quiet``), in the order their decisions feed each other:
 from __future__ import annotations
 
 from ..events import Handler, Loop
-from .averaging import WeightAveraging
 from .background import BackgroundWriter
 from .backoff import BatchBackoff
 from .budget import TimeBudget
@@ -43,10 +41,7 @@ def default_handlers(loop: Loop) -> list[Handler]:
     budget = None if train.max_minutes is None else 60.0 * train.max_minutes
     writer = BackgroundWriter()
     checkpoints = Checkpoints(writer, train.checkpoint_every)
-    # The average first: every checkpoint, the very first one included, serves it.
-    handlers: list[Handler] = [WeightAveraging(train.ema_decay)] if train.ema_decay is not None else []
-    if train.max_minutes is not None:
-        handlers.append(TimeBudget(train.max_minutes))
+    handlers: list[Handler] = [TimeBudget(train.max_minutes)] if train.max_minutes is not None else []
     handlers += [
         LinearDecay(train.epochs, train.decay_epochs, budget),
         BatchBackoff(checkpoints),
