@@ -140,6 +140,8 @@ def test_demo_robust_is_demo_cpu_with_a_standardised_t1() -> None:
         ("{t1: {scheme: minmax}}", "data.normalization.t1: unknown normalisation scheme 'minmax'"),
         ("{t1: {schem: histogram}}", "data.normalization.t1: unknown key"),
         ("{t1: histogram}", "data.normalization.t1 must be a mapping"),
+        ("{t1: {scheme: histogram, lower_percentile: low}}", "data.normalization.t1: lower_percentile must be a number"),
+        ("{ct: {scheme: window, window: [0]}}", "data.normalization.ct: window must be two numbers"),
     ],
 )  # fmt: skip
 def test_bad_normalisation_is_one_line_when_the_recipe_loads(value: str, message: str) -> None:

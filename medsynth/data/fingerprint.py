@@ -72,6 +72,12 @@ class NormalizationSpec:
             raise ConfigError(
                 f"unknown normalisation scheme {self.scheme!r}; valid schemes: {', '.join(_SCHEMES)}"
             )
+        for name in ("lower_percentile", "upper_percentile"):
+            if not _is_number(getattr(self, name)):
+                raise ConfigError(f"{name} must be a number, got {getattr(self, name)!r}")
+        window = self.window
+        if not (isinstance(window, (list, tuple)) and len(window) == 2 and all(map(_is_number, window))):
+            raise ConfigError(f"window must be two numbers [low, high] in HU, got {window!r}")
         if self.scheme == "histogram" and not (
             self.lower_percentile < INNER_LANDMARKS[0] and self.upper_percentile > INNER_LANDMARKS[-1]
         ):
