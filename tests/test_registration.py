@@ -108,7 +108,9 @@ def test_the_same_pair_gives_the_same_transform_to_the_last_bit() -> None:
     default_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(4)
     try:
-        runs = [register_pair(head["t1"], moving, ct=False, settings=RegistrationSettings()) for _ in range(3)]
+        runs = [
+            register_pair(head["t1"], moving, ct=False, settings=RegistrationSettings()) for _ in range(3)
+        ]
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default_threads)
     parameters = [tuple(run.transform.GetParameters()) for run in runs]
