@@ -16,7 +16,7 @@ local distortion.
 The same inputs give the same transform to the last bit: the metric runs as one work unit on one thread.
 With several, ITK's Mattes metric comes out different in the last bits from run to run (with a fixed count
 of work units too), the optimiser's path follows, and a validation score computed on registered targets
-(CycleGAN) came out 2e-5 apart between a run and its resumed twin. The price, measured on a 2 mm phantom
+(unpaired training) came out 2e-5 apart between a run and its resumed twin. The price, measured on a 2 mm phantom
 head on the 2-core development machine (Intel Xeon family 6 model 207): 2.7-2.8 s a pair on one thread
 against 1.6-2.7 s on two.
 
