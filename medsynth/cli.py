@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--manifest", type=Path, help="CSV manifest subject,modality,path")
     register.add_argument("--modalities", help="modalities to register and write, e.g. t1,t2 (default: all)")
     register.add_argument("--reference", help="the modality the others are moved onto (default: the first of --modalities, else t1); for training pairs, the target: it keeps its own voxels, while a resampled target teaches the interpolation's blur")  # fmt: skip
+    register.add_argument("--template", help="instead of --reference: every image, each on its own, moved onto this template (an image file, or mni152: nilearn's MNI152 2009 T1), on its field of view at the subject's finest voxel size; one pose for unpaired training, no pair used")  # fmt: skip
     register.add_argument("--transform", default="rigid", choices=["rigid", "affine", "bspline"],
                           help="rigid (default); affine or bspline refine the rigid result")  # fmt: skip
     register.add_argument("--interpolation", default="linear", choices=["linear", "bspline"],
@@ -304,6 +305,7 @@ def _data_register(args: argparse.Namespace) -> int:
         manifest=args.manifest,
         modalities=args.modalities.split(",") if args.modalities else None,
         reference=args.reference,
+        template=args.template,
         settings=RegistrationSettings(transform=args.transform, interpolation=args.interpolation),
         say=(lambda line: None) if args.quiet else (lambda line: print(line, flush=True)),
     )

@@ -2,13 +2,16 @@
 
 Paired training needs each subject's images voxel-aligned, and real ones are not (another day, another
 table, a patient who moved). This command registers every subject's other modalities onto its reference
-one (:mod:`medsynth.data.registration`) and writes a copy that medsynth trains on like any data folder:
+one (:mod:`medsynth.data.registration`) and writes a copy that medsynth trains on like any data folder. With ``--template`` it instead
+moves every image of every subject, each on its own, onto one template (:mod:`medsynth.data.template`): a
+common pose for unpaired training, which never uses a pair.
 
 * **The same layout.** BIDS-like, IXI and BraTS folders keep every file's relative path (the reference
   image is copied byte for byte, the others are resampled onto its grid; participants.tsv,
   dataset_description.json and JSON sidecars come along). DICOM and manifest inputs come out BIDS-like
   in NIfTI (a manifest input also gets ``manifest.csv``, which keeps its subject ids).
-* **Beside each registered image**, its transform (``<image>_to-<reference>_xfm.tfm``, SimpleITK).
+* **Beside each registered image**, its transform (``<image>_to-<reference>_xfm.tfm``, SimpleITK;
+  ``_to-template_xfm.tfm`` in template mode, where every image is resampled, the reference too).
 * **QC** in ``registration/``: ``qc.csv`` (per subject and modality: normalised mutual information before
   and after, the transform's translation, largest displacement and rotation), one checkerboard PNG per
   subject (each modality against the reference, before and after), ``args.json`` (the settings).
@@ -41,6 +44,7 @@ from ..io.writers import write_volume
 from ..modalities import canonical_modality
 from .layouts import SubjectRecord, bids_path, constant_problem, ct_problem, scan_dataset
 from .registration import RegisteredPair, RegistrationSettings, register_pair
+from .template import MNI152, finest_spacing, load_template, template_on_grid
 
 #: Where the QC goes inside ``--out`` (no layout scans it for images).
 QC_FOLDER = "registration"
@@ -49,6 +53,8 @@ _MIRRORED = ("bids", "ixi", "brats")
 #: Dataset-level files copied from the input folder (BIDS).
 _DATASET_FILES = ("participants.tsv", "dataset_description.json")
 _IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+#: The ``reference`` of the QC rows and transform names in template mode.
+TEMPLATE = "template"
 
 
 @dataclass
@@ -122,13 +128,15 @@ def register_dataset(
     manifest: str | Path | None = None,
     modalities: Sequence[str] | None = None,
     reference: str | None = None,
+    template: str | Path | None = None,
     settings: RegistrationSettings | None = None,
     say: Callable[[str], None] = print,
 ) -> RegistrationReport:
     """Register every subject of ``root`` onto its ``reference`` modality into ``out``; resumable.
 
     ``modalities`` limits what is registered and written (default: all a subject has); ``reference``
-    defaults to the first of them, else ``t1``. ``say`` gets one progress line per subject.
+    defaults to the first of them, else ``t1``. ``template`` (a file or ``mni152``; not with
+    ``reference``) moves every image onto the template instead. ``say`` gets one progress line per subject.
 
     Raises:
         MedsynthError: ``out`` is (inside) the input folder or holds one of its images, ``out`` is a
@@ -141,14 +149,20 @@ def register_dataset(
     """
     settings = settings or RegistrationSettings()
     wanted = tuple(canonical_modality(m) for m in modalities) if modalities else None
-    reference = canonical_modality(reference or (wanted[0] if wanted else "t1"))
-    if wanted and reference not in wanted:
-        raise MedsynthError(f"the reference {reference} is not among --modalities {', '.join(wanted)}")
+    if template is not None and reference is not None:
+        raise MedsynthError("--reference and --template exclude each other: choose one")
+    template_volume = None if template is None else load_template(template)
+    if template is not None:
+        reference = TEMPLATE
+    else:
+        reference = canonical_modality(reference or (wanted[0] if wanted else "t1"))
+        if wanted and reference not in wanted:
+            raise MedsynthError(f"the reference {reference} is not among --modalities {', '.join(wanted)}")
     records = scan_dataset(root, manifest)
     source = Path(root) if Path(root).is_dir() else Path(root).parent
     out = Path(out)
     _check_out(source, out, records)
-    _claim(out, source, reference, wanted, settings)
+    _claim(out, source, reference, wanted, settings, template)
     remove_stale_partials(out, recursive=True)
     destinations = _plan(records, wanted, source, out)
     _copy_dataset_files(source, out)
@@ -162,7 +176,10 @@ def register_dataset(
             say(f"{where}: registered before, skipped")
             continue
         try:
-            done = _register_subject(record, destinations[record.id], reference, settings, out)
+            if template_volume is None:
+                done = _register_subject(record, destinations[record.id], reference, settings, out)
+            else:
+                done = _register_to_template(record, destinations[record.id], template_volume, settings, out)
         except MedsynthError as exc:
             failed[record.id] = str(exc)
             rows.append(
@@ -197,13 +214,21 @@ def _check_out(source: Path, out: Path, records: Sequence[SubjectRecord]) -> Non
 
 
 def _claim(
-    out: Path, source: Path, reference: str, wanted: tuple[str, ...] | None, settings: RegistrationSettings
+    out: Path,
+    source: Path,
+    reference: str,
+    wanted: tuple[str, ...] | None,
+    settings: RegistrationSettings,
+    template: str | Path | None,
 ) -> None:
     """Write ``args.json`` into a new ``out``, or check that an existing one was made the same way
-    (same input, reference, modalities and settings), so a resumed copy is one registration."""
+    (same input, reference or template, modalities and settings), so a resumed copy is one registration."""
+    if template is not None:
+        template = MNI152 if str(template).lower() == MNI152 else str(Path(template).resolve())
     args = {
         "source": str(source.resolve()),
         "reference": reference,
+        "template": template,
         "modalities": list(wanted) if wanted else None,
         "settings": asdict(settings),
     }
@@ -341,18 +366,55 @@ def _register_subject(
     else:
         write_volume(fixed.array, fixed, files[reference], dtype=_dtype(reference, fixed.array))
     _sidecar(source, files[reference])
+    _write_registered(record, files, fixed, pairs, volumes, reference)
+    return _finish_subject(record.id, files, fixed, pairs, reference, settings, out)
+
+
+def _register_to_template(
+    record: SubjectRecord, files: dict[str, Path], template: Volume, settings: RegistrationSettings, out: Path
+) -> list[QCRow]:
+    """Every image of the subject onto ``template`` at the subject's finest voxel size, each on its own
+    (never onto another image of the subject); written as :func:`_register_subject` writes."""
+    volumes = _read(record, list(files))
+    fixed = template_on_grid(template, finest_spacing(list(volumes.values())))
+    pairs = {m: register_pair(fixed, v, ct=m == "ct", settings=settings) for m, v in volumes.items()}
+    _write_registered(record, files, fixed, pairs, volumes, TEMPLATE)
+    return _finish_subject(record.id, files, fixed, pairs, TEMPLATE, settings, out)
+
+
+def _write_registered(
+    record: SubjectRecord,
+    files: dict[str, Path],
+    fixed: Volume,
+    pairs: dict[str, RegisteredPair],
+    volumes: dict[str, Volume],
+    reference: str,
+) -> None:
+    """Each registered image on ``fixed``'s grid, its transform and its JSON sidecar."""
     for modality, pair in pairs.items():
         write_volume(
             pair.after.array, fixed, files[modality], dtype=_dtype(modality, volumes[modality].array)
         )
         _write_transform(pair, transform_path(files[modality], reference))
         _sidecar(record.paths[modality], files[modality])
+
+
+def _finish_subject(
+    subject: str,
+    files: dict[str, Path],
+    fixed: Volume,
+    pairs: dict[str, RegisteredPair],
+    reference: str,
+    settings: RegistrationSettings,
+    out: Path,
+) -> list[QCRow]:
+    """The subject's checkerboard figure and, last, its QC record (the resume marker)."""
     if pairs:
-        _figure(fixed, pairs, qc_path(out, record.id, ".png"))
-    rows = [QCRow.from_pair(record.id, m, reference, settings.transform, pair) for m, pair in pairs.items()]
+        _figure(fixed, pairs, qc_path(out, subject, ".png"))
+    rows = [QCRow.from_pair(subject, m, reference, settings.transform, pair) for m, pair in pairs.items()]
     written = {m: path.relative_to(out).as_posix() for m, path in files.items()}
-    record_json = {"subject": record.id, "files": written, "rows": [asdict(row) for row in rows]}
-    atomic_write_text(qc_path(out, record.id, ".json"), json.dumps(record_json, indent=2) + "\n")
+    record_json = {"subject": subject, "files": written, "rows": [asdict(row) for row in rows]}
+    atomic_write_text(qc_path(out, subject, ".json"), json.dumps(record_json, indent=2) + "\n")
     return rows
 
 
