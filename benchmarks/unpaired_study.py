@@ -28,6 +28,9 @@ the source is moved onto the target and the target keeps its own voxels, because
 teaches the network the interpolation's blur (T1w -> T2w at 2-4 mm: 24.36 dB with the T2w moved onto the
 T1w, 25.58 dB the other way round, 10 minutes each); ``reggan`` trains the registration-aware objective
 (``train.objective: reggan``) on the cohort as it is, and ``reggan_registered`` both together.
+``cyclegan_template`` trains CycleGAN on a copy of the first misregistered cohort in which every image,
+each on its own, was moved onto the MNI152 template (``medsynth data register --template mni152``): a
+common pose for both domains without using a pair (issue 34).
 
 Runs are resumable (finished ones skipped, interrupted ones resumed); ``--parallel 2`` trains two runs at
 a time with one thread each (the next starts when one ends), so every run shares the machine alike.
@@ -68,19 +71,30 @@ OPEN_EPOCHS = ["train.epochs=100000", "train.decay_epochs=100000"]
 #: use the CycleGAN paper's ResNet generator: docs/cyclegan_experiments.md).
 RECIPES = {"t1->t2": ("demo_cpu", "demo_cyclegan"), "t1->ct": ("demo_ct", "demo_ct_cyclegan")}
 NAMES = {"t1": "T1w", "t2": "T2w", "ct": "CT"}
-METHODS = ("gan", "gan_registered", "reggan", "reggan_registered", "cyclegan", "cyclegan_long")
+METHODS = (
+    "gan",
+    "gan_registered",
+    "reggan",
+    "reggan_registered",
+    "cyclegan",
+    "cyclegan_template",
+    "cyclegan_long",
+)
 METHOD_NAMES = {
     "gan": "paired GAN (pix2pix)",
     "gan_registered": "paired GAN after `data register`",
     "reggan": "registration-aware GAN (reggan)",
     "reggan_registered": "reggan after `data register`",
     "cyclegan": "CycleGAN (unpaired)",
+    "cyclegan_template": "CycleGAN after `data register --template mni152`",
     "cyclegan_long": "CycleGAN, longer (`--long-factor`)",
 }
 #: What the study trains without ``--methods`` (the unpaired study as first measured).
 DEFAULT_METHODS = ("gan", "cyclegan", "cyclegan_long")
 #: Suffix of a cohort's registered copy (``medsynth data register``), and of the methods that train on it.
 REGISTERED = "_registered"
+#: The same for its copy in template space (``medsynth data register --template mni152``).
+TEMPLATE = "_template"
 
 
 @dataclass(frozen=True)
@@ -113,12 +127,30 @@ def registered_name(cohort: str, task: str) -> str:
     return f"{cohort}{REGISTERED}_to_{task.split('->')[1]}"
 
 
+def template_name(cohort: str, task: str) -> str:
+    """The name of ``cohort``'s copy with the task's source and target moved onto the MNI152 template."""
+    return f"{cohort}{TEMPLATE}_{task.replace('->', '_')}"
+
+
+def training_cohort(run: Run) -> str:
+    """The cohort, or the copy of it, that ``run`` trains on."""
+    if run.method.endswith(REGISTERED):
+        return registered_name(run.cohort, run.task)
+    if run.method.endswith(TEMPLATE):
+        return template_name(run.cohort, run.task)
+    return run.cohort
+
+
 def build_cohorts(
-    work: Path, subjects: int, misregister: list[str], registered_tasks: Sequence[str] = ()
+    work: Path,
+    subjects: int,
+    misregister: list[str],
+    registered_tasks: Sequence[str] = (),
+    template_tasks: Sequence[str] = (),
 ) -> dict[str, Path]:
     """The aligned cohort, one misregistered cohort per ``--misregister`` (and, per task of
-    ``registered_tasks``, its copy registered by ``medsynth data register`` onto the task's target), and the
-    disjoint cohort."""
+    ``registered_tasks``, its copy registered by ``medsynth data register`` onto the task's target; per task
+    of ``template_tasks``, its copy on the MNI152 template), and the disjoint cohort."""
     from medsynth.data.demo import make_demo_cohort
     from medsynth.data.splits import make_splits
 
@@ -138,6 +170,14 @@ def build_cohorts(
             if not (copy / "participants.tsv").is_file():
                 register = medsynth("data", "register", str(folder), "--out", str(copy), "--reference", target,
                                     "--modalities", f"{source},{target}", "--quiet")  # fmt: skip
+                subprocess.run(register, check=True)
+            cohorts[name] = copy
+        for task in template_tasks:
+            name = template_name(misregistered_name(value), task)
+            copy = work / name
+            if not (copy / "participants.tsv").is_file():
+                register = medsynth("data", "register", str(folder), "--out", str(copy), "--template", "mni152",
+                                    "--modalities", task.replace("->", ","), "--quiet")  # fmt: skip
                 subprocess.run(register, check=True)
             cohorts[name] = copy
     ids = sorted(p.name for p in cohorts["aligned"].glob("sub-*"))
@@ -174,9 +214,7 @@ def train_and_evaluate(run: Run, cohorts: dict[str, Path], args: argparse.Namesp
     state = run_state(run_dir)
     if state != "finished":
         recipe, recipe_sets = method_recipe(run.task, run.method)
-        data = cohorts[
-            registered_name(run.cohort, run.task) if run.method.endswith(REGISTERED) else run.cohort
-        ]
+        data = cohorts[training_cohort(run)]
         if state == "partial" and (run_dir / "checkpoint_latest.pt").is_file():
             command = medsynth("train", "--resume", str(run_dir), "--quiet")
         else:
@@ -233,7 +271,7 @@ def planned_runs(args: argparse.Namespace, cohorts: dict[str, Path]) -> list[Run
     first = misregistered_name(args.misregister[0])
 
     def planned(task: str, cohort: str, method: str) -> bool:
-        if method not in args.methods or REGISTERED in cohort:
+        if method not in args.methods or REGISTERED in cohort or TEMPLATE in cohort:
             return False
         swept = task in args.sweep_tasks and method in args.sweep_methods
         if method.endswith(REGISTERED):  # a registered copy of a misregistered cohort
@@ -242,9 +280,11 @@ def planned_runs(args: argparse.Namespace, cohorts: dict[str, Path]) -> list[Run
             return bool(args.long_factor) and cohort == "aligned" and task == args.tasks[0]
         if cohort == "disjoint":
             return method == "cyclegan"
+        if method == "cyclegan_template" and not cohort.startswith("misregistered"):
+            return False
         if not cohort.startswith("misregistered"):
             return True
-        if method == "cyclegan":
+        if method in ("cyclegan", "cyclegan_template"):
             return cohort == first and task in args.sweep_tasks
         return cohort == first or swept
 
@@ -557,7 +597,10 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     print(machine.describe("cpu"), flush=True)
     registered = args.tasks if any(m.endswith(REGISTERED) for m in args.methods) else []
-    cohorts = build_cohorts(args.work, args.subjects, args.misregister, registered_tasks=registered)
+    template = args.tasks if "cyclegan_template" in args.methods else []
+    cohorts = build_cohorts(
+        args.work, args.subjects, args.misregister, registered_tasks=registered, template_tasks=template
+    )
     runs = planned_runs(args, cohorts)
     if not args.report_only:
         run_all(runs, cohorts, args)

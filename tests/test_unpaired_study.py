@@ -93,6 +93,25 @@ def test_the_registration_methods_train_on_registered_copies_of_misregistered_co
     assert study.method_recipe("t1->t2", "gan_registered") == ("demo_cpu", [])
 
 
+def test_cyclegan_template_trains_on_the_template_copy_of_the_first_misregistered_cohort() -> None:
+    args = argparse.Namespace(
+        tasks=["t1->t2", "t1->ct"],
+        misregister=["12,12", "4,4"],
+        sweep_tasks=["t1->t2"],
+        long_factor=0.0,
+        methods=["gan", "cyclegan_template"],
+        sweep_methods=["gan"],
+    )
+    copy = study.template_name("misregistered_12mm_12deg", "t1->t2")
+    assert copy == "misregistered_12mm_12deg_template_t1_t2"
+    cohorts = {name: Path() for name in ("aligned", "misregistered_12mm_12deg", "misregistered_4mm_4deg",
+                                         copy, "disjoint")}  # fmt: skip
+    runs = [r for r in study.planned_runs(args, cohorts) if r.method == "cyclegan_template"]
+    assert [(r.task, r.cohort) for r in runs] == [("t1->t2", "misregistered_12mm_12deg")]
+    assert study.training_cohort(runs[0]) == copy
+    assert study.method_recipe("t1->t2", "cyclegan_template") == ("demo_cyclegan", [])
+
+
 def test_table_and_figure_of_a_real_run(tiny_run: Path, tiny_cohort: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     run = study.Run("t1->t2", "aligned", "gan")
