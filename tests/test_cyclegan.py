@@ -25,6 +25,7 @@ from medsynth.data.fingerprint import Fingerprint, NormalizationSpec
 from medsynth.data.layouts import load_subject, scan_dataset
 from medsynth.data.pairing import UnpairedSamples, unpaired_slices
 from medsynth.engine.objectives import build_objective
+from medsynth.engine.objectives.cyclegan import CriticView
 from medsynth.engine.run import claim_run_dir, train
 from medsynth.errors import ConfigError, MedsynthError
 from medsynth.io.dicom import write_dicom_series
@@ -138,7 +139,8 @@ def _context(config, channels: int, plan: SynthesisPlan) -> dict:
 @pytest.mark.parametrize("context", [1, 3])
 def test_a_step_trains_both_generators_and_both_critics(tiny_cohort: Path, context: int) -> None:
     config = tiny_config(
-        tiny_cohort, extra=[*CYCLE, f"data.context={context}", "train.objective_args={pool_size: 2}"]
+        tiny_cohort,
+        extra=[*CYCLE, f"data.context={context}", "train.objective_args={pool_size: 2, critic_blur: 1.0}"],
     )
     plan = SynthesisPlan(
         task=Task(("t1",), "t2"), generator=NetworkSpec("unet", {}), context=context, window=(32, 32)
@@ -161,11 +163,27 @@ def test_a_step_trains_both_generators_and_both_critics(tiny_cohort: Path, conte
     assert str(reverse_plan.task) == "t2->t1" and reverse_plan.context == 1 and reverse is objective.reverse
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_the_critics_view_keeps_the_background_and_takes_the_noise(spatial_dims: int) -> None:
+    """critic_blur low-passes what a critic sees: a noisy field loses most of its noise, a background of
+    -1 stays -1 to the border (no rim from the zero padding), gradients pass, and 0 shows images as they are."""
+    shape = (2, 1, *([24] * spatial_dims))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    blurred = CriticView(spatial_dims, 1.0)(noise)
+    assert blurred.shape == noise.shape and float(blurred.detach().std()) < 0.45 * float(noise.detach().std())
+    blurred.sum().backward()
+    assert noise.grad is not None and float(noise.grad.abs().sum()) > 0
+    background = -torch.ones(shape)
+    torch.testing.assert_close(CriticView(spatial_dims, 1.0)(background), background)
+    assert CriticView(spatial_dims, 0.0)(noise) is noise
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["train.objective_args={cycle_wieght: 5}"], "unknown train.objective_args key 'cycle_wieght'"),
         (["train.objective_args={pool_size: -1}"], "pool_size must be an integer >= 0"),
+        (["train.objective_args={critic_blur: -1}"], "critic_blur must be a number >= 0"),
         (["model.predict_scale=true"], "predict_scale is not available"),
     ],
 )

@@ -1,6 +1,6 @@
 """The template of ``medsynth data register --template``: one common pose for every image of a dataset.
 
-Unpaired training (CycleGAN) never looks at a subject's pair, but it does learn what each domain looks
+Unpaired training never looks at a subject's pair, but it does learn what each domain looks
 like, pose included: when one modality's heads sit where the scanner put them and the other's are turned
 by up to 12 degrees, the critic accepts turned heads and the generators are free to turn them (measured
 in the unpaired study, docs/unpaired_study.md). The field's answer is to bring every image, on its own,

@@ -12,6 +12,13 @@ critics, ``D_target`` on target-domain images and ``D_source`` on source-domain 
    synthetic images (Shrivastava et al. 2017): half the time the new image, half an older one, so the
    critics do not chase the generators' latest state.
 
+**What the critics see.** With ``critic_blur`` (a Gaussian's sigma in voxels; 0, the paper, by default)
+every image shown to a critic, real or synthetic, in both steps, is low-passed first. A critic that sees
+the scanner's noise demands it, and a generator that draws noise of its own is penalised twice by any
+voxel-wise score (its noise and the real image's add up), and the gradient-based edge measure sees edges
+everywhere. Blurred, the critics judge contrast and anatomy; the fine scale is left to the cycle terms,
+which favour the mean.
+
 Nothing in the step needs ``x`` and ``y`` to come from the same subject or position, which is why it
 trains on ``data.pairing: unpaired`` batches (it also accepts paired ones).
 
@@ -56,6 +63,8 @@ class CycleSettings:
     identity_weight: float = 0.5
     #: Synthetic images each critic draws from (0: always the newest).
     pool_size: int = 50
+    #: Sigma (voxels) of the Gaussian every critic input is low-passed with; 0: none (module docstring).
+    critic_blur: float = 0.0
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> CycleSettings:
@@ -66,7 +75,7 @@ class CycleSettings:
                 f"unknown train.objective_args key {unknown[0]!r} for cyclegan; valid: {', '.join(sorted(known))}"
             )
         settings = cls(**args)
-        for name in ("cycle_weight", "identity_weight"):
+        for name in ("cycle_weight", "identity_weight", "critic_blur"):
             value = getattr(settings, name)
             if (
                 isinstance(value, bool)
@@ -119,6 +128,23 @@ class ImagePool:
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.images = [image.to(device) for image in state["images"]][: self.size]
+
+
+class CriticView(nn.Module):
+    """What a critic is shown: the image as it is, or low-passed by a Gaussian of ``sigma`` voxels.
+
+    MONAI's separable Gaussian pads with zeros; images are shifted so their background (-1) is the
+    padding's value while they are filtered, so no bright rim appears at the border.
+    """
+
+    def __init__(self, spatial_dims: int, sigma: float) -> None:
+        super().__init__()
+        from monai.networks.layers import GaussianFilter
+
+        self.blur = GaussianFilter(spatial_dims, float(sigma)) if sigma > 0 else None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images if self.blur is None else self.blur(images + 1.0) - 1.0
 
 
 class CycleGANObjective:
@@ -194,6 +220,7 @@ class CycleGANObjective:
             ImagePool(self.settings.pool_size),
             ImagePool(self.settings.pool_size),
         )
+        self.critic_view = CriticView(model.spatial_dims, self.settings.critic_blur)
         # Identity terms compare a generator's input with its output: only when both are one image.
         self.identity = self.settings.identity_weight > 0 and context.in_channels == 1
 
@@ -222,9 +249,10 @@ class CycleGANObjective:
             target_centre = stack[:, centre : centre + 1]
             synthetic_source = self.forward_reverse(target_centre)  # F(y)
             cycled_target = ctx.generator(self._reverse_stack(stack, synthetic_source, centre))  # G(F(y))
+            view = self.critic_view
             adversarial = LSGANLoss.generator(
-                self.frozen_critic_target(synthetic_target)
-            ) + LSGANLoss.generator(self.frozen_critic_source(synthetic_source))
+                self.frozen_critic_target(view(synthetic_target))
+            ) + LSGANLoss.generator(self.frozen_critic_source(view(synthetic_source)))
             cycle = l1_loss(cycled_source, source_centre, mask) + l1_loss(cycled_target, target, target_mask)
             total = adversarial + weight * cycle
             if self.identity:
@@ -246,9 +274,9 @@ class CycleGANObjective:
         shown_source = self.pool_source.query(synthetic_source.float())
         with ctx.autocast():
             loss_critic = LSGANLoss.critic(
-                self.train_critic_target(target), self.train_critic_target(shown_target)
+                self.train_critic_target(view(target)), self.train_critic_target(view(shown_target))
             ) + LSGANLoss.critic(
-                self.train_critic_source(source_centre), self.train_critic_source(shown_source)
+                self.train_critic_source(view(source_centre)), self.train_critic_source(view(shown_source))
             )
         self.optimizer_critics.zero_grad(set_to_none=True)
         ctx.backward(loss_critic)
