@@ -597,7 +597,7 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     print(machine.describe("cpu"), flush=True)
     registered = args.tasks if any(m.endswith(REGISTERED) for m in args.methods) else []
-    template = args.tasks if "cyclegan_template" in args.methods else []
+    template = args.sweep_tasks if "cyclegan_template" in args.methods else []  # where it is planned
     cohorts = build_cohorts(
         args.work, args.subjects, args.misregister, registered_tasks=registered, template_tasks=template
     )
