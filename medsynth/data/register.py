@@ -2,9 +2,9 @@
 
 Paired training needs each subject's images voxel-aligned, and real ones are not (another day, another
 table, a patient who moved). This command registers every subject's other modalities onto its reference
-one (:mod:`medsynth.data.registration`) and writes a copy that medsynth trains on like any data folder. With ``--template`` it instead
-moves every image of every subject, each on its own, onto one template (:mod:`medsynth.data.template`): a
-common pose for unpaired training, which never uses a pair.
+one (:mod:`medsynth.data.registration`) and writes a copy that medsynth trains on like any data folder.
+With ``--template`` it instead moves every image of every subject, each on its own, onto one template
+(:mod:`medsynth.data.template`): a common pose for unpaired training, which never uses a pair.
 
 * **The same layout.** BIDS-like, IXI and BraTS folders keep every file's relative path (the reference
   image is copied byte for byte, the others are resampled onto its grid; participants.tsv,

@@ -8,17 +8,17 @@ moving image onto the reference's grid without inventing intensities.
 
 The recipe is the one multi-modal pipelines use: Mattes mutual information (the modalities share no
 intensity scale), a three-level pyramid (4, 2, 1 voxels; smoothing in mm) so that a shift of a centimetre
-is caught at the coarse level and refined at the fine one, random metric sampling with a fixed seed, and a start chosen between the headers as they are and the
-centres of mass (:func:`initial_transform`). ``affine`` and ``bspline`` refine the rigid result: an affine
-stage for scanner scaling and shear, a B-spline stage (control points every ``bspline_mesh_mm``) for
-local distortion.
+is caught at the coarse level and refined at the fine one, random metric sampling with a fixed seed, and a
+start chosen between the headers as they are and the centres of mass (:func:`initial_transform`).
+``affine`` and ``bspline`` refine the rigid result: an affine stage for scanner scaling and shear, a
+B-spline stage (control points every ``bspline_mesh_mm``) for local distortion.
 
 The same inputs give the same transform to the last bit: the metric runs as one work unit on one thread.
 With several, ITK's Mattes metric comes out different in the last bits from run to run (with a fixed count
 of work units too), the optimiser's path follows, and a validation score computed on registered targets
-(unpaired training) came out 2e-5 apart between a run and its resumed twin. The price, measured on a 2 mm phantom
-head on the 2-core development machine (Intel Xeon family 6 model 207): 2.7-2.8 s a pair on one thread
-against 1.6-2.7 s on two.
+(unpaired training) came out 2e-5 apart between a run and its resumed twin. The price, measured on a 2 mm
+phantom head on the 2-core development machine (Intel Xeon family 6 model 207): 2.7-2.8 s a pair on one
+thread against 1.6-2.7 s on two.
 
 A CT is resampled in Hounsfield units: air outside its field of view (:func:`ct_air`), values clamped
 to its own range (a B-spline interpolant overshoots at the skull), integer HU when it came as integers.
