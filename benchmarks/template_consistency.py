@@ -37,11 +37,12 @@ def main() -> int:
 
     motions, _ = true_motions(args.cohort)
     flip = np.diag(LPS_TO_RAS)[:3]
+    template = load_template("mni152")
     rows = []
     for subject, motion in sorted(motions.items()):
         anat = args.copy / subject / "anat"
         t1 = anat / f"{subject}_T1w.nii.gz"
-        grid = template_on_grid(load_template("mni152"), read_volume(t1).spacing)
+        grid = template_on_grid(template, read_volume(t1).spacing)
         brain = np.argwhere(grid.array > 0.2)[:: args.every]
         points = (brain @ grid.affine[:3, :3].T + grid.affine[:3, 3]) * flip  # RAS -> LPS
         to_t1 = sitk.ReadTransform(str(transform_path(t1, TEMPLATE)))

@@ -152,6 +152,7 @@ def register_dataset(
     if template is not None and reference is not None:
         raise MedsynthError("--reference and --template exclude each other: choose one")
     template_volume = None if template is None else load_template(template)
+    template_grids: dict[tuple[float, ...], Volume] = {}  # the template on each voxel size, resampled once
     if template is not None:
         reference = TEMPLATE
     else:
@@ -179,7 +180,9 @@ def register_dataset(
             if template_volume is None:
                 done = _register_subject(record, destinations[record.id], reference, settings, out)
             else:
-                done = _register_to_template(record, destinations[record.id], template_volume, settings, out)
+                done = _register_to_template(
+                    record, destinations[record.id], template_volume, template_grids, settings, out
+                )
         except MedsynthError as exc:
             failed[record.id] = str(exc)
             rows.append(
@@ -371,12 +374,21 @@ def _register_subject(
 
 
 def _register_to_template(
-    record: SubjectRecord, files: dict[str, Path], template: Volume, settings: RegistrationSettings, out: Path
+    record: SubjectRecord,
+    files: dict[str, Path],
+    template: Volume,
+    grids: dict[tuple[float, ...], Volume],
+    settings: RegistrationSettings,
+    out: Path,
 ) -> list[QCRow]:
     """Every image of the subject onto ``template`` at the subject's finest voxel size, each on its own
-    (never onto another image of the subject); written as :func:`_register_subject` writes."""
+    (never onto another image of the subject); written as :func:`_register_subject` writes. ``grids``
+    keeps the template resampled per voxel size across subjects."""
     volumes = _read(record, list(files))
-    fixed = template_on_grid(template, finest_spacing(list(volumes.values())))
+    spacing = tuple(round(s, 6) for s in finest_spacing(list(volumes.values())))
+    if spacing not in grids:
+        grids[spacing] = template_on_grid(template, spacing)
+    fixed = grids[spacing]
     pairs = {m: register_pair(fixed, v, ct=m == "ct", settings=settings) for m, v in volumes.items()}
     _write_registered(record, files, fixed, pairs, volumes, TEMPLATE)
     return _finish_subject(record.id, files, fixed, pairs, TEMPLATE, settings, out)
