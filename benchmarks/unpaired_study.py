@@ -63,6 +63,7 @@ import machine
 import numpy as np
 from compare_modes import medsynth, run_state  # the same run bookkeeping as the modes comparison
 
+from medsynth.config import load_config
 from medsynth.model.checkpoint import load_checkpoint
 
 #: Huge epoch counts (constant half, decay half) so the time budget ends every run at the same minutes.
@@ -233,11 +234,16 @@ def train_and_evaluate(run: Run, cohorts: dict[str, Path], args: argparse.Namesp
 
 
 def method_recipe(task: str, method: str) -> tuple[str, list[str]]:
-    """The recipe a method trains with, and its overrides: reggan is the paired recipe with its objective."""
+    """The recipe a method trains with, and its overrides: reggan is the task's paired recipe with
+    ``demo_reggan``'s objective and arguments (T1w -> CT has no RegGAN recipe of its own), so both tasks
+    compare the objective with the paired GAN it is built on."""
     paired, unpaired = RECIPES[task]
     if method.startswith("cyclegan"):
         return unpaired, []
-    return paired, (["train.objective=reggan"] if method.startswith("reggan") else [])
+    if not method.startswith("reggan"):
+        return paired, []
+    arguments = json.dumps(load_config("demo_reggan").train.objective_args)  # JSON is YAML flow
+    return paired, ["train.objective=reggan", f"train.objective_args={arguments}"]
 
 
 def minutes(args: argparse.Namespace, task: str, method: str = "gan") -> float:

@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --misregister: the modality left in place (t1, t2, pd, flair or ct; default t1)",
     )
     demo.add_argument(
+        "--misregister-plane",
+        choices=("axial", "coronal", "sagittal"),
+        help="with --misregister: keep each motion in this plane (same lengths and angles), e.g. axial for "
+        "what a 2D model slicing axially can see in its slices",
+    )
+    demo.add_argument(
         "--protocol",
         default="se",
         metavar="NAME",
@@ -261,8 +267,8 @@ def _data_demo(args: argparse.Namespace) -> int:
     from .data.demo import make_demo_cohort, parse_misregister
     from .errors import ConfigError
 
-    if args.misregister is None and args.misregister_reference is not None:
-        raise ConfigError("--misregister-reference needs --misregister MM,DEG")
+    if args.misregister is None and (args.misregister_reference or args.misregister_plane) is not None:
+        raise ConfigError("--misregister-reference and --misregister-plane need --misregister MM,DEG")
     misregister = None if args.misregister is None else parse_misregister(args.misregister)
     reference = args.misregister_reference or "t1"
     make_demo_cohort(
@@ -274,10 +280,12 @@ def _data_demo(args: argparse.Namespace) -> int:
         misregister=misregister,
         reference=reference,
         protocol=args.protocol,
+        misregister_plane=args.misregister_plane,
     )
     notes = "" if args.protocol == "se" else f", T1w acquired as {args.protocol}"
     if misregister is not None:
-        notes += f", misregistered against {reference} (up to {misregister[0]:g} mm, {misregister[1]:g} deg)"
+        notes += f", misregistered against {reference} (up to {misregister[0]:g} mm, {misregister[1]:g} deg"
+        notes += f", in the {args.misregister_plane} plane)" if args.misregister_plane else ")"
     print(
         f"demo cohort: {args.subjects} subjects x T1w, T2w, PDw, FLAIR, CT at {args.spacing:g} mm in {args.out}"
         + notes

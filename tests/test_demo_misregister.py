@@ -184,7 +184,8 @@ def test_reference_can_be_any_demo_modality() -> None:
         (["--misregister", "4,nan"], "out of range"),
         (["--misregister", "4,4", "--misregister-reference", "t1c"], "not a demo modality"),
         (["--misregister", "4,4", "--misregister-reference", "bone"], "not a demo modality"),
-        (["--misregister-reference", "t2"], "needs --misregister"),
+        (["--misregister-reference", "t2"], "need --misregister"),
+        (["--misregister-plane", "axial"], "need --misregister"),
     ],
 )
 def test_bad_arguments_give_one_line(
@@ -197,10 +198,30 @@ def test_bad_arguments_give_one_line(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("plane", "normal"), [("axial", 2), ("coronal", 1), ("sagittal", 0)])
+def test_a_motion_in_a_plane_has_the_same_size_and_no_part_across_it(plane: str, normal: int) -> None:
+    """The plane keeps each draw's length and angle and removes what crosses the plane; the rest moves as drawn."""
+    centre = demo.head_centre_mm(SPACING)
+    for index in range(4):
+        free = demo.draw_misregistration(index, 0, 4.0, 4.0, centre)
+        flat = demo.draw_misregistration(index, 0, 4.0, 4.0, centre, plane=plane)
+        assert flat.translation_mm[normal] == 0.0 and flat.axis == tuple(np.eye(3)[normal])
+        assert flat.shift_mm == pytest.approx(free.shift_mm) and flat.angle_deg == free.angle_deg
+        rotation = flat.matrix()[:3, :3]
+        assert rotation[normal, normal] == pytest.approx(1.0)  # the normal is left where it is
+        assert flat.matrix()[normal, 3] == pytest.approx(0.0, abs=1e-12)  # nothing moves across the plane
+
+
 def test_library_refuses_bad_values(tmp_path: Path) -> None:
     for misregister in [(-1.0, 4.0), (4.0, 200.0), (4.0,), "4,4", (True, 4.0)]:
         with pytest.raises(ConfigError):
             demo.make_demo_cohort(tmp_path / "x", spacing_mm=SPACING, misregister=misregister, progress=False)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="t1, t2, pd, flair, ct"):
         demo.make_demo_cohort(tmp_path / "x", spacing_mm=SPACING, misregister=(4, 4), reference="T1c")
+    with pytest.raises(ConfigError, match="axial"):
+        demo.make_demo_cohort(
+            tmp_path / "x", spacing_mm=SPACING, misregister=(4, 4), misregister_plane="oblique"
+        )
+    with pytest.raises(ConfigError, match="needs misregister"):
+        demo.make_demo_cohort(tmp_path / "x", spacing_mm=SPACING, misregister_plane="axial")
     assert not (tmp_path / "x").exists()

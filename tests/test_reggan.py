@@ -99,6 +99,18 @@ def test_any_crop_gives_a_zero_field_of_its_own_size(shape: tuple[int, int]) -> 
     assert field.shape == (2, 2, *shape) and not field.any()
 
 
+def test_a_coarse_registration_network_gives_a_full_size_field_in_full_grid_voxels() -> None:
+    """``scale`` 4: R works on 4 x 4 blocks; a field it predicts there is 4 times longer in full-grid voxels."""
+    network = RegistrationNetwork(channels=2, depth=2, scale=4)
+    assert not network(torch.rand(1, 1, 30, 22), torch.rand(1, 1, 30, 22)).any()
+    with torch.no_grad():
+        for layer in network.net.output_block.layers:  # type: ignore[union-attr]
+            layer.conv.bias = nn.Parameter(torch.tensor([0.5, -0.25]))
+    field = network(torch.rand(1, 1, 32, 24), torch.rand(1, 1, 32, 24))
+    assert field.shape == (1, 2, 32, 24)
+    torch.testing.assert_close(field.mean(dim=(0, 2, 3)), torch.tensor([2.0, -1.0]))
+
+
 def _blobs(count: int, draws: torch.Generator) -> torch.Tensor:
     """Gaussian blobs in [-1, 1]: smooth images whose shift a registration network can see."""
     rows, cols = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from medsynth.cli import main
+from medsynth.config import load_config
 
 _SPEC = importlib.util.spec_from_file_location(
     "benchmarks_unpaired_study", Path(__file__).parents[1] / "benchmarks" / "unpaired_study.py"
@@ -89,7 +90,10 @@ def test_the_registration_methods_train_on_registered_copies_of_misregistered_co
     assert ("t1->t2", "misregistered_12mm_12deg", "reggan") not in runs
     assert not [r for r in runs if "_registered" in r[1] or r[2].startswith("cyclegan")]
     assert len(runs) == 6 + 5
-    assert study.method_recipe("t1->ct", "reggan") == ("demo_ct", ["train.objective=reggan"])
+    recipe, sets = study.method_recipe("t1->ct", "reggan")
+    assert recipe == "demo_ct" and sets[0] == "train.objective=reggan"
+    reggan = load_config("demo_reggan", sets)  # the arguments it passes are demo_reggan's, and parse
+    assert reggan.train.objective_args == load_config("demo_reggan").train.objective_args
     assert study.method_recipe("t1->t2", "gan_registered") == ("demo_cpu", [])
 
 

@@ -762,21 +762,40 @@ def head_centre_mm(spacing_mm: float) -> tuple[float, float, float]:
     return tuple(float(v) for v in base.affine[:3, :3] @ centre + base.affine[:3, 3])  # type: ignore[return-value]
 
 
+#: ``misregister_plane`` names -> the world (RAS) axis normal to that plane.
+MISREGISTER_PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
 def draw_misregistration(
-    index: int, seed: int, max_mm: float, max_deg: float, centre_mm: tuple[float, float, float]
+    index: int,
+    seed: int,
+    max_mm: float,
+    max_deg: float,
+    centre_mm: tuple[float, float, float],
+    plane: str | None = None,
 ) -> Misregistration:
     """Subject ``index``'s rigid motion, from its own ``np.random.default_rng((seed, index, 2))``.
 
     Translation: a uniform random direction, length ``max_mm * U(0.5, 1)``; rotation: a uniform random
     axis through ``centre_mm``, angle ``+-max_deg * U(0.5, 1)``. The lower half of the range is left out
     so every subject is noticeably off. The MR and CT Generators are not touched.
+
+    ``plane`` (a key of :data:`MISREGISTER_PLANES`) keeps the motion in that plane: the same draws, the
+    direction projected onto the plane (same length), the rotation about the plane's normal (same angle).
+    A 2D model slicing in that plane sees the whole motion in its slices: what an in-plane registration
+    field can undo, separated from what moved through the slice.
     """
     rng = np.random.default_rng((seed, index, 2))
     direction = rng.standard_normal(3)
-    translation = direction / np.linalg.norm(direction) * max_mm * rng.uniform(0.5, 1.0)
+    fraction = rng.uniform(0.5, 1.0)
     axis = rng.standard_normal(3)
-    axis /= np.linalg.norm(axis)
     angle = max_deg * rng.uniform(0.5, 1.0) * rng.choice((-1.0, 1.0))
+    if plane is not None:
+        normal = MISREGISTER_PLANES[plane]
+        direction[normal] = 0.0
+        axis = np.eye(3)[normal]
+    translation = direction / np.linalg.norm(direction) * max_mm * fraction
+    axis /= np.linalg.norm(axis)
     return Misregistration(
         tuple(float(v) for v in translation),  # type: ignore[arg-type]
         tuple(float(v) for v in axis),  # type: ignore[arg-type]
@@ -823,10 +842,17 @@ def parse_misregister(text: str) -> tuple[float, float]:
 
 
 def _check_misregister(
-    misregister: tuple[float, float] | None, reference: str
+    misregister: tuple[float, float] | None, reference: str, plane: str | None = None
 ) -> tuple[tuple[float, float] | None, str]:
     """Validated ``(max_mm, max_deg)`` (or None) and the canonical reference modality."""
     known = ", ".join(DEMO_MODALITIES)
+    if plane is not None:
+        if plane not in MISREGISTER_PLANES:
+            raise ConfigError(
+                f"misregistration plane {plane!r} unknown; choose one of {', '.join(MISREGISTER_PLANES)}"
+            )
+        if misregister is None:
+            raise ConfigError("a misregistration plane needs misregister=(mm, deg)")
     try:
         canonical = canonical_modality(reference) if isinstance(reference, str) else None
     except MedsynthError:
@@ -926,6 +952,7 @@ def make_demo_cohort(
     misregister: tuple[float, float] | None = None,
     reference: str = "t1",
     protocol: str = DEFAULT_PROTOCOL,
+    misregister_plane: str | None = None,
 ) -> list[Path]:
     """Write a paired T1w/T2w/PDw/FLAIR + CT cohort in a BIDS-like layout and return the subject folders.
 
@@ -941,6 +968,8 @@ def make_demo_cohort(
     rotation about the head centre) while the files keep the shared header: unaligned pairs that claim to
     be aligned, for comparing paired with unpaired training. The draws go to ``participants.tsv`` and
     ``dataset_description.json``; without it the files are those of the plain cohort.
+    ``misregister_plane`` (``axial``, ``coronal`` or ``sagittal``) keeps each of those motions in that
+    plane, with the same lengths and angles (:func:`draw_misregistration`).
 
     ``protocol`` (a name of :data:`PROTOCOLS`) acquires the T1w as another site would (spoiled gradient
     echo, MPRAGE, 1.5 T; other bias, noise and scale) and leaves every other file of the default cohort
@@ -955,7 +984,7 @@ def make_demo_cohort(
     if isinstance(n_subjects, bool) or not isinstance(n_subjects, int) or n_subjects < 1:
         raise MedsynthError(f"n_subjects must be a positive integer, got {n_subjects!r}")
     _check_spacing(spacing_mm)
-    misregister, reference = _check_misregister(misregister, reference)
+    misregister, reference = _check_misregister(misregister, reference, misregister_plane)
     site = input_protocol(protocol)
     other_site = site.name != DEFAULT_PROTOCOL
     out = Path(out)
@@ -974,7 +1003,11 @@ def make_demo_cohort(
         range(n_subjects), desc="demo subjects", unit="subject", disable=None if progress else True
     ):
         subject_id = f"{index + 1:0{width}d}"
-        motion = None if misregister is None else draw_misregistration(index, seed, *misregister, centre_mm)
+        motion = (
+            None
+            if misregister is None
+            else draw_misregistration(index, seed, *misregister, centre_mm, plane=misregister_plane)
+        )
         volumes, draw = simulate_subject(index, spacing_mm, seed, site.name, motion, reference)
         row = f"sub-{subject_id}\t{draw.head_scale:.4f}\t{draw.rotation_deg:.2f}\t{draw.max_displacement_mm:.2f}"
         if motion is not None:
@@ -1002,7 +1035,7 @@ def make_demo_cohort(
         f"fractions, noise sd {CT_NOISE_HU:g} HU",
     }
     if misregister is not None:
-        info["misregistration"] = {
+        motion_info: dict[str, object] = {
             "max_mm": misregister[0],
             "max_deg": misregister[1],
             "reference": reference,
@@ -1015,6 +1048,13 @@ def make_demo_cohort(
             "numpy default_rng((seed, subject index, 2)); per-subject values in participants.tsv "
             "(misregister_*)",
         }
+        if misregister_plane is not None:
+            motion_info["plane"] = misregister_plane
+            motion_info["note"] = (
+                f"{motion_info['note']}; plane {misregister_plane}: the direction projected onto that plane "
+                "(same length), the rotation about its normal (same angle)"
+            )
+        info["misregistration"] = motion_info
     if other_site:
         info["protocol"] = site.describe()
     description = {
