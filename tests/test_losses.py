@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medsynth.losses import GeneratorLoss, LSGANLoss, l1_loss
+from medsynth.losses import GeneratorLoss, LSGANLoss, l1_loss, structure_loss
 
 
 def test_lsgan_critic_value():
@@ -82,3 +82,11 @@ def test_generator_loss_weights_the_adversarial_term_and_runs_without_a_critic()
     assert half.adversarial.item() == pytest.approx(0.5) and half.total.item() == pytest.approx(0.25 + 1.0)
     alone = GeneratorLoss(lambda_l1=2.0)(None, pred, target)
     assert alone.adversarial.item() == 0.0 and alone.total.item() == pytest.approx(1.0)
+
+
+def test_the_structure_loss_ignores_contrast_and_sees_a_shift():
+    """MIND: an image and its inverted, rescaled copy share their structure; a copy moved by a voxel does not."""
+    rows, cols = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    image = torch.exp(-((rows - 14) ** 2 + (cols - 18) ** 2) / 18.0)[None, None]
+    assert float(structure_loss(1.0 - 2.0 * image, image)) < 1e-5
+    assert float(structure_loss(image.roll(1, dims=2), image)) > 0.01

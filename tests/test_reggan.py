@@ -23,6 +23,7 @@ from medsynth.engine.objectives import build_objective
 from medsynth.engine.objectives.reggan import RegistrationNetwork
 from medsynth.engine.run import claim_run_dir, train
 from medsynth.io.readers import read_volume
+from medsynth.losses import structure_loss
 from medsynth.model.checkpoint import load_checkpoint
 from medsynth.model.synthesis import SynthesisModel
 from medsynth.nets.registry import build_generator
@@ -89,6 +90,26 @@ def test_it_starts_as_the_gan_objective_and_then_trains_every_network(
     for module, old in zip((generator, *reggan.modules), before, strict=True):
         assert any(not torch.equal(a, b) for a, b in zip(old, module.parameters(), strict=True))
     assert reggan.directions() == [] and reggan.optimizers[-1] is reggan.optimizer_registration
+
+
+def test_the_structure_term_compares_the_synthetic_image_with_each_inputs_centre_slice(
+    tiny_cohort: Path,
+) -> None:
+    """Source-major channels, 3-slice context: inputs 1 and 4 are the centres; the term is weighted and logged."""
+    args = "train.objective_args={registration_channels: 4, registration_depth: 2, structure_weight: 2.0}"
+    config = tiny_config(tiny_cohort, extra=["train.objective=reggan", args, "data.context=3"])
+    torch.manual_seed(0)
+    generator = build_generator("unet", spatial_dims=2, in_channels=3, out_channels=1,
+                                **config.model.generator_args)  # fmt: skip
+    reggan, _ = _build("reggan", config, generator, 3)
+    draws = torch.Generator().manual_seed(0)
+    source = torch.rand((2, 6, 32, 32), generator=draws)
+    synthetic = torch.rand((2, 1, 32, 32), generator=draws)
+    expected = (structure_loss(synthetic, source[:, 1:2]) + structure_loss(synthetic, source[:, 4:5])) / 2
+    torch.testing.assert_close(reggan.input_structure(synthetic, source, None), expected)
+    losses = reggan.step(source[:, :3], synthetic, None)
+    assert "loss_structure" in reggan.loss_names and set(losses) == set(reggan.loss_names)
+    assert float(losses["loss_structure"]) > 0
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (30, 20), (33, 39)])

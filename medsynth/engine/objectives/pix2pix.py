@@ -188,7 +188,7 @@ class GANObjective(_PairedStep):
                 total = self.loss.adversarial_weight * adversarial + reconstruction
                 losses = {"loss_adv": adversarial.detach(), **losses}
             else:
-                total, losses = self.generator_terms(fake_scores, synthetic, target, mask)
+                total, losses = self.generator_terms(fake_scores, synthetic, target, mask, source)
         trained = (ctx.optimizer, *self.generator_side)
         for optimizer in trained:
             optimizer.zero_grad(set_to_none=True)
@@ -204,6 +204,7 @@ class GANObjective(_PairedStep):
         synthetic: torch.Tensor,
         target: torch.Tensor,
         mask: torch.Tensor | None,
+        source: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The generator step's loss and its logged parts: LSGAN + ``lambda_l1`` * L1. The seam of a variant
         that changes only the reconstruction term (one that registers the synthetic image onto the target)."""

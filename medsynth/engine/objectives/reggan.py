@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from ...config import Config
 from ...errors import ConfigError
-from ...losses import LSGANLoss, l1_loss
+from ...losses import LSGANLoss, l1_loss, structure_loss
 from .base import _Context
 from .pix2pix import GANObjective
 
@@ -84,6 +84,12 @@ class RegistrationSettings:
     #: (measured: sharp, deformed images, 6.6 dB behind the ``gan`` objective on aligned pairs). A small
     #: unwarped term makes every such move cost; the misaligned part of a pair it blurs with this weight only.
     anchor_weight: float = 0.0
+    #: Weight of a term that ties ``G(x)`` to the *input's* geometry instead: the L1 between the MIND
+    #: descriptors of ``G(x)`` and of each input's centre slice (:func:`~medsynth.losses.structure_loss`;
+    #: 0 leaves it out). The anchor ties ``G`` to the target, whose pose on misaligned pairs is the
+    #: subject's motion, so it also teaches ``G`` each training subject's pose; the input's pose is the one
+    #: ``G`` must keep.
+    structure_weight: float = 0.0
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> RegistrationSettings:
@@ -94,7 +100,7 @@ class RegistrationSettings:
                 f"unknown train.objective_args key {unknown[0]!r} for reggan; valid: {', '.join(sorted(known))}"
             )
         settings = cls(**args)
-        for name in ("smooth_weight", "anchor_weight"):
+        for name in ("smooth_weight", "anchor_weight", "structure_weight"):
             value = getattr(settings, name)
             if not _number(value) or value < 0:
                 raise ConfigError(f"train.objective_args.{name} must be a number >= 0, got {value!r}")
@@ -236,6 +242,9 @@ class RegGANObjective(GANObjective):
             warnings.simplefilter("ignore")
             self.warp = Warp(mode="bilinear", padding_mode="border")
         self.smoothness = DiffusionLoss()
+        self.context_slices = context.config.data.context
+        if self.options.structure_weight > 0:
+            self.loss_names = (*RegGANObjective.loss_names, "loss_structure")
         # MONAI 1.6 indexes with a list, which torch warns about on the first step of every run.
         warnings.filterwarnings(
             "ignore",
@@ -249,8 +258,10 @@ class RegGANObjective(GANObjective):
         synthetic: torch.Tensor,
         target: torch.Tensor,
         mask: torch.Tensor | None,
+        source: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """LSGAN + ``lambda_l1`` * L1(warped synthetic, target) + ``smooth_weight`` * diffusion(field).
+        """LSGAN + ``lambda_l1`` * L1(warped synthetic, target) + ``smooth_weight`` * diffusion(field)
+        [+ the anchor and the structure term, when weighted].
 
         The field comes from the autocast dtype; warping and both penalties run in float32 (a bf16 grid
         would round voxel positions beyond 256 and the small differences the penalty measures).
@@ -268,13 +279,30 @@ class RegGANObjective(GANObjective):
         if self.options.anchor_weight > 0:
             total = total + self.options.anchor_weight * self.loss.lambda_l1 * unwarped
         shift = field.detach().square().sum(dim=1).sqrt().mean()
-        return total, {
+        losses = {
             "loss_adv": adversarial.detach(),
             "loss_l1": l1.detach(),
             "loss_smooth": smooth.detach(),
             "reg_shift_px": shift,
             "loss_l1_unwarped": unwarped.detach(),
         }
+        if self.options.structure_weight > 0:
+            structure = self.input_structure(synthetic, source, mask)
+            total = total + self.options.structure_weight * structure
+            losses["loss_structure"] = structure.detach()
+        return total, losses
+
+    def input_structure(
+        self, synthetic: torch.Tensor, source: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """MIND L1 between ``G(x)`` and each input's centre slice (source-major channels), averaged."""
+        centres = source[:, self.context_slices // 2 :: self.context_slices]
+        count = centres.shape[1]
+        with torch.autocast(self.ctx.device.type, enabled=False):
+            inputs = centres.float().reshape(-1, 1, *centres.shape[2:])
+            repeated = synthetic.float().repeat_interleave(count, dim=0)
+            weights = None if mask is None else mask.repeat_interleave(count, dim=0)
+            return structure_loss(repeated, inputs, weights)
 
     @property
     def generator_side(self) -> tuple[torch.optim.Optimizer, ...]:
