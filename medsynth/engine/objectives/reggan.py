@@ -12,9 +12,14 @@ PatchGAN critic, LSGAN; the critic sees ``G(x)`` as it is, on the source's grid)
 
     synthetic = G(x);  ddf = R(synthetic, y);  warped = Warp(synthetic, ddf)
     loss = adversarial + lambda_l1 * L1(warped, y) + smooth_weight * diffusion(ddf)
-           [+ anchor_weight * lambda_l1 * L1(synthetic, y)]
+           [+ anchor_weight * lambda_l1 * L1(synthetic, y)] [+ structure_weight * MIND-L1(synthetic, x)]
 
-and one backward updates ``G`` and ``R`` (``R`` has its own Adam, driven by the loop's schedule). ``R`` is
+The bracketed terms answer one weakness: ``G`` and ``R`` share a degree of freedom (``G`` may move
+anatomy that ``R`` moves back), so something must tie ``G(x)`` to ``x``'s geometry. The anchor ties it to
+the target's, which on misaligned pairs is each subject's motion; the structure term ties it to the
+input's boundaries (MIND descriptors, contrast-free) and trains through the motion.
+
+One backward updates ``G`` and ``R`` (``R`` has its own Adam, driven by the loop's schedule). ``R`` is
 MONAI's LocalNet, 2 channels in (synthetic, target), 2 out: an in-plane displacement in voxels, applied
 by MONAI's ``Warp`` (bilinear, border padding) in float32; the penalty is MONAI's ``DiffusionLoss``. The
 output layer starts at zero, so training starts at the identity warp: on aligned data the objective
