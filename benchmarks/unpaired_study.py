@@ -63,14 +63,17 @@ import machine
 import numpy as np
 from compare_modes import medsynth, run_state  # the same run bookkeeping as the modes comparison
 
-from medsynth.config import load_config
 from medsynth.model.checkpoint import load_checkpoint
 
 #: Huge epoch counts (constant half, decay half) so the time budget ends every run at the same minutes.
 OPEN_EPOCHS = ["train.epochs=100000", "train.decay_epochs=100000"]
 #: task -> (paired recipe, unpaired recipe); both share the context and the split sizes (the unpaired recipes
 #: use the CycleGAN paper's ResNet generator: docs/cyclegan_experiments.md).
-RECIPES = {"t1->t2": ("demo_cpu", "demo_cyclegan"), "t1->ct": ("demo_ct", "demo_ct_cyclegan")}
+#: Per task: the paired GAN's, CycleGAN's and the registration-aware objective's recipes.
+RECIPES = {
+    "t1->t2": ("demo_cpu", "demo_cyclegan", "demo_reggan"),
+    "t1->ct": ("demo_ct", "demo_ct_cyclegan", "demo_ct_reggan"),
+}
 NAMES = {"t1": "T1w", "t2": "T2w", "ct": "CT"}
 METHODS = (
     "gan",
@@ -234,16 +237,12 @@ def train_and_evaluate(run: Run, cohorts: dict[str, Path], args: argparse.Namesp
 
 
 def method_recipe(task: str, method: str) -> tuple[str, list[str]]:
-    """The recipe a method trains with, and its overrides: reggan is the task's paired recipe with
-    ``demo_reggan``'s objective and arguments (T1w -> CT has no RegGAN recipe of its own), so both tasks
-    compare the objective with the paired GAN it is built on."""
-    paired, unpaired = RECIPES[task]
+    """The recipe a method trains with, and its overrides (none: each method has its task's recipe; the
+    RegGAN recipes are their paired GAN's plus the objective, so the two compare at equal minutes)."""
+    paired, unpaired, registration_aware = RECIPES[task]
     if method.startswith("cyclegan"):
         return unpaired, []
-    if not method.startswith("reggan"):
-        return paired, []
-    arguments = json.dumps(load_config("demo_reggan").train.objective_args)  # JSON is YAML flow
-    return paired, ["train.objective=reggan", f"train.objective_args={arguments}"]
+    return (registration_aware if method.startswith("reggan") else paired), []
 
 
 def minutes(args: argparse.Namespace, task: str, method: str = "gan") -> float:
