@@ -27,7 +27,8 @@ mutual information; built once per task, beside the cohort) with the task's **ta
 the source is moved onto the target and the target keeps its own voxels, because a resampled target
 teaches the network the interpolation's blur (T1w -> T2w at 2-4 mm: 24.36 dB with the T2w moved onto the
 T1w, 25.58 dB the other way round, 10 minutes each); ``reggan`` trains the registration-aware objective
-(``train.objective: reggan``) on the cohort as it is, and ``reggan_registered`` both together.
+on the cohort as it is (the task's RegGAN recipe, ``demo_reggan`` / ``demo_ct_reggan``: its paired
+recipe plus ``train.objective: reggan``), and ``reggan_registered`` both together.
 ``cyclegan_template`` trains CycleGAN on a copy of the first misregistered cohort in which every image,
 each on its own, was moved onto the MNI152 template (``medsynth data register --template mni152``): a
 common pose for both domains without using a pair (issue 34).
