@@ -93,7 +93,10 @@ class RegistrationSettings:
     #: descriptors of ``G(x)`` and of each input's centre slice (:func:`~medsynth.losses.structure_loss`;
     #: 0 leaves it out). The anchor ties ``G`` to the target, whose pose on misaligned pairs is the
     #: subject's motion, so it also teaches ``G`` each training subject's pose; the input's pose is the one
-    #: ``G`` must keep.
+    #: ``G`` must keep. Measured on the demo's T1w -> T2w pairs moved 2-4 mm / 2-4 degrees (10 CPU minutes):
+    #: 21.6 dB with weight 10 against 19.6 with the anchor; 100 makes ``G`` copy the input's boundaries.
+    #: Its cost is a target with boundaries of its own: a CT lacks most of a T1w's (47.7 against 35.2 HU
+    #: on aligned pairs), where the anchor is the better tie.
     structure_weight: float = 0.0
 
     @classmethod
