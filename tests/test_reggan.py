@@ -183,7 +183,7 @@ def test_metrics_show_what_the_registration_network_does(reggan_run: Path) -> No
     latest = load_checkpoint(reggan_run / "checkpoint_latest.pt")
     assert {"registration_state", "optimizer_registration", "critic_state"} <= set(latest["objective_state"])
     assert latest["objective"]["name"] == "reggan" and latest["objective"]["registration"]["init_args"] == {
-        "spatial_dims": 2, "channels": 4, "depth": 2,
+        "spatial_dims": 2, "channels": 4, "depth": 2, "scale": 1,
     }  # fmt: skip
 
 
