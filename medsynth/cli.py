@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--misregister-plane",
+        # data.demo.MISREGISTER_PLANES, spelled out: the parsers import nothing heavy
         choices=("axial", "coronal", "sagittal"),
         help="with --misregister: keep each motion in this plane (same lengths and angles), e.g. axial for "
         "what a 2D model slicing axially can see in its slices",

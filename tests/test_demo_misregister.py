@@ -212,6 +212,17 @@ def test_a_motion_in_a_plane_has_the_same_size_and_no_part_across_it(plane: str,
         assert flat.matrix()[normal, 3] == pytest.approx(0.0, abs=1e-12)  # nothing moves across the plane
 
 
+def test_the_cli_offers_the_planes_the_library_knows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for plane in demo.MISREGISTER_PLANES:  # the parser lists them itself (it imports nothing heavy)
+        args = ["data", "demo", "--out", str(tmp_path / plane), "--misregister-plane", plane]
+        assert main(args) == 2 and "need --misregister" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's own one-line usage error
+        main(["data", "demo", "--out", str(tmp_path / "x"), "--misregister-plane", "oblique"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_library_refuses_bad_values(tmp_path: Path) -> None:
     for misregister in [(-1.0, 4.0), (4.0, 200.0), (4.0,), "4,4", (True, 4.0)]:
         with pytest.raises(ConfigError):
