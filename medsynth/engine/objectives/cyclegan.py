@@ -20,14 +20,6 @@ the fine scale is left to the cycle terms, which favour the mean. Measured on th
 a pair (docs/cyclegan_experiments.md): T1w -> CT 148.7 against 175.6 HU at sigma 1 (161.5 at sigma 2);
 T1w -> T2w 0.3 dB better but with less edge agreement, the shells' edges no longer sharpened.
 
-With ``critic_augment`` (a probability; 0, the paper, by default) each image a critic is shown, real or
-synthetic, in both steps, is first moved with that probability by its own random affine: a left-right flip
-half the time, a rotation of up to 15 degrees, a scale of up to 1.1 either way, a shift of up to an eighth of
-the image. A few training subjects per domain are few heads; a critic that has seen them all in one pose
-learns the heads, not the contrast, and then tells the generator little (the data-efficient GAN's answer,
-differentiable augmentation: Zhao et al. 2020, Karras et al. 2020). Shown to the real and the synthetic
-images alike, the moves change nothing the generator could win by imitating them.
-
 Nothing in the step needs ``x`` and ``y`` to come from the same subject or position, which is why it
 trains on ``data.pairing: unpaired`` batches (it also accepts paired ones).
 
@@ -74,11 +66,6 @@ class CycleSettings:
     pool_size: int = 50
     #: Sigma (voxels) of the Gaussian every critic input is low-passed with; 0: none (module docstring).
     critic_blur: float = 0.0
-    #: Sigma (voxels) of the Gaussian both sides of each cycle term are low-passed with; 0: none.
-    cycle_blur: float = 0.0
-    #: Probability that an image shown to a critic is first moved by a random affine; 0: never (module
-    #: docstring).
-    critic_augment: float = 0.0
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> CycleSettings:
@@ -89,7 +76,7 @@ class CycleSettings:
                 f"unknown train.objective_args key {unknown[0]!r} for cyclegan; valid: {', '.join(sorted(known))}"
             )
         settings = cls(**args)
-        for name in ("cycle_weight", "identity_weight", "critic_blur", "cycle_blur", "critic_augment"):
+        for name in ("cycle_weight", "identity_weight", "critic_blur"):
             value = getattr(settings, name)
             if (
                 isinstance(value, bool)
@@ -98,10 +85,6 @@ class CycleSettings:
                 or value < 0
             ):
                 raise ConfigError(f"train.objective_args.{name} must be a number >= 0, got {value!r}")
-        if settings.critic_augment > 1:
-            raise ConfigError(
-                f"train.objective_args.critic_augment is a probability in [0, 1], got {settings.critic_augment!r}"
-            )
         if (
             isinstance(settings.pool_size, bool)
             or not isinstance(settings.pool_size, int)
@@ -149,83 +132,20 @@ class ImagePool:
 
 
 class CriticView(nn.Module):
-    """What a critic is shown: the image as it is, low-passed by a Gaussian of ``sigma`` voxels, and, with
-    probability ``augment`` per image, moved by a random affine (module docstring).
+    """What a critic is shown: the image as it is, or low-passed by a Gaussian of ``sigma`` voxels.
 
-    MONAI's separable Gaussian pads with zeros, and so does ``grid_sample`` outside the image; images are
-    shifted so their background (-1) is the padding's value while they are filtered or moved, so no bright
-    rim appears at the border. The affines draw from torch's global generator, which the checkpoint saves.
+    MONAI's separable Gaussian pads with zeros; images are shifted so their background (-1) is the
+    padding's value while they are filtered, so no bright rim appears at the border.
     """
 
-    #: Largest rotation (degrees, about each axis of the plane or volume), scale factor (log-uniform in
-    #: [1/s, s]) and shift (fraction of the image's extent) of a random affine: a head a little off the
-    #: cohort's pose, never a different anatomy.
-    ROTATION_DEG = 15.0
-    SCALE = 1.1
-    SHIFT = 0.125
-
-    def __init__(self, spatial_dims: int, sigma: float, augment: float = 0.0) -> None:
+    def __init__(self, spatial_dims: int, sigma: float) -> None:
         super().__init__()
         from monai.networks.layers import GaussianFilter
 
-        self.spatial_dims = spatial_dims
         self.blur = GaussianFilter(spatial_dims, float(sigma)) if sigma > 0 else None
-        self.augment = float(augment)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.blur is None and self.augment == 0:
-            return images
-        shifted = images + 1.0
-        if self.blur is not None:
-            shifted = self.blur(shifted)
-        if self.augment > 0:
-            shifted = self._move(shifted)
-        return shifted - 1.0
-
-    def _move(self, images: torch.Tensor) -> torch.Tensor:
-        """Each image, with probability ``augment``, resampled through a random flip, rotation, scale and
-        shift (bilinear; differentiable, so the generators learn through it like the critics)."""
-        import torch.nn.functional as F
-
-        count, dims = images.shape[0], self.spatial_dims
-        moved = torch.rand(count) < self.augment
-        if not bool(moved.any()):
-            return images
-        # affine_grid's coordinates run over [-1, 1] per axis, x first (the last tensor axis): rotate in
-        # voxel units, so a non-square image is turned, not sheared.
-        extent = torch.tensor(images.shape[:1:-1], dtype=torch.float64) / 2
-        matrices = []
-        for _ in range(count):
-            angles = (torch.rand(1 if dims == 2 else 3, dtype=torch.float64) * 2 - 1) * math.radians(
-                self.ROTATION_DEG
-            )
-            rotation = _rotation(angles, dims)
-            scale = math.exp((float(torch.rand(())) * 2 - 1) * math.log(self.SCALE))
-            flip = torch.ones(dims, dtype=torch.float64)
-            flip[0] = -1.0 if float(torch.rand(())) < 0.5 else 1.0
-            linear = torch.diag(1 / extent) @ rotation @ torch.diag(extent) * scale @ torch.diag(flip)
-            shift = (torch.rand(dims, dtype=torch.float64) * 2 - 1) * 2 * self.SHIFT
-            matrices.append(torch.cat([linear, shift[:, None]], dim=1))
-        theta = torch.stack(matrices).to(images.device, images.dtype)
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-        warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        keep = moved.to(images.device).view(-1, *[1] * (images.dim() - 1))
-        return torch.where(keep, warped, images)
-
-
-def _rotation(angles: torch.Tensor, spatial_dims: int) -> torch.Tensor:
-    """The rotation by ``angles`` (radians): one in 2D, about each of the three axes in turn in 3D."""
-    if spatial_dims == 2:
-        c, s = math.cos(float(angles[0])), math.sin(float(angles[0]))
-        return torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
-    rotation = torch.eye(3, dtype=torch.float64)
-    for axis, angle in enumerate(angles.tolist()):
-        c, s = math.cos(angle), math.sin(angle)
-        i, j = [a for a in range(3) if a != axis]
-        turn = torch.eye(3, dtype=torch.float64)
-        turn[i, i], turn[i, j], turn[j, i], turn[j, j] = c, -s, s, c
-        rotation = turn @ rotation
-    return rotation
+        return images if self.blur is None else self.blur(images + 1.0) - 1.0
 
 
 class CycleGANObjective:
@@ -301,10 +221,7 @@ class CycleGANObjective:
             ImagePool(self.settings.pool_size),
             ImagePool(self.settings.pool_size),
         )
-        self.critic_view = CriticView(
-            model.spatial_dims, self.settings.critic_blur, self.settings.critic_augment
-        )
-        self.cycle_view = CriticView(model.spatial_dims, self.settings.cycle_blur)
+        self.critic_view = CriticView(model.spatial_dims, self.settings.critic_blur)
         # Identity terms compare a generator's input with its output: only when both are one image.
         self.identity = self.settings.identity_weight > 0 and context.in_channels == 1
 
@@ -337,10 +254,7 @@ class CycleGANObjective:
             adversarial = LSGANLoss.generator(
                 self.frozen_critic_target(view(synthetic_target))
             ) + LSGANLoss.generator(self.frozen_critic_source(view(synthetic_source)))
-            seen = self.cycle_view
-            cycle = l1_loss(seen(cycled_source), seen(source_centre), mask) + l1_loss(
-                seen(cycled_target), seen(target), target_mask
-            )
+            cycle = l1_loss(cycled_source, source_centre, mask) + l1_loss(cycled_target, target, target_mask)
             total = adversarial + weight * cycle
             if self.identity:
                 identity = l1_loss(ctx.generator(target), target, target_mask) + l1_loss(
